@@ -1,0 +1,1 @@
+"""ditfx: compiler passes that make Diffusion Transformer inference fast."""
