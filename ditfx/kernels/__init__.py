@@ -1,1 +1,31 @@
-"""ditfx.kernels"""
+"""ditfx.kernels: fused DiT operations as ``torch.ops.ditfx.*`` custom ops with Triton kernels.
+
+Importing this package registers the ops. Each op folder holds ``reference.py`` (the semantics,
+plain PyTorch), ``triton_kernel.py`` (kernel and launcher), ``op.py`` (``torch.library.triton_op``
+registration and the public function). On non-CUDA tensors the ops run their reference, so
+graphs that call them compile and export on CPU. See ``docs/kernels.md``.
+"""
+
+from .adaln_modulate import adaln_modulate
+from .cache_residual import cache_residual
+from .cfg_combine import cfg_combine
+from .gated_residual import gated_residual
+from .residual_apply import residual_apply
+
+#: Public function of each op, by op name (``torch.ops.ditfx.<name>``).
+KERNELS = {
+    "adaln_modulate": adaln_modulate,
+    "gated_residual": gated_residual,
+    "cache_residual": cache_residual,
+    "residual_apply": residual_apply,
+    "cfg_combine": cfg_combine,
+}
+
+__all__ = [
+    "KERNELS",
+    "adaln_modulate",
+    "cache_residual",
+    "cfg_combine",
+    "gated_residual",
+    "residual_apply",
+]
