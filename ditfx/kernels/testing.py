@@ -71,3 +71,17 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     """Compare ``actual`` with an oracle using :data:`TOLERANCES` for ``dtype`` (default: actual's)."""
     atol, rtol = TOLERANCES[dtype or actual.dtype]
     torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol)
+
+
+def assert_compiles(fn, args: tuple) -> None:
+    """``torch.compile(fn, backend="aot_eager", fullgraph=True)`` runs and matches eager ``fn``."""
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(*args), fn(*args))
+
+
+def assert_export_keeps_op(module: torch.nn.Module, args: tuple, op: str) -> None:
+    """``torch.export.export(module, args)`` has a ``torch.ops.ditfx.<op>`` node and matches eager."""
+    program = torch.export.export(module, args)
+    target = getattr(torch.ops.ditfx, op).default
+    assert any(node.target is target for node in program.graph.nodes), program.graph
+    torch.testing.assert_close(program.module()(*args), module(*args))

@@ -1,0 +1,93 @@
+"""Each op's Triton kernel, launched directly under the Triton interpreter, against its reference.
+
+Tiny float32 CPU tensors only: the interpreter runs one program at a time in numpy and has no
+bfloat16. ``TRITON_INTERPRET=1`` must be set before triton is imported, so these tests run in
+their own process (``tests/kernels/test_interpreter_process.py``) and skip anywhere else.
+"""
+
+import os
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.interpret,
+    pytest.mark.skipif(
+        os.environ.get("TRITON_INTERPRET") != "1",
+        reason="needs TRITON_INTERPRET=1 before triton is imported; "
+        "run in a subprocess by tests/kernels/test_interpreter_process.py",
+    ),
+]
+
+pytest.importorskip("triton")
+
+from ditfx.kernels.adaln_modulate.reference import adaln_modulate_reference  # noqa: E402
+from ditfx.kernels.adaln_modulate.triton_kernel import adaln_modulate_launch  # noqa: E402
+from ditfx.kernels.cache_residual.reference import cache_residual_reference  # noqa: E402
+from ditfx.kernels.cache_residual.triton_kernel import cache_residual_launch  # noqa: E402
+from ditfx.kernels.cfg_combine.reference import cfg_combine_reference  # noqa: E402
+from ditfx.kernels.cfg_combine.triton_kernel import cfg_combine_launch  # noqa: E402
+from ditfx.kernels.gated_residual.reference import gated_residual_reference  # noqa: E402
+from ditfx.kernels.gated_residual.triton_kernel import gated_residual_launch  # noqa: E402
+from ditfx.kernels.residual_apply.reference import residual_apply_reference  # noqa: E402
+from ditfx.kernels.residual_apply.triton_kernel import residual_apply_launch  # noqa: E402
+from ditfx.kernels.testing import make_inputs  # noqa: E402
+
+MAX_ABS_ERR = 1e-5
+
+# (op, variant, launcher, reference, launcher keyword arguments). Small blocks force several
+# programs per row and ragged last blocks, so masking and the 2-stage reductions are exercised.
+CASES = [
+    ("adaln_modulate", "per_sample", adaln_modulate_launch, adaln_modulate_reference, {}),
+    ("adaln_modulate", "per_token", adaln_modulate_launch, adaln_modulate_reference, {}),
+    ("gated_residual", "per_sample", gated_residual_launch, gated_residual_reference,
+     {"block_m": 4, "block_d": 16}),
+    ("gated_residual", "per_token", gated_residual_launch, gated_residual_reference,
+     {"block_m": 4, "block_d": 16}),
+    ("cache_residual", "full", cache_residual_launch, cache_residual_reference, {"block": 32}),
+    ("cache_residual", "full", cache_residual_launch, cache_residual_reference, {}),
+    ("residual_apply", "plain", residual_apply_launch, residual_apply_reference, {"block": 64}),
+    ("residual_apply", "scale_shift", residual_apply_launch, residual_apply_reference,
+     {"block": 64}),
+    ("cfg_combine", "full", cfg_combine_launch, cfg_combine_reference, {"block": 32}),
+    ("cfg_combine", "full", cfg_combine_launch, cfg_combine_reference, {}),
+]
+
+
+def assert_max_abs_err(actual, expected):
+    actual = actual if isinstance(actual, tuple) else (actual,)
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    for a, e in zip(actual, expected, strict=True):
+        assert a.shape == e.shape and a.dtype == e.dtype
+        assert (a - e).abs().max().item() <= MAX_ABS_ERR
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 24), (1, 3, 64)])
+@pytest.mark.parametrize(
+    "op,variant,launch,reference,kwargs", CASES, ids=[f"{c[0]}-{c[1]}-{c[4]}" for c in CASES]
+)
+def test_kernel_matches_reference(op, variant, launch, reference, kwargs, shape):
+    args = make_inputs(op, variant, *shape, torch.float32)
+    assert_max_abs_err(launch(*args, **kwargs), reference(*args))
+
+
+def test_residual_apply_single_scalar():
+    x, r, scale, shift = make_inputs("residual_apply", "scale_shift", 2, 5, 24, torch.float32)
+    assert_max_abs_err(residual_apply_launch(x, r, scale), residual_apply_reference(x, r, scale))
+    assert_max_abs_err(
+        residual_apply_launch(x, r, shift=shift), residual_apply_reference(x, r, shift=shift)
+    )
+
+
+def test_cache_residual_zero_cached():
+    out, inp, _ = make_inputs("cache_residual", "full", 2, 5, 24, torch.float32)
+    inp[1] = out[1]
+    _, change = cache_residual_launch(out, inp, torch.zeros_like(out), block=32)
+    assert change.tolist() == [float("inf"), 0.0]
+
+
+def test_cfg_combine_zero_input():
+    uncond, cond, s = make_inputs("cfg_combine", "full", 2, 5, 24, torch.float32)
+    cond[0] = 0
+    _, cosine = cfg_combine_launch(uncond, cond, s, block=32)
+    assert cosine[0].item() == 0.0
