@@ -1,0 +1,152 @@
+"""Public API: optimize(), generation(), stats(), calibrate()."""
+from __future__ import annotations
+
+import contextlib
+import re
+import weakref
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn as nn
+
+from ditfx.backend import DitfxBackend, backend_sessions
+from ditfx.config import CacheCalibration, Config, StaticCache
+from ditfx.runtime.block_cache import CalibrationPolicy
+from ditfx.runtime.schedule import CacheSchedule
+from ditfx.runtime.session import Session, Stats
+
+_SESSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _denoiser(obj) -> tuple[nn.Module, bool]:
+    """The denoiser inside a diffusers pipeline (``transformer``), or the module itself."""
+    if isinstance(obj, nn.Module):
+        return obj, False
+    module = getattr(obj, "transformer", None)
+    if isinstance(module, nn.Module):
+        return module, True
+    raise TypeError(
+        f"ditfx.optimize takes an nn.Module (a DiT denoiser) or a diffusers pipeline with a 'transformer', "
+        f"got {type(obj).__name__}"
+    )
+
+
+def repeated_blocks(module: nn.Module) -> list[str]:
+    """Module paths of the repeated blocks (``<container>.<i>`` siblings of one class), outermost first."""
+    members: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for name, m in module.named_modules():
+        match = re.match(r"^(.*)\.(\d+)$", name)
+        if match:
+            members[(match.group(1), type(m).__name__)].append(name)
+    groups = [paths for paths in members.values() if len(paths) >= 2]
+    blocks = [p for paths in groups for p in paths]
+    return [p for p in blocks if not any(p.startswith(q + ".") for q in blocks)]
+
+
+def optimize(model_or_pipeline, config: Config | None = None):
+    """Compile a DiT denoiser (or a pipeline's ``transformer``) with ditfx.
+
+    Returns an object with the same call signature: for a module, a compiled module; for a pipeline, the
+    same pipeline, its transformer compiled in place (``nn.Module.compile``). Configuration errors are raised
+    here, before anything is compiled.
+    """
+    config = config or Config()
+    if not isinstance(config, Config):
+        raise TypeError(f"config must be a ditfx.Config, got {type(config).__name__}")
+    module, is_pipeline = _denoiser(model_or_pipeline)
+    if isinstance(config.cache, StaticCache):
+        config.cache.schedule.check_model(repeated_blocks(module))
+    session = Session()
+    backend = DitfxBackend(config, session)
+    if is_pipeline:
+        module.compile(backend=backend, dynamic=False)
+        result = model_or_pipeline
+        _SESSIONS[module] = session
+    else:
+        result = torch.compile(module, backend=backend, dynamic=False)
+    _SESSIONS[result] = session
+    return result
+
+
+def _session(obj) -> Session:
+    session = _SESSIONS.get(obj) if _weakrefable(obj) else None
+    if session is not None:
+        return session
+    params = {id(p) for p in _parameters(obj)}
+    for s in backend_sessions():
+        if params & s.parameters():
+            return s
+    raise ValueError(
+        f"{type(obj).__name__} was not optimized by ditfx: pass what ditfx.optimize returned, or a module "
+        "compiled with torch.compile(..., backend='ditfx') that has been called at least once"
+    )
+
+
+def _weakrefable(obj) -> bool:
+    try:
+        weakref.ref(obj)
+        return True
+    except TypeError:
+        return False
+
+
+def _parameters(obj):
+    module = obj if isinstance(obj, nn.Module) else getattr(obj, "transformer", None)
+    return list(module.parameters()) if isinstance(module, nn.Module) else []
+
+
+def stats(optimized) -> Stats:
+    """Counters of everything the optimized model ran (see :class:`~ditfx.runtime.session.Stats`)."""
+    return _session(optimized).snapshot()
+
+
+def reset_stats(optimized) -> None:
+    session = _session(optimized)
+    session.stats = Stats(graphs=session.stats.graphs)
+
+
+@contextlib.contextmanager
+def generation(optimized) -> Iterator[None]:
+    """Mark one generation explicitly: state starts fresh on entry and is freed on exit."""
+    session = _session(optimized)
+    session.end_generation()
+    try:
+        yield
+    finally:
+        session.end_generation()
+
+
+def calibrate(model: nn.Module, run: Callable[[nn.Module], object], generations: int = 4,
+              mode: str = "residual", compiler: str = "eager", progress: Callable[[int], None] | None = None
+              ) -> CacheSchedule:
+    """Record per-block change curves over ``generations`` uncached runs and return a cache schedule.
+
+    ``run(optimized_model)`` must perform one full generation (a sampling loop) with the model it is given.
+    """
+    if generations < 1:
+        raise ValueError(f"calibrate needs at least one generation, got {generations}")
+    compiled = optimize(model, Config(cache=CacheCalibration(mode), compiler=compiler))
+    session = _session(compiled)
+    for g in range(generations):
+        with generation(compiled):
+            run(compiled)
+        if progress is not None:
+            progress(g + 1)
+    policies = [ex.policy for ex in session.executors if isinstance(ex.policy, CalibrationPolicy)]
+    if not policies:
+        raise RuntimeError("calibration recorded nothing: did run() call the model?")
+    runs = [s for p in policies for s in p.finished if s.rows]
+    steps = len(runs[0].times)
+    if any(len(s.times) != steps for s in runs):
+        raise ValueError("every calibration generation must use the same number of steps (and branches)")
+    structure = session.executors[0].plan.structure
+    n = len(structure.blocks)
+    change = [[sum(s.rows[k][i] for s in runs) / len(runs) for k in range(steps)] for i in range(n)]
+    time_scale = max(abs(t) for s in runs for t in s.times) or 1.0
+    times = [t / time_scale for t in runs[0].times]
+    return CacheSchedule(
+        blocks=[b.path for b in structure.blocks], times=times, change=change, mode=mode,
+        time_scale=time_scale, generations=generations,
+        meta={"model": type(model).__name__, "branches": len(runs) // generations},
+    )

@@ -1,0 +1,80 @@
+"""Small predicates and readers over FX node metadata, for Dynamo (Torch IR) and torch.export (ATen) graphs."""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+# Dynamo spells module paths as source expressions: L['self'].__dict__['_modules']['blocks'].0.attn
+_DICT_MODULES = re.compile(r"\.__dict__\['_modules'\]\['([^']+)'\]")
+_SUBSCRIPT = re.compile(r"\[['\"]?([^'\"\]]+)['\"]?\]")
+_DYNAMO_WEIGHT = re.compile(r"^l_self_.*_(parameters|buffers)_")
+
+
+def normalize_module_path(path: str) -> str:
+    """Turn a Dynamo or export module path into a dotted fqn: ``transformer_blocks.0.norm1``."""
+    path = _DICT_MODULES.sub(r".\1", path)
+    path = re.sub(r"^L\['self'\]", "", path)
+    path = _SUBSCRIPT.sub(r".\1", path)
+    return path.strip(".")
+
+
+def module_stack(node: fx.Node) -> list[tuple[str, str]]:
+    """The node's module stack, outermost first, as (dotted path, class name) pairs."""
+    stack = node.meta.get("nn_module_stack") or {}
+    out = []
+    for path, cls in stack.values():
+        name = cls if isinstance(cls, str) else getattr(cls, "__qualname__", str(cls))
+        out.append((normalize_module_path(path), name.rsplit(".", 1)[-1]))
+    return [(p, c) for p, c in out if p]
+
+
+def value(node: fx.Node) -> Any:
+    """The example value of a node: ``val`` on ATen graphs, ``example_value`` on Dynamo graphs."""
+    if "val" in node.meta:
+        return node.meta["val"]
+    return node.meta.get("example_value")
+
+
+def tensor_value(node: Any) -> torch.Tensor | None:
+    v = value(node) if isinstance(node, fx.Node) else None
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def is_dynamo_weight(node: fx.Node) -> bool:
+    """Dynamo lifts parameters and buffers to placeholders named after their source."""
+    return node.op == "placeholder" and bool(_DYNAMO_WEIGHT.match(node.name))
+
+
+def user_input_name(node: fx.Node) -> str:
+    """The user-facing argument name of a placeholder: ``L_timestep_`` -> ``timestep``."""
+    name = str(node.target)
+    m = re.match(r"^[Ll]_(.*)_$", name)
+    name = m.group(1) if m else name
+    m = re.match(r"^kwargs_(.*)$", name)  # Dynamo spells **kwargs entries as kwargs_<name>
+    return m.group(1) if m else name
+
+
+def target_name(node: fx.Node) -> str:
+    """A stable, printable name for a node's target (used in structural signatures and reports)."""
+    t = node.target
+    if isinstance(t, str):
+        return t
+    if isinstance(t, torch._ops.OpOverload | torch._ops.OpOverloadPacket):
+        return str(t)
+    mod = getattr(t, "__module__", None) or ""
+    name = getattr(t, "__qualname__", None) or getattr(t, "__name__", None) or repr(t)
+    return f"{mod}.{name}" if mod else name
+
+
+def has_symbolic_inputs(gm: fx.GraphModule) -> bool:
+    """True when Dynamo passed symbolic sizes (dynamic shapes) as graph inputs."""
+    for n in gm.graph.find_nodes(op="placeholder"):
+        v = value(n)
+        if isinstance(v, torch.SymInt | torch.SymFloat | torch.SymBool):
+            return True
+        if isinstance(v, torch.Tensor) and any(isinstance(s, torch.SymInt) for s in v.shape):
+            return True
+    return False

@@ -1,0 +1,47 @@
+"""Step tracking: which step of which generation a denoiser call belongs to.
+
+Samplers call the denoiser with decreasing timesteps, so a new generation starts when the timestep goes back
+up (or on the first call, or when ``ditfx.generation()`` says so). A repeated timestep is another call of the
+same step (the conditional and unconditional passes of unbatched CFG): it gets the next branch number, and
+state is kept per branch so the two never mix.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    generation: int  # 0-based
+    step: int  # 0-based within the generation
+    branch: int  # call number within the step
+    timestep: float | None
+    new_generation: bool
+
+
+class StepTracker:
+    def __init__(self):
+        self.generation = -1
+        self.step = -1
+        self.branch = 0
+        self.last_timestep: float | None = None
+        self._force_new = True
+
+    def start_generation(self) -> None:
+        """The next call starts a new generation, whatever its timestep."""
+        self._force_new = True
+
+    def observe(self, timestep: float | None) -> StepInfo:
+        last = self.last_timestep
+        new = self._force_new or (timestep is not None and last is not None and timestep > last)
+        if new:
+            self.generation += 1
+            self.step, self.branch = 0, 0
+        elif timestep is not None and timestep == last:
+            self.branch += 1
+        else:
+            self.step += 1
+            self.branch = 0
+        self._force_new = False
+        self.last_timestep = timestep
+        return StepInfo(self.generation, self.step, self.branch, timestep, new)
