@@ -32,7 +32,9 @@ __all__ = [
 ]
 
 
-def pipeline(scheduler: str = "euler", device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+def pipeline(
+    scheduler: str = "euler", device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+):
     """The digits pipeline from the shipped weights, with the "euler" or "dpm" scheduler."""
     transformer = load_transformer(device=device, dtype=dtype)
     return DigitsPipeline(transformer=transformer, scheduler=make_scheduler(scheduler))

@@ -2,7 +2,7 @@
 
     python -m ditfx.models.digits.classifier --out DIR
 
-Writes ``classifier.safetensors`` and ``classifier.json`` (held-out accuracy, seed, training set-up).
+Writes ``classifier.safetensors`` and ``classifier.json`` (held-out accuracy, seed, set-up).
 """
 
 from __future__ import annotations
@@ -53,7 +53,9 @@ class DigitsClassifier(nn.Module):
         return self.head(self.features(images))
 
 
-def random_shift(images: torch.Tensor, generator: torch.Generator, max_shift: int = 1) -> torch.Tensor:
+def random_shift(
+    images: torch.Tensor, generator: torch.Generator, max_shift: int = 1
+) -> torch.Tensor:
     """Translate each image by up to max_shift pixels, filling with background (-1).
 
     Generated digits are not centred exactly like the scans; small shifts keep the classifier from
@@ -62,7 +64,10 @@ def random_shift(images: torch.Tensor, generator: torch.Generator, max_shift: in
     padded = F.pad(images, (max_shift,) * 4, value=-1.0)
     offsets = torch.randint(0, 2 * max_shift + 1, (len(images), 2), generator=generator)
     return torch.stack(
-        [padded[i, :, dy : dy + IMAGE_SIZE, dx : dx + IMAGE_SIZE] for i, (dy, dx) in enumerate(offsets.tolist())]
+        [
+            padded[i, :, dy : dy + IMAGE_SIZE, dx : dx + IMAGE_SIZE]
+            for i, (dy, dx) in enumerate(offsets.tolist())
+        ]
     )
 
 
@@ -95,9 +100,13 @@ def train_classifier(out: Path, seed: int, epochs: int, batch_size: int, lr: flo
     wall_time = time.perf_counter() - start
     classifier.eval()
 
-    save_file({k: v.contiguous() for k, v in classifier.state_dict().items()}, out / "classifier.safetensors")
+    save_file(
+        {k: v.contiguous() for k, v in classifier.state_dict().items()},
+        out / "classifier.safetensors",
+    )
     record = {
-        "command": f"python -m ditfx.models.digits.classifier --out {out} --seed {seed} --epochs {epochs}",
+        "command": "python -m ditfx.models.digits.classifier "
+        f"--out {out} --seed {seed} --epochs {epochs}",
         "held_out_accuracy": accuracy(classifier, held_out.images, held_out.labels),
         "train_accuracy": accuracy(classifier, train.images, train.labels),
         "held_out_images": len(held_out),
@@ -116,13 +125,17 @@ def train_classifier(out: Path, seed: int, epochs: int, batch_size: int, lr: flo
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads (the machine is shared)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="CPU threads (the machine is shared)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     record = train_classifier(args.out, args.seed, args.epochs, args.batch_size, args.lr)

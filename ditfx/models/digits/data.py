@@ -1,8 +1,8 @@
 """The real digits: scikit-learn's bundled ``load_digits`` as 16x16 images in [-1, 1].
 
 The 1,797 8x8 scans (values 0..16, ten classes) ship inside scikit-learn, so nothing is downloaded.
-They are upsampled to 16x16 with bilinear interpolation: with the DiT's patch size of 2 that gives an
-8x8 grid of 64 tokens, and bilinear (unlike nearest-neighbour) makes the four pixels of a patch
+They are upsampled to 16x16 with bilinear interpolation: with the DiT's patch size of 2 that gives
+an 8x8 grid of 64 tokens, and bilinear (unlike nearest-neighbour) makes the four pixels of a patch
 differ, so the model has real within-patch structure to predict rather than 2x2 constant blocks.
 """
 
@@ -37,15 +37,19 @@ class DigitsSplit:
 def upsample_and_scale(raw: np.ndarray) -> torch.Tensor:
     """(N, 8, 8) scans with values 0..16 -> (N, 1, 16, 16) float32 in [-1, 1]."""
     images = torch.as_tensor(raw, dtype=torch.float32)[:, None] / 8.0 - 1.0
-    images = F.interpolate(images, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
-    # Bilinear interpolation is a convex combination, so the range stays [-1, 1]; clamp only rounding.
+    images = F.interpolate(
+        images, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False
+    )
+    # Bilinear interpolation is a convex combination, so the range stays [-1, 1]; clamp rounding.
     return images.clamp(-1.0, 1.0)
 
 
 def all_digits() -> DigitsSplit:
     """All 1,797 digits, in scikit-learn's order."""
     bunch = load_digits()
-    return DigitsSplit(upsample_and_scale(bunch.images), torch.as_tensor(bunch.target, dtype=torch.int64))
+    return DigitsSplit(
+        upsample_and_scale(bunch.images), torch.as_tensor(bunch.target, dtype=torch.int64)
+    )
 
 
 def train_and_held_out() -> tuple[DigitsSplit, DigitsSplit]:

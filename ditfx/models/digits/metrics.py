@@ -1,4 +1,4 @@
-"""Digits sample quality: Frechet distance and class accuracy by the shipped classifier, PSNR and SSIM.
+"""Digits sample quality: FD and class accuracy by the shipped classifier, PSNR and SSIM.
 
 Definitions (images are (N, 1, 16, 16) tensors in [-1, 1]):
 
@@ -27,7 +27,9 @@ from .data import IMAGE_SIZE, NUM_CLASSES, held_out_split, train_split
 from .shipped import load_classifier
 
 DATA_RANGE = 2.0  # images span [-1, 1]
-SSIM_SIGMA = 0.8  # scikit-image truncates at 3.5 sigma: radius int(3.5 * 0.8 + 0.5) = 3, a 7x7 window
+SSIM_SIGMA = (
+    0.8  # scikit-image truncates at 3.5 sigma: radius int(3.5 * 0.8 + 0.5) = 3, a 7x7 window
+)
 
 
 def check_images(images: torch.Tensor, name: str = "images") -> None:
@@ -36,20 +38,25 @@ def check_images(images: torch.Tensor, name: str = "images") -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(images).__name__}")
     expected = (1, IMAGE_SIZE, IMAGE_SIZE)
     if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-        raise ValueError(f"{name} must have shape (N, 1, {IMAGE_SIZE}, {IMAGE_SIZE}), got {tuple(images.shape)}")
+        raise ValueError(
+            f"{name} must have shape (N, 1, {IMAGE_SIZE}, {IMAGE_SIZE}), got {tuple(images.shape)}"
+        )
     if not images.is_floating_point():
         raise TypeError(f"{name} must be floating point, got {images.dtype}")
     if not torch.isfinite(images).all():
         raise ValueError(f"{name} contain NaN or inf")
     if images.numel() and (images.min() < -1.0 or images.max() > 1.0):
         raise ValueError(
-            f"{name} must lie in [-1, 1] (got [{images.min().item():.3f}, {images.max().item():.3f}]); clamp them first"
+            f"{name} must lie in [-1, 1] (got [{images.min().item():.3f}, "
+            f"{images.max().item():.3f}]); clamp them first"
         )
 
 
 def check_digit_labels(class_labels: torch.Tensor, count: int) -> None:
     if class_labels.ndim != 1 or len(class_labels) != count:
-        raise ValueError(f"class_labels must have shape ({count},), got {tuple(class_labels.shape)}")
+        raise ValueError(
+            f"class_labels must have shape ({count},), got {tuple(class_labels.shape)}"
+        )
     if count and (class_labels.min() < 0 or class_labels.max() >= NUM_CLASSES):
         raise ValueError(f"class_labels must be digits 0..{NUM_CLASSES - 1}")
 
@@ -70,9 +77,9 @@ def gaussian_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray) -> float:
     """||mu1 - mu2||^2 + tr(cov1 + cov2 - 2 (cov1 cov2)^(1/2)).
 
-    tr((cov1 cov2)^(1/2)) equals the sum of square roots of the eigenvalues of the symmetric PSD matrix
-    cov1^(1/2) cov2 cov1^(1/2), so two symmetric eigen-decompositions give it without the complex
-    round-off that a general matrix square root of the non-symmetric cov1 cov2 produces.
+    tr((cov1 cov2)^(1/2)) equals the sum of square roots of the eigenvalues of the symmetric PSD
+    matrix cov1^(1/2) cov2 cov1^(1/2), so two symmetric eigen-decompositions give it without the
+    complex round-off that a general matrix square root of the non-symmetric cov1 cov2 produces.
     """
     eigenvalues, eigenvectors = np.linalg.eigh(cov1)
     sqrt_cov1 = (eigenvectors * np.sqrt(np.clip(eigenvalues, 0.0, None))) @ eigenvectors.T
@@ -99,7 +106,7 @@ def digits_fd(images: torch.Tensor) -> float:
 
 
 def real_floor_fd(count: int, seed: int = 0) -> float:
-    """FD that `count` real train-split digits (a seeded, class-balanced draw) reach: the floor at N=count."""
+    """FD of `count` real train-split digits (seeded, class-balanced): the floor at N=count."""
     train = train_split()
     generator = torch.Generator().manual_seed(seed)
     per_class = [torch.nonzero(train.labels == c).flatten() for c in range(NUM_CLASSES)]
@@ -113,22 +120,31 @@ def psnr_and_ssim(images: torch.Tensor, reference: torch.Tensor) -> tuple[float,
     """Means over image pairs of PSNR (dB) and SSIM, as defined in the module docstring."""
     check_images(reference, "reference")
     if reference.shape != images.shape:
-        raise ValueError(f"reference shape {tuple(reference.shape)} differs from images {tuple(images.shape)}")
+        raise ValueError(
+            f"reference shape {tuple(reference.shape)} differs from images {tuple(images.shape)}"
+        )
     a = images.detach().to("cpu", torch.float64).numpy()[:, 0]
     b = reference.detach().to("cpu", torch.float64).numpy()[:, 0]
     with np.errstate(divide="ignore"):  # identical images: PSNR is +inf, by design
         psnr = [peak_signal_noise_ratio(r, x, data_range=DATA_RANGE) for x, r in zip(a, b)]
     ssim = [
         structural_similarity(
-            x, r, data_range=DATA_RANGE, gaussian_weights=True, sigma=SSIM_SIGMA, use_sample_covariance=False
+            x,
+            r,
+            data_range=DATA_RANGE,
+            gaussian_weights=True,
+            sigma=SSIM_SIGMA,
+            use_sample_covariance=False,
         )
         for x, r in zip(a, b)
     ]
     return float(np.mean(psnr)), float(np.mean(ssim))
 
 
-def metrics(images: torch.Tensor, class_labels, reference: torch.Tensor | None = None) -> dict[str, float]:
-    """{'fd', 'accuracy'} of images for the requested classes, plus {'psnr', 'ssim'} against reference."""
+def metrics(
+    images: torch.Tensor, class_labels, reference: torch.Tensor | None = None
+) -> dict[str, float]:
+    """{'fd', 'accuracy'} for the requested classes, plus {'psnr', 'ssim'} against reference."""
     check_images(images)
     class_labels = torch.as_tensor(class_labels, dtype=torch.int64).reshape(-1)
     check_digit_labels(class_labels, len(images))

@@ -1,4 +1,4 @@
-"""The digits DiT: a stock diffusers ``DiTTransformer2DModel``, so diffusers' cache hooks apply unchanged."""
+"""The digits DiT: a stock diffusers ``DiTTransformer2DModel``, so diffusers' cache hooks apply."""
 
 from __future__ import annotations
 
@@ -8,25 +8,25 @@ from torch import nn
 
 from .data import IMAGE_SIZE, NUM_CLASSES
 
-# diffusers' AdaLayerNormZero builds CombinedTimestepLabelEmbeddings with class_dropout_prob=0.1 > 0,
-# so its LabelEmbedding table gets one extra row after the real classes, and its token_drop replaces
-# dropped labels with `num_classes`: the null (unconditional) class id is therefore 10.
+# diffusers' AdaLayerNormZero builds CombinedTimestepLabelEmbeddings with class_dropout_prob=0.1,
+# which is > 0, so its LabelEmbedding table gets one extra row after the real classes, and its
+# token_drop replaces dropped labels with `num_classes`: the null (unconditional) class id is 10.
 NULL_CLASS = NUM_CLASSES
 
-TRANSFORMER_CONFIG = dict(
-    sample_size=IMAGE_SIZE,
-    patch_size=2,
-    in_channels=1,
-    out_channels=1,
-    num_layers=6,
-    num_attention_heads=4,
-    attention_head_dim=32,  # width 4 * 32 = 128
-    num_embeds_ada_norm=NUM_CLASSES,
-    norm_type="ada_norm_zero",
+TRANSFORMER_CONFIG = {
+    "sample_size": IMAGE_SIZE,
+    "patch_size": 2,
+    "in_channels": 1,
+    "out_channels": 1,
+    "num_layers": 6,
+    "num_attention_heads": 4,
+    "attention_head_dim": 32,  # width 4 * 32 = 128
+    "num_embeds_ada_norm": NUM_CLASSES,
+    "norm_type": "ada_norm_zero",
     # Exact GELU instead of DiT's tanh approximation: same quality, half the activation cost on CPU,
     # where training this model is compute-bound.
-    activation_fn="gelu",
-)
+    "activation_fn": "gelu",
+}
 
 
 def build_transformer() -> DiTTransformer2DModel:
@@ -35,7 +35,7 @@ def build_transformer() -> DiTTransformer2DModel:
 
 
 def initialise_like_dit(transformer: DiTTransformer2DModel) -> None:
-    """Re-initialise as the DiT paper does (Peebles & Xie 2023, sec. 3.2 and their initialize_weights).
+    """Re-initialise as DiT does (Peebles & Xie 2023, sec. 3.2; their ``initialize_weights``).
 
     Xavier-uniform linears, then zero the adaLN-Zero modulation and the output projection so every
     block starts as the identity; this trains markedly faster than diffusers' default init.
@@ -76,7 +76,7 @@ def parameter_count(model: nn.Module) -> int:
 
 
 def check_class_labels(class_labels: torch.Tensor) -> None:
-    """Raise a clear error for labels the model cannot embed (0..9 are digits, 10 the null class)."""
+    """Raise a clear error for labels the model cannot embed (digits 0..9, null class 10)."""
     if class_labels.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"class labels must be integers, got dtype {class_labels.dtype}")
     if class_labels.ndim != 1:

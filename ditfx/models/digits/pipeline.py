@@ -1,4 +1,4 @@
-"""DigitsPipeline: class-conditional sampling from the digits DiT, structured like diffusers' pipelines."""
+"""DigitsPipeline: class-conditional sampling from the digits DiT, as diffusers' pipelines do it."""
 
 from __future__ import annotations
 
@@ -20,13 +20,15 @@ SCHEDULERS = ("euler", "dpm")
 
 
 def make_scheduler(name: str = "euler"):
-    """The default flow-matching Euler scheduler, or DPM-Solver++ (2nd order) set up for flow matching."""
+    """The default flow-matching Euler scheduler, or DPM-Solver++ (2nd order) for flow matching."""
     if name == "euler":
         return FlowMatchEulerDiscreteScheduler()
     if name == "dpm":
         # Flow sigmas sigma = 1 - alpha and a velocity ("flow") output match the training objective;
         # flow_shift 1.0 keeps the unshifted schedule the model was trained with.
-        return DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=1.0)
+        return DPMSolverMultistepScheduler(
+            use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=1.0
+        )
     raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {name!r}")
 
 
@@ -35,7 +37,8 @@ class DigitsPipeline(DiffusionPipeline):
 
     Args:
         transformer: the digits ``DiTTransformer2DModel`` (velocity prediction, null class 10).
-        scheduler: ``FlowMatchEulerDiscreteScheduler`` or a flow-matching ``DPMSolverMultistepScheduler``.
+        scheduler: ``FlowMatchEulerDiscreteScheduler`` or a flow-matching
+            ``DPMSolverMultistepScheduler``.
     """
 
     model_cpu_offload_seq = "transformer"
@@ -81,8 +84,9 @@ class DigitsPipeline(DiffusionPipeline):
             device=device,
             dtype=self.transformer.dtype,
         )
-        # No init_noise_sigma scaling: in flow matching the first step sees pure N(0, I) noise (sigma=1),
-        # as in diffusers' flow-matching pipelines (FlowMatchEulerDiscreteScheduler has no such attribute).
+        # No init_noise_sigma scaling: in flow matching the first step sees pure N(0, I) noise
+        # (sigma=1), as in diffusers' flow-matching pipelines (the Euler scheduler has no such
+        # attribute).
 
         if do_classifier_free_guidance:
             null_labels = torch.full_like(class_labels, NULL_CLASS)
@@ -92,7 +96,9 @@ class DigitsPipeline(DiffusionPipeline):
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         for t in self.progress_bar(self.scheduler.timesteps):
-            latent_model_input = torch.cat([latents] * 2) if do_classifier_free_guidance else latents
+            latent_model_input = (
+                torch.cat([latents] * 2) if do_classifier_free_guidance else latents
+            )
             timestep = t.expand(latent_model_input.shape[0])
             noise_pred = self.transformer(
                 hidden_states=latent_model_input,
@@ -102,7 +108,9 @@ class DigitsPipeline(DiffusionPipeline):
             )[0]
             if do_classifier_free_guidance:
                 noise_pred_uncond, noise_pred_cond = noise_pred.chunk(2)
-                noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_cond - noise_pred_uncond)
+                noise_pred = noise_pred_uncond + guidance_scale * (
+                    noise_pred_cond - noise_pred_uncond
+                )
             latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
             # The schedulers upcast to float32 internally; keep the model's dtype for the next call.
             latents = latents.to(self.transformer.dtype)
@@ -113,7 +121,9 @@ class DigitsPipeline(DiffusionPipeline):
             images = images.cpu().numpy()
         elif output_type == "pil":
             pixels = ((images[:, 0] + 1.0) * 127.5).round().to(torch.uint8).cpu().numpy()
-            images = [Image.fromarray(np.ascontiguousarray(p)) for p in pixels]  # uint8 HxW: mode "L"
+            images = [
+                Image.fromarray(np.ascontiguousarray(p)) for p in pixels
+            ]  # uint8 HxW: mode "L"
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)

@@ -13,7 +13,8 @@ from .classifier import DigitsClassifier
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 TRAIN_COMMAND = (
-    "python -m ditfx.models.digits.train --out ditfx/models/digits/weights --steps 1500 --seed 0 --batch-size 64"
+    "python -m ditfx.models.digits.train --out ditfx/models/digits/weights "
+    "--steps 1500 --seed 0 --batch-size 64"
 )
 CLASSIFIER_COMMAND = "python -m ditfx.models.digits.classifier --out ditfx/models/digits/weights"
 
@@ -26,7 +27,9 @@ def shipped_file(name: str, command: str) -> Path:
     return path
 
 
-def load_transformer(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> DiTTransformer2DModel:
+def load_transformer(
+    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> DiTTransformer2DModel:
     """The trained digits DiT (EMA weights) in eval mode."""
     config = DiTTransformer2DModel.load_config(shipped_file("config.json", TRAIN_COMMAND).parent)
     transformer = DiTTransformer2DModel.from_config(config)
@@ -36,7 +39,9 @@ def load_transformer(device: str | torch.device = "cpu", dtype: torch.dtype = to
 
 @lru_cache(maxsize=1)
 def load_classifier() -> DigitsClassifier:
-    """The metrics classifier on CPU in float32, eval mode (cached: it is shared and never trained)."""
+    """The metrics classifier on CPU in float32, eval mode (cached: shared, never trained)."""
     classifier = DigitsClassifier()
-    classifier.load_state_dict(load_file(shipped_file("classifier.safetensors", CLASSIFIER_COMMAND)))
+    classifier.load_state_dict(
+        load_file(shipped_file("classifier.safetensors", CLASSIFIER_COMMAND))
+    )
     return classifier.eval().requires_grad_(False)

@@ -1,10 +1,10 @@
-"""Train the digits DiT with rectified flow, as diffusers' FlowMatchEulerDiscreteScheduler samples it.
+"""Train the digits DiT with rectified flow, as diffusers' FlowMatchEulerDiscreteScheduler samples.
 
     python -m ditfx.models.digits.train --out DIR --steps N --seed S
 
 Convention (diffusers' FlowMatchEulerDiscreteScheduler.scale_noise / step): with sigma in [0, 1],
-``x_t = (1 - sigma) * x0 + sigma * noise``, the model sees ``timestep = sigma * 1000`` and predicts the
-velocity ``noise - x0``; the Euler step ``x + (sigma_next - sigma) * v`` then walks from noise to data.
+``x_t = (1 - sigma) * x0 + sigma * noise``, the model sees ``timestep = sigma * 1000`` and predicts
+the velocity ``noise - x0``; the Euler step ``x + (sigma_next - sigma) * v`` goes toward the data.
 Labels are replaced by the null class with probability 10 % so one model gives both halves of
 classifier-free guidance. The shipped weights are an exponential moving average of the trained ones.
 """
@@ -40,7 +40,13 @@ LOSS_CURVE_POINTS = 200
 class ShuffledBatches:
     """Endless batches over a fixed tensor, reshuffled each epoch by a seeded generator."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, generator: torch.Generator):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        generator: torch.Generator,
+    ):
         self.images, self.labels = images, labels
         self.batch_size, self.generator = batch_size, generator
         self.order, self.position = torch.randperm(len(labels), generator=generator), 0
@@ -48,7 +54,10 @@ class ShuffledBatches:
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.position + self.batch_size > len(self.order):
             # Drop the short tail so every batch has the same size, then start a new epoch.
-            self.order, self.position = torch.randperm(len(self.labels), generator=self.generator), 0
+            self.order, self.position = (
+                torch.randperm(len(self.labels), generator=self.generator),
+                0,
+            )
         index = self.order[self.position : self.position + self.batch_size]
         self.position += self.batch_size
         return self.images[index], self.labels[index]
@@ -105,10 +114,14 @@ def save_loss_plot(steps: list[int], losses: list[float], path: Path) -> None:
     plt.close(figure)
 
 
-def train(out: Path, steps: int, seed: int, batch_size: int, lr: float, warmup: int, ema_decay: float) -> dict:
+def train(
+    out: Path, steps: int, seed: int, batch_size: int, lr: float, warmup: int, ema_decay: float
+) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)  # the initial weights
-    generator = torch.Generator().manual_seed(seed)  # data order, label dropout, noise levels, noise
+    generator = torch.Generator().manual_seed(
+        seed
+    )  # data order, label dropout, noise levels, noise
 
     data = train_split()
     batches = ShuffledBatches(data.images, data.labels, batch_size, generator)
@@ -171,19 +184,30 @@ def train(out: Path, steps: int, seed: int, batch_size: int, lr: float, warmup: 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True, help="folder for model.safetensors and records")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--out", type=Path, required=True, help="folder for model.safetensors and records"
+    )
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--ema-decay", type=float, default=0.999)
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads (the machine is shared)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="CPU threads (the machine is shared)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    record = train(args.out, args.steps, args.seed, args.batch_size, args.lr, args.warmup, args.ema_decay)
-    print(f"done: {record['steps']} steps in {record['wall_time_s']} s, final loss {record['final_loss_mean_last_100']:.4f}")
+    record = train(
+        args.out, args.steps, args.seed, args.batch_size, args.lr, args.warmup, args.ema_decay
+    )
+    print(
+        f"done: {record['steps']} steps in {record['wall_time_s']} s, "
+        f"final loss {record['final_loss_mean_last_100']:.4f}"
+    )
 
 
 if __name__ == "__main__":
