@@ -41,11 +41,6 @@ def _shape(a) -> tuple | None:
     return tuple(v.shape) if v is not None else None
 
 
-def _is_attention(node: fx.Node) -> bool:
-    name = meta.target_name(node)
-    return "scaled_dot_product" in name and "backward" not in name
-
-
 def node_flops(node: fx.Node) -> sympy.Expr | int:
     """FLOPs of one node (0 for ops the counter does not count)."""
     if node.op not in ("call_function", "call_method"):
@@ -68,7 +63,7 @@ def node_flops(node: fx.Node) -> sympy.Expr | int:
         if w is None or out is None:
             return 0
         return 2 * _numel(out) * _numel(w[1:])
-    if _is_attention(node):
+    if "scaled_dot_product" in meta.target_name(node) and "backward" not in meta.target_name(node):
         q, k, v = (_shape(args[i] if len(args) > i else node.kwargs.get(name))
                    for i, name in enumerate(("query", "key", "value")))
         if q is None or k is None or v is None:

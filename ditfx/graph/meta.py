@@ -10,13 +10,14 @@ import torch.fx as fx
 # Dynamo spells module paths as source expressions: L['self'].__dict__['_modules']['blocks'].0.attn
 _DICT_MODULES = re.compile(r"\.__dict__\['_modules'\]\['([^']+)'\]")
 _SUBSCRIPT = re.compile(r"\[['\"]?([^'\"\]]+)['\"]?\]")
-_DYNAMO_WEIGHT = re.compile(r"^l_self_.*_(parameters|buffers)_")
+_DYNAMO_WEIGHT = re.compile(r"^l_[a-z0-9_]*?_(parameters|buffers)_")
+_ROOT = re.compile(r"^L\[['\"][^'\"]+['\"]\]")
 
 
 def normalize_module_path(path: str) -> str:
     """Turn a Dynamo or export module path into a dotted fqn: ``transformer_blocks.0.norm1``."""
     path = _DICT_MODULES.sub(r".\1", path)
-    path = re.sub(r"^L\['self'\]", "", path)
+    path = _ROOT.sub("", path)
     path = _SUBSCRIPT.sub(r".\1", path)
     return path.strip(".")
 
@@ -67,6 +68,12 @@ def target_name(node: fx.Node) -> str:
     mod = getattr(t, "__module__", None) or ""
     name = getattr(t, "__qualname__", None) or getattr(t, "__name__", None) or repr(t)
     return f"{mod}.{name}" if mod else name
+
+
+def is_attention(node: fx.Node) -> bool:
+    """Attention calls: SDPA (Torch IR or any ATen variant), flex attention, or an explicit softmax."""
+    name = target_name(node).lower()
+    return "backward" not in name and any(k in name for k in ("scaled_dot_product", "flex_attention", "softmax"))
 
 
 def has_symbolic_inputs(gm: fx.GraphModule) -> bool:

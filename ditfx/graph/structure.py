@@ -135,7 +135,8 @@ def find_blocks(gm: fx.GraphModule) -> dict[fx.Node, str]:
     """Map each node to the repeated block it belongs to (by module fqn).
 
     A repeated block is a module at ``<container>.<i>`` with at least two siblings of the same class under
-    the same container; a node belongs to the outermost such module on its stack.
+    the same container, in a container whose blocks attend (a transformer block, not a stack of MLPs); a
+    node belongs to the outermost such module on its stack.
     """
     members: dict[tuple[str, str], set[int]] = defaultdict(set)
     for n in gm.graph.nodes:
@@ -145,6 +146,7 @@ def find_blocks(gm: fx.GraphModule) -> dict[fx.Node, str]:
                 members[(m.group(1), cls)].add(int(m.group(2)))
     repeated = {key for key, idx in members.items() if len(idx) >= 2}
     owner: dict[fx.Node, str] = {}
+    attending: set[tuple[str, str]] = set()  # groups whose blocks attend: transformer blocks, not MLP stacks
     for n in gm.graph.nodes:
         if n.op in ("placeholder", "output", "get_attr"):
             continue
@@ -152,8 +154,12 @@ def find_blocks(gm: fx.GraphModule) -> dict[fx.Node, str]:
             m = _BLOCK_INDEX.match(path)
             if m and (m.group(1), cls) in repeated:
                 owner[n] = path
+                if meta.is_attention(n):
+                    attending.add((m.group(1), cls))
                 break
-    return owner
+    groups = {n: _BLOCK_INDEX.match(p).group(1) for n, p in owner.items()}
+    keep = {prefix for prefix, _ in attending}
+    return {n: p for n, p in owner.items() if groups[n] in keep}
 
 
 def _is_stream_dependent(gm: fx.GraphModule, roles: InputRoles) -> set[fx.Node]:
@@ -246,7 +252,7 @@ def analyse(gm: fx.GraphModule, weight_names: set[str] | None = None, min_blocks
         (n.name, r.name)
         for r in regions
         for n in r.nodes
-        if "attention" in meta.target_name(n).lower()
+        if meta.is_attention(n)
     ]
     return DiTStructure(gm, roles, blocks, regions, [n.name for n in hoisted], attention)
 

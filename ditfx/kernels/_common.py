@@ -24,7 +24,7 @@ def modulation_view(v: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 
 def check_modulation(name: str, v: torch.Tensor, x: torch.Tensor) -> None:
-    """Raise ``ValueError`` unless ``v`` is a per-sample or per-token modulation for ``x`` (B, T, D)."""
+    """Raise ``ValueError`` unless ``v`` is a per-sample or per-token modulation for ``x``."""
     if x.dim() != 3:
         raise ValueError(f"x must be (B, T, D), got shape {tuple(x.shape)}")
     B, T, D = x.shape

@@ -153,7 +153,7 @@ def to_triton(expr: sympy.Expr) -> str:
 
 
 def cache_dir() -> Path:
-    """Directory for generated kernels: ``$DITFX_CACHE_DIR/kernels`` or ``~/.cache/ditfx/kernels``."""
+    """Generated kernels go to ``$DITFX_CACHE_DIR/kernels``, else ``~/.cache/ditfx/kernels``."""
     root = os.environ.get("DITFX_CACHE_DIR")
     return Path(root) / "kernels" if root else Path.home() / ".cache" / "ditfx" / "kernels"
 
@@ -201,9 +201,7 @@ def render(
 ) -> str:
     """Fill the kernel template for ``expr`` (see :func:`generate_elementwise`)."""
     names = list(inputs)
-    loads = "\n".join(
-        f"    v_{n} = {_LOADS[inputs[n]].format(n=n)}.to(tl.float32)" for n in names
-    )
+    loads = "\n".join(f"    v_{n} = {_LOADS[inputs[n]].format(n=n)}.to(tl.float32)" for n in names)
     return _TEMPLATE.format(
         expr=expr,
         inputs=", ".join(f"{n}: {inputs[n]} {dtypes[n]}" for n in names),

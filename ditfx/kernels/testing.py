@@ -68,7 +68,7 @@ def to_float64(args: tuple) -> tuple:
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None):
-    """Compare ``actual`` with an oracle using :data:`TOLERANCES` for ``dtype`` (default: actual's)."""
+    """Compare with an oracle within :data:`TOLERANCES` of ``dtype`` (default: actual's dtype)."""
     atol, rtol = TOLERANCES[dtype or actual.dtype]
     torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol)
 
@@ -80,7 +80,7 @@ def assert_compiles(fn, args: tuple) -> None:
 
 
 def assert_export_keeps_op(module: torch.nn.Module, args: tuple, op: str) -> None:
-    """``torch.export.export(module, args)`` has a ``torch.ops.ditfx.<op>`` node and matches eager."""
+    """``torch.export.export(module, args)`` keeps ``torch.ops.ditfx.<op>`` and matches eager."""
     program = torch.export.export(module, args)
     target = getattr(torch.ops.ditfx, op).default
     assert any(node.target is target for node in program.graph.nodes), program.graph

@@ -1,4 +1,4 @@
-"""ditfx::cache_residual on CPU: float64 oracle, the zero-denominator rule, opcheck, compile, export."""
+"""ditfx::cache_residual on CPU: float64 oracle, zero denominators, opcheck, compile, export."""
 
 import math
 

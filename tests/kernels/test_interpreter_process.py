@@ -17,9 +17,20 @@ REPO = Path(__file__).resolve().parents[2]
 def test_interpreter_tests_pass():
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "tests/kernels/interpret", "-q", "-m", "interpret",
-           "-p", "no:cacheprovider"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "tests/kernels/interpret",
+        "-q",
+        "-m",
+        "interpret",
+        "-p",
+        "no:cacheprovider",
+    ]
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=env, check=False, capture_output=True, text=True, timeout=600
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output
     assert " passed" in output and "skipped" not in output, output

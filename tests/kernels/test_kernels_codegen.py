@@ -29,7 +29,7 @@ def test_printer():
     assert to_triton(x / 2) == "v_x/2.0"
 
 
-@pytest.mark.parametrize("expr", [sympy.sin(x), x**y, x**sympy.Rational(1, 3), sympy.I * x])
+@pytest.mark.parametrize("expr", [sympy.sin(x), x**y, x ** sympy.Rational(1, 3), sympy.I * x])
 def test_printer_rejects_unsupported(expr):
     with pytest.raises(NotImplementedError):
         to_triton(expr)

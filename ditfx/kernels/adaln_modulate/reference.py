@@ -14,7 +14,7 @@ from .._common import modulation_view, upcast
 def adaln_modulate_reference(
     x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
 ) -> torch.Tensor:
-    """``LayerNorm(x) * (1 + scale) + shift``, computed in float32 (or float64), returned in x's dtype.
+    """``LayerNorm(x) * (1 + scale) + shift`` in float32 (or float64), returned in x's dtype.
 
     Args:
         x: ``(B, T, D)`` activations.

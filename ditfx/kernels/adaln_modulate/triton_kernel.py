@@ -62,7 +62,16 @@ def adaln_modulate_launch(
     block_d = triton.next_power_of_2(D)
     num_warps = 4 if block_d <= 1024 else 8
     wrap_triton(_adaln_modulate_kernel)[(B * T,)](
-        x, shift, scale, out, T, D, *shift.stride(), *scale.stride(), eps,
-        BLOCK_D=block_d, num_warps=num_warps,
+        x,
+        shift,
+        scale,
+        out,
+        T,
+        D,
+        *shift.stride(),
+        *scale.stride(),
+        eps,
+        BLOCK_D=block_d,
+        num_warps=num_warps,
     )
     return out

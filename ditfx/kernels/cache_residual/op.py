@@ -22,7 +22,7 @@ def _cache_residual_op(
 def cache_residual(
     out: torch.Tensor, inp: torch.Tensor, cached: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused ``residual = out - inp`` and per-sample ``change = sum|residual - cached| / sum|cached|``.
+    """Fused ``residual = out - inp`` and ``change = sum|residual - cached| / sum|cached|``.
 
     Args:
         out: ``(B, ...)`` output of the cached block range, float32/float16/bfloat16.

@@ -1,7 +1,7 @@
 """Triton kernel for the block-cache residual: one read of each input, partial sums per chunk.
 
 Stage 1 (the kernel): program (b, c) handles ``BLOCK`` elements of sample b, writes the residual
-and the chunk's two partial L1 sums. Stage 2 (a few PyTorch ops on a (B, chunks) buffer) adds the
+and the chunk's two partial L1 sums. Stage 2 (a few PyTorch ops on (B, chunks) buffers) adds the
 partials and applies the zero-denominator rule. Partial sums instead of atomics keep the result
 deterministic.
 """
@@ -59,10 +59,19 @@ def cache_residual_launch(
     cached = cached.contiguous()
     residual = torch.empty_like(out)
     n_chunks = triton.cdiv(N, block)
-    partials = torch.empty((2, B, n_chunks), dtype=torch.float32, device=out.device)
+    # Separate buffers, not views of one: wrap_triton's functionalization of mutated arguments
+    # is simplest when they do not alias.
+    num, den = (torch.empty((B, n_chunks), dtype=torch.float32, device=out.device) for _ in "nd")
     wrap_triton(_cache_residual_kernel)[(B, n_chunks)](
-        out, inp, cached, residual, partials[0], partials[1], N, n_chunks,
-        BLOCK=block, num_warps=8 if block >= 2048 else 4,
+        out,
+        inp,
+        cached,
+        residual,
+        num,
+        den,
+        N,
+        n_chunks,
+        BLOCK=block,
+        num_warps=8 if block >= 2048 else 4,
     )
-    num, den = partials.sum(dim=2)
-    return residual, relative_l1_from_sums(num, den)
+    return residual, relative_l1_from_sums(num.sum(dim=1), den.sum(dim=1))

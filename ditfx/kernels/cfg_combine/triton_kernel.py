@@ -1,8 +1,8 @@
 """Triton kernel for the CFG combine: one read of cond and uncond, partial sums per chunk.
 
 Stage 1 (the kernel): program (b, c) handles ``BLOCK`` elements of sample b, writes the guided
-output and the chunk's partial dot product and squared norms. Stage 2 (PyTorch on a (3, B, chunks)
-buffer) adds the partials; partial sums instead of atomics keep the result deterministic.
+output and the chunk's partial dot product and squared norms. Stage 2 (PyTorch on three (B, chunks)
+buffers) adds the partials; partial sums instead of atomics keep the result deterministic.
 """
 
 import torch
@@ -59,10 +59,22 @@ def cfg_combine_launch(
     cond = cond.contiguous()
     guided = torch.empty_like(uncond)
     n_chunks = triton.cdiv(N, block)
-    partials = torch.empty((3, B, n_chunks), dtype=torch.float32, device=uncond.device)
-    wrap_triton(_cfg_combine_kernel)[(B, n_chunks)](
-        uncond, cond, guided, partials[0], partials[1], partials[2], guidance_scale, N, n_chunks,
-        BLOCK=block, num_warps=8 if block >= 2048 else 4,
+    # Separate buffers, not views of one: wrap_triton's functionalization of mutated arguments
+    # is simplest when they do not alias.
+    dot, cc, uu = (
+        torch.empty((B, n_chunks), dtype=torch.float32, device=uncond.device) for _ in "dcu"
     )
-    dot, cc, uu = partials.sum(dim=2)
-    return guided, cosine_from_sums(dot, cc, uu)
+    wrap_triton(_cfg_combine_kernel)[(B, n_chunks)](
+        uncond,
+        cond,
+        guided,
+        dot,
+        cc,
+        uu,
+        guidance_scale,
+        N,
+        n_chunks,
+        BLOCK=block,
+        num_warps=8 if block >= 2048 else 4,
+    )
+    return guided, cosine_from_sums(dot.sum(dim=1), cc.sum(dim=1), uu.sum(dim=1))

@@ -49,7 +49,14 @@ def residual_apply_launch(
     scale_arg = x if scale is None else scale.to(x.device)
     shift_arg = x if shift is None else shift.to(x.device)
     wrap_triton(_residual_apply_kernel)[(triton.cdiv(n, block),)](
-        x, r, scale_arg, shift_arg, out, n,
-        HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, BLOCK=block,
+        x,
+        r,
+        scale_arg,
+        shift_arg,
+        out,
+        n,
+        HAS_SCALE=scale is not None,
+        HAS_SHIFT=shift is not None,
+        BLOCK=block,
     )
     return out

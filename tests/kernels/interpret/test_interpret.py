@@ -21,17 +21,17 @@ pytestmark = [
 
 pytest.importorskip("triton")
 
-from ditfx.kernels.adaln_modulate.reference import adaln_modulate_reference  # noqa: E402
-from ditfx.kernels.adaln_modulate.triton_kernel import adaln_modulate_launch  # noqa: E402
-from ditfx.kernels.cache_residual.reference import cache_residual_reference  # noqa: E402
-from ditfx.kernels.cache_residual.triton_kernel import cache_residual_launch  # noqa: E402
-from ditfx.kernels.cfg_combine.reference import cfg_combine_reference  # noqa: E402
-from ditfx.kernels.cfg_combine.triton_kernel import cfg_combine_launch  # noqa: E402
-from ditfx.kernels.gated_residual.reference import gated_residual_reference  # noqa: E402
-from ditfx.kernels.gated_residual.triton_kernel import gated_residual_launch  # noqa: E402
-from ditfx.kernels.residual_apply.reference import residual_apply_reference  # noqa: E402
-from ditfx.kernels.residual_apply.triton_kernel import residual_apply_launch  # noqa: E402
-from ditfx.kernels.testing import make_inputs  # noqa: E402
+from ditfx.kernels.adaln_modulate.reference import adaln_modulate_reference
+from ditfx.kernels.adaln_modulate.triton_kernel import adaln_modulate_launch
+from ditfx.kernels.cache_residual.reference import cache_residual_reference
+from ditfx.kernels.cache_residual.triton_kernel import cache_residual_launch
+from ditfx.kernels.cfg_combine.reference import cfg_combine_reference
+from ditfx.kernels.cfg_combine.triton_kernel import cfg_combine_launch
+from ditfx.kernels.gated_residual.reference import gated_residual_reference
+from ditfx.kernels.gated_residual.triton_kernel import gated_residual_launch
+from ditfx.kernels.residual_apply.reference import residual_apply_reference
+from ditfx.kernels.residual_apply.triton_kernel import residual_apply_launch
+from ditfx.kernels.testing import make_inputs
 
 MAX_ABS_ERR = 1e-5
 
@@ -40,15 +40,30 @@ MAX_ABS_ERR = 1e-5
 CASES = [
     ("adaln_modulate", "per_sample", adaln_modulate_launch, adaln_modulate_reference, {}),
     ("adaln_modulate", "per_token", adaln_modulate_launch, adaln_modulate_reference, {}),
-    ("gated_residual", "per_sample", gated_residual_launch, gated_residual_reference,
-     {"block_m": 4, "block_d": 16}),
-    ("gated_residual", "per_token", gated_residual_launch, gated_residual_reference,
-     {"block_m": 4, "block_d": 16}),
+    (
+        "gated_residual",
+        "per_sample",
+        gated_residual_launch,
+        gated_residual_reference,
+        {"block_m": 4, "block_d": 16},
+    ),
+    (
+        "gated_residual",
+        "per_token",
+        gated_residual_launch,
+        gated_residual_reference,
+        {"block_m": 4, "block_d": 16},
+    ),
     ("cache_residual", "full", cache_residual_launch, cache_residual_reference, {"block": 32}),
     ("cache_residual", "full", cache_residual_launch, cache_residual_reference, {}),
     ("residual_apply", "plain", residual_apply_launch, residual_apply_reference, {"block": 64}),
-    ("residual_apply", "scale_shift", residual_apply_launch, residual_apply_reference,
-     {"block": 64}),
+    (
+        "residual_apply",
+        "scale_shift",
+        residual_apply_launch,
+        residual_apply_reference,
+        {"block": 64},
+    ),
     ("cfg_combine", "full", cfg_combine_launch, cfg_combine_reference, {"block": 32}),
     ("cfg_combine", "full", cfg_combine_launch, cfg_combine_reference, {}),
 ]
