@@ -33,12 +33,15 @@ def _denoiser(obj) -> tuple[nn.Module, bool]:
 
 
 def repeated_blocks(module: nn.Module) -> list[str]:
-    """Module paths of the repeated blocks (``<container>.<i>`` siblings of one class), outermost first."""
+    """Module paths of the repeated blocks, outermost first: the classes the model declares in
+    ``_repeated_blocks`` (diffusers' convention), else ``<container>.<i>`` siblings of one non-leaf class."""
+    declared = set(getattr(module, "_repeated_blocks", ()) or ())
     members: dict[tuple[str, str], list[str]] = defaultdict(list)
     for name, m in module.named_modules():
         match = re.match(r"^(.*)\.(\d+)$", name)
-        if match:
-            members[(match.group(1), type(m).__name__)].append(name)
+        cls = type(m).__name__
+        if match and (cls in declared if declared else any(True for _ in m.children())):
+            members[(match.group(1), cls)].append(name)
     groups = [paths for paths in members.values() if len(paths) >= 2]
     blocks = [p for paths in groups for p in paths]
     return [p for p in blocks if not any(p.startswith(q + ".") for q in blocks)]

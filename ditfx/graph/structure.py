@@ -8,7 +8,8 @@ block N although nothing in them depends on the token stream, and partitions bec
 - token inputs are the user inputs of rank >= 3 (latents, text tokens); conditioning inputs have rank <= 2
   (timestep, class labels, pooled text, position ids);
 - a node is *stream-dependent* when it is reachable from a token input;
-- block nodes that are not stream-dependent are hoisted to the prologue;
+- block nodes that are not stream-dependent are hoisted to the prologue, unless only their own block reads
+  them (a block's adaLN projection of the conditioning): those stay, so a skipped block skips them too;
 - every other node goes to the earliest segment after all the blocks it depends on, so the graph becomes
   ``prologue, block 0, glue 1, block 1, ..., block N-1, epilogue`` (empty glues dropped).
 """
@@ -231,6 +232,14 @@ def analyse(gm: fx.GraphModule, weight_names: set[str] | None = None, min_blocks
         else:
             dep[n] = d
             segment[n] = ("glue", d + 1)
+
+    # per-block conditioning (a block's own adaLN projection) goes back into the one block that reads it,
+    # so a skipped block skips it too; conditioning read elsewhere stays in the prologue
+    for n in reversed(hoisted):
+        readers = {segment.get(u) for u in n.users}
+        if len(readers) == 1 and (only := next(iter(readers))) is not None and only[0] == "block":
+            segment[n] = only
+    hoisted = [n for n in hoisted if segment[n][0] != "block"]
 
     n_blocks = len(blocks)
     regions: list[Region] = []

@@ -29,6 +29,7 @@ class RegionCompiler:
     def __init__(self, backend: str):
         self.backend = backend
         self._compiled: dict[tuple[str, str], Callable] = {}
+        self.calls: dict[tuple[str, str], int] = {}  # invocations per (signature, variant)
         self.compiles = 0
         self.compile_seconds = 0.0
 
@@ -40,4 +41,5 @@ class RegionCompiler:
             self._compiled[key] = fn
             self.compiles += 1
             self.compile_seconds += time.perf_counter() - start
+        self.calls[key] = self.calls.get(key, 0) + 1
         return fn(*args)

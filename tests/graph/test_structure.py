@@ -36,16 +36,19 @@ def test_blocks_regions_and_streams(family):
     assert len(s.attention) >= len(s.blocks)
 
 
-def test_diffusers_dit_conditioning_is_hoisted():
-    """DiTTransformer2DModel computes the timestep/label embedding inside every block's adaLN: by data flow it
-    belongs to the prologue, which is what makes the split acyclic."""
+def test_conditioning_is_placed_by_data_flow():
+    """DiTTransformer2DModel computes the timestep/label embedding inside every block's adaLN, and once more
+    for its output layer: the block's own copy stays in its block (a skipped block skips it), the output
+    layer's copy, read only by the epilogue, is hoisted out of block 0 to the prologue. All blocks then share
+    one structure."""
     model, kw = tiny_model("dit")
     s = analyse(dynamo_graph(model, kw, "dit"))
-    hoisted_names = set(s.hoisted)
     prologue = {n.name for n in s.region("prologue").nodes}
-    assert hoisted_names and hoisted_names <= prologue
+    assert set(s.hoisted) <= prologue
     for r in s.block_regions:
-        assert not any("embedding" in str(n.target) for n in r.nodes)
+        assert any("embedding" in str(n.target) for n in r.nodes)
+    from ditfx.graph.regions import extract
+    assert len({extract(s.gm, r).signature for r in s.block_regions}) == 1
 
 
 def test_flux_has_two_block_groups():

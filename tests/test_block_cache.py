@@ -1,0 +1,165 @@
+"""Block caching: skipped blocks are not computed, the plan is what runs, state never leaks."""
+import random
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import ditfx
+from conftest import run_loop, tiny_model
+from ditfx.runtime.schedule import CacheSchedule
+
+EAGER = "aot_eager"
+# random tiny models change a lot between steps (relative L1 about 1): a threshold that skips some steps
+SKIPPY = 1.3
+
+
+@pytest.fixture(autouse=True)
+def _reset():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def calibrated(model, kw, steps=8, generations=1):
+    return ditfx.calibrate(model, lambda m: run_loop(m, kw, "reference", steps), generations=generations)
+
+
+def test_dynamic_cache_skips_and_skipped_blocks_are_not_computed():
+    model, kw = tiny_model("reference")
+    fast = ditfx.optimize(model, ditfx.Config(cache=ditfx.DynamicCache(threshold=SKIPPY), compiler=EAGER))
+    run_loop(fast, kw, "reference", steps=10)
+    s = ditfx.stats(fast)
+    assert s.block_evals_skipped > 0
+    assert s.block_evals + s.block_evals_skipped == 10 * 4
+    # the compiled block function ran exactly block_evals times: a skipped block is not run and discarded
+    compiler = ditfx.api._session(fast).executors[0].compiler
+    block_calls = sum(n for (sig, variant), n in compiler.calls.items() if variant in ("residual", "probe", "base")
+                      and sig in {rm.signature for rm in ditfx.api._session(fast).executors[0].plan.regions
+                                  if rm.region.kind == "block"})
+    assert block_calls == s.block_evals
+    # FLOPs: the flop counter's per-block counts of one eager call, minus what was skipped
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(**kw)
+    per_block = counter.get_flop_counts()["DiT.blocks.0"]
+    block_flops = sum(per_block.values())
+    assert s.flops_skipped == s.block_evals_skipped * block_flops
+    assert s.flops == 10 * counter.get_total_flops() - s.flops_skipped
+
+
+def test_calibration_and_static_plan_is_what_runs():
+    model, kw = tiny_model("reference")
+    schedule = calibrated(model, kw, steps=8, generations=2)
+    assert schedule.blocks == ["blocks.0", "blocks.1", "blocks.2", "blocks.3"] and schedule.steps == 8
+    assert all(c[0] == 0 and all(v > 0 for v in c[1:]) for c in schedule.change)
+    delta = sorted(v for c in schedule.change for v in c[1:])[len(schedule.change) * 4]
+    plan = schedule.plan(delta)
+    fast = ditfx.optimize(model, ditfx.Config(cache=ditfx.StaticCache(delta, schedule), compiler=EAGER))
+    run_loop(fast, kw, "reference", steps=8)
+    s = ditfx.stats(fast)
+    assert s.block_evals == sum(map(sum, plan)) and 0 < s.block_evals_skipped
+    # the schedule survives a round trip through JSON
+    assert CacheSchedule.load(schedule.save(fast_path := __import__("pathlib").Path(
+        __import__("tempfile").mkdtemp()) / "s.json")).plan(delta) == plan
+    assert fast_path.exists()
+
+
+def test_schedule_serves_another_step_count():
+    model, kw = tiny_model("reference")
+    schedule = calibrated(model, kw, steps=8)
+    fine = [1 - k / 16 for k in range(16)]
+    plan = schedule.plan(0.3, fine)
+    assert len(plan[0]) == 16 and all(row[0] for row in plan)
+    fast = ditfx.optimize(model, ditfx.Config(cache=ditfx.StaticCache(0.3, schedule), compiler=EAGER))
+    run_loop(fast, kw, "reference", steps=16)
+    assert ditfx.stats(fast).block_evals == sum(map(sum, plan))
+
+
+def test_larger_delta_never_schedules_more_recomputes():
+    rng = random.Random(0)
+    for _ in range(20):
+        steps = rng.randint(2, 40)
+        times = sorted((rng.random() for _ in range(steps)), reverse=True)
+        change = [[0.0] + [rng.random() * 0.3 for _ in range(steps - 1)] for _ in range(5)]
+        schedule = CacheSchedule([f"b.{i}" for i in range(5)], times, change)
+        counts = [sum(map(sum, schedule.plan(d))) for d in (0, 0.01, 0.05, 0.1, 0.3, 1, 10)]
+        assert counts == sorted(counts, reverse=True)
+        assert counts[0] == 5 * steps
+
+
+def test_fifty_steps_no_graph_breaks_no_recompiles():
+    from torch._dynamo.utils import counters
+
+    model, kw = tiny_model("dit")
+    counters.clear()
+    fast = ditfx.optimize(model, ditfx.Config(cache=ditfx.DynamicCache(threshold=SKIPPY), compiler=EAGER))
+    x = kw["hidden_states"]
+    with torch.no_grad():
+        for k in range(50):
+            t = torch.full((x.shape[0],), 1000.0 * (1 - k / 50))
+            with torch._dynamo.config.patch(error_on_recompile=k > 0):
+                x = x - fast(**{**kw, "hidden_states": x, "timestep": t}, return_dict=False)[0] / 50
+    s = ditfx.stats(fast)
+    assert sum(counters["graph_break"].values()) == 0 and s.graph_breaks == 0
+    assert s.recompiles == 0 and s.graphs == 1 and s.steps == 50 and s.block_evals_skipped > 0
+
+
+def test_steps_are_found_from_the_timestep():
+    from ditfx.runtime.steps import StepTracker
+
+    tracker = StepTracker()
+    seen = [tracker.observe(t) for t in (1000, 1000, 800, 800, 600, 600, 1000, 1000, 800)]
+    assert [(s.generation, s.step, s.branch) for s in seen] == [
+        (0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1), (0, 2, 0), (0, 2, 1), (1, 0, 0), (1, 0, 1), (1, 1, 0)]
+    tracker = StepTracker()
+    seen = [tracker.observe(t) for t in (1000, 500, 1000, 500, 500)]
+    assert [(s.generation, s.step) for s in seen] == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0)]
+
+
+def test_two_generations_equal_two_fresh_runs():
+    model, kw = tiny_model("reference")
+    config = ditfx.Config(cache=ditfx.DynamicCache(threshold=SKIPPY), compiler=EAGER)
+    fast = ditfx.optimize(model, config)
+    first, second = run_loop(fast, kw, "reference"), run_loop(fast, kw, "reference")
+    assert ditfx.stats(fast).block_evals_skipped > 0
+    fresh = run_loop(ditfx.optimize(model, config), kw, "reference")
+    assert torch.equal(first, second) and torch.equal(first, fresh)
+
+
+def test_generation_context_frees_state():
+    model, kw = tiny_model("reference")
+    fast = ditfx.optimize(model, ditfx.Config(cache=ditfx.DynamicCache(threshold=SKIPPY), compiler=EAGER))
+    with ditfx.generation(fast):
+        run_loop(fast, kw, "reference", steps=4)
+        session = ditfx.api._session(fast)
+        assert session.state
+    assert not session.state
+
+
+def test_batch_equals_each_sample_alone_with_per_sample_policy():
+    model, kw = tiny_model("reference", batch=2)
+    config = ditfx.Config(cache=ditfx.DynamicCache(threshold=SKIPPY), compiler=EAGER)
+    both = run_loop(ditfx.optimize(model, config), kw, "reference", steps=10)
+    for i in range(2):
+        alone_kw = {k: v[i:i + 1] for k, v in kw.items()}
+        alone = run_loop(ditfx.optimize(model, config), alone_kw, "reference", steps=10)
+        assert (both[i:i + 1] - alone).abs().max() <= 1e-5
+
+
+def test_unbatched_cfg_keeps_one_state_per_branch():
+    """Two calls per step (cond then uncond) each keep their own caches: same as two separate runs."""
+    model, kw = tiny_model("reference", batch=1)
+    other = {**kw, "y": torch.tensor([3])}
+    config = ditfx.Config(cache=ditfx.DynamicCache(threshold=SKIPPY), compiler=EAGER)
+    fast = ditfx.optimize(model, config)
+    x1, x2 = kw["x"], other["x"]
+    with torch.no_grad():
+        for k in range(6):
+            t = torch.full((1,), 1000.0 * (1 - k / 6))
+            x1 = x1 - fast(x1, t, kw["y"])[:, :4] / 6
+            x2 = x2 - fast(x2, t, other["y"])[:, :4] / 6
+    assert ditfx.stats(fast).steps == 6 and ditfx.stats(fast).calls == 12
+    torch._dynamo.reset()
+    alone = run_loop(ditfx.optimize(model, config), other, "reference", steps=6)
+    assert (x2 - alone).abs().max() <= 1e-5
