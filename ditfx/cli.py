@@ -1,0 +1,93 @@
+"""The ``ditfx`` command: ``inspect`` a model's regions, costs and plan; ``calibrate`` a static cache schedule."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+MODEL_HELP = ("a reference DiT config (DiT-S/2, DiT-XL/2, ..., DiT-T/2 for a tiny one) or tiny:<family> "
+              "for a tiny random diffusers model (tiny:dit, tiny:pixart, tiny:sd3, tiny:flux)")
+
+
+def _cache_config(args):
+    import ditfx
+
+    if getattr(args, "schedule", None):
+        return ditfx.StaticCache(delta=args.delta, schedule=args.schedule)
+    if getattr(args, "threshold", None) is not None:
+        return ditfx.DynamicCache(threshold=args.threshold)
+    return None
+
+
+def cmd_inspect(args) -> int:
+    import ditfx
+    from ditfx.inspect import format_dot, format_text, inspect_model
+    from ditfx.models import zoo
+
+    named = zoo.load(args.model, batch=args.batch)
+    report = inspect_model(args.model, named, ditfx.Config(cache=_cache_config(args), compiler="eager"), args.steps)
+    if args.dot:
+        Path(args.dot).write_text(format_dot(report))
+        print(f"wrote {args.dot} (render: dot -Tpng {args.dot} -o regions.png)", file=sys.stderr)
+    print(json.dumps(report, indent=1) if args.json else format_text(report))
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from tqdm import tqdm
+
+    import ditfx
+    from ditfx.models import zoo
+
+    named = zoo.load(args.model, batch=args.batch)
+    total = args.generations * args.steps
+    with tqdm(total=total, desc="calibrating", unit="step", file=sys.stderr) as bar:
+        def one_generation(model):
+            zoo.run_loop(named, model, steps=args.steps, progress=lambda k: bar.update(1))
+
+        schedule = ditfx.calibrate(named.model, one_generation, generations=args.generations, mode=args.mode)
+    out = schedule.save(args.out)
+    png = schedule.heatmap(out.with_suffix(".png"), args.delta)
+    plan = schedule.plan(args.delta)
+    evals, full = sum(map(sum, plan)), len(plan) * len(plan[0])
+    print(f"wrote {out} and {png}: at delta {args.delta}, {evals}/{full} block evaluations "
+          f"({1 - evals / full:.0%} skipped)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ditfx", description="Compiler passes that make DiT inference fast.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="show the region map, FLOPs, passes and per-step plan of a model")
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--steps", type=int, default=20, help="steps of the plan shown")
+    p.add_argument("--threshold", type=float, help="show a DynamicCache with this threshold")
+    p.add_argument("--schedule", help="show a StaticCache with this schedule JSON (from ditfx calibrate)")
+    p.add_argument("--delta", type=float, default=0.1, help="StaticCache delta (with --schedule)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--dot", metavar="FILE", help="also write the region graph as Graphviz DOT")
+    p.set_defaults(run=cmd_inspect)
+
+    p = sub.add_parser("calibrate", help="record per-block change curves and write a static cache schedule")
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--generations", type=int, default=4)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--delta", type=float, default=0.1, help="delta of the heatmap and the summary")
+    p.add_argument("--mode", choices=("residual", "output"), default="residual")
+    p.add_argument("--out", default="schedule.json")
+    p.set_defaults(run=cmd_calibrate)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"ditfx {args.command}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""``ditfx inspect``: the region map with node counts and FLOPs (numeric, and symbolic in the batch size),
+what each pass changed, and the per-step plan; as text, JSON or a Graphviz DOT picture."""
+from __future__ import annotations
+
+import torch
+
+from ditfx.config import Config, StaticCache
+from ditfx.graph import cost
+from ditfx.graph.structure import analyse
+from ditfx.models.zoo import NamedModel
+from ditfx.passes.manager import build_plan
+
+
+def capture(named: NamedModel):
+    """The Dynamo graph of one call, as torch.compile would hand it to a backend."""
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    with torch.no_grad():
+        named(torch.compile(named.model, backend=keep, fullgraph=True, dynamic=False))
+    torch._dynamo.reset()
+    return graphs[0]
+
+
+def symbolic_flops(named: NamedModel) -> dict[str, str] | str:
+    """Region FLOPs as sympy expressions in the batch size B, from a torch.export graph with a dynamic batch.
+
+    Returns the reason instead when the model does not export with a dynamic batch."""
+    import sympy
+
+    batch = torch.export.Dim("B", min=2, max=1024)
+    shapes = {k: ({0: batch} if isinstance(v, torch.Tensor) and v.dim() >= 1 and k not in ("img_ids", "txt_ids")
+                  else None) for k, v in named.inputs.items()}
+    try:
+        kwargs = {**named.inputs, **({"return_dict": False} if named.diffusers else {})}
+        if named.diffusers:
+            shapes["return_dict"] = None
+        ep = torch.export.export(named.model, (), kwargs, dynamic_shapes=shapes)
+    except Exception as e:  # noqa: BLE001 - any export failure only costs the symbolic column
+        return f"no dynamic-batch export ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+    sig = ep.graph_signature
+    structure = analyse(ep.graph_module, set(sig.inputs_to_parameters) | set(sig.inputs_to_buffers)
+                        | set(sig.inputs_to_lifted_tensor_constants))
+    out = {}
+    for r in structure.regions:
+        expr = sympy.sympify(cost.graph_flops(r.nodes))
+        expr = expr.subs({s: sympy.Symbol("B") for s in expr.free_symbols})
+        out[r.name] = str(sympy.factor(expr))
+    return out
+
+
+def inspect_model(name: str, named: NamedModel, config: Config, steps: int) -> dict:
+    gm = capture(named)
+    plan = build_plan(gm, config)
+    symbolic = symbolic_flops(named)
+    regions = []
+    for entry in plan.reports[0].regions:
+        shared_with = plan.reports[0].shared[entry["signature"]]
+        regions.append({**entry, "shares_artifact_with": [n for n in shared_with if n != entry["name"]],
+                        "flops_symbolic": symbolic.get(entry["name"]) if isinstance(symbolic, dict) else None})
+    report = {
+        "model": name,
+        "batch": int(named.inputs[named.latents].shape[0]),
+        "inputs": {n: plan.structure.roles.role_of(n) for n in plan.structure.roles.tokens
+                   + plan.structure.roles.conditions},
+        "blocks": [{"index": b.index, "path": b.path, "class": b.cls} for b in plan.structure.blocks],
+        "regions": regions,
+        "attention_sites": [{"node": n, "region": r} for n, r in plan.structure.attention],
+        "symbolic_flops_note": None if isinstance(symbolic, dict) else symbolic,
+        "passes": [{"pass": type(r).__name__, "summary": r.summary()} for r in plan.reports],
+        "total_flops": sum(plan.flops.values()),
+        "plan": step_plan(plan, config, steps),
+    }
+    return report
+
+
+def step_plan(plan, config: Config, steps: int) -> dict:
+    cache = config.cache
+    blocks = [b.path for b in plan.structure.blocks]
+    if cache is None:
+        return {"kind": "none", "description": "every block runs at every step"}
+    if isinstance(cache, StaticCache):
+        times = [1 - k / steps for k in range(steps)]
+        grid = cache.schedule.plan(cache.delta, times)
+        return {"kind": "static", "delta": cache.delta, "steps": steps, "blocks": blocks,
+                "compute": [[int(v) for v in row] for row in grid],
+                "block_evals": sum(map(sum, grid)), "block_evals_uncached": len(blocks) * steps}
+    first, last = cache.first, cache.last
+    return {"kind": "dynamic", "threshold": cache.threshold,
+            "always_run": blocks[:first] + (blocks[len(blocks) - last:] if last else []),
+            "probe": blocks[first - 1], "skippable": blocks[first:len(blocks) - last],
+            "description": (f"{blocks[first - 1]}'s residual change against the last computed step decides, "
+                            f"per {'sample' if cache.per_sample else 'batch'}: below {cache.threshold} the "
+                            f"{len(blocks) - first - last} middle blocks reuse their cached residuals")}
+
+
+def format_text(report: dict) -> str:
+    lines = [f"model {report['model']} (batch {report['batch']}): {len(report['blocks'])} blocks, "
+             f"{report['total_flops'] / 1e9:.3f} GFLOPs per call"]
+    lines.append("inputs: " + ", ".join(f"{k}={v}" for k, v in report["inputs"].items()))
+    lines.append("")
+    lines.append(f"{'region':<12}{'module':<30}{'nodes':>6}{'in':>5}{'out':>5}{'GFLOPs':>10}  symbolic FLOPs (B = batch)"
+                 "  shares compiled artifact with")
+    for r in report["regions"]:
+        lines.append(f"{r['name']:<12}{(r['module'] or ''):<30}{r['nodes']:>6}{r['inputs']:>5}{r['outputs']:>5}"
+                     f"{r['flops'] / 1e9:>10.4f}  {r['flops_symbolic'] or '-'}  "
+                     f"{', '.join(r['shares_artifact_with'][:3]) + ('...' if len(r['shares_artifact_with']) > 3 else '')}")
+    if report["symbolic_flops_note"]:
+        lines.append(f"(symbolic FLOPs: {report['symbolic_flops_note']})")
+    lines.append("")
+    lines.append("passes:")
+    lines.extend("  " + p["summary"].replace("\n", "\n  ") for p in report["passes"])
+    lines.append("")
+    plan = report["plan"]
+    lines.append(f"plan ({plan['kind']}):")
+    if plan["kind"] == "static":
+        lines.append(f"  delta {plan['delta']}: {plan['block_evals']}/{plan['block_evals_uncached']} block "
+                     f"evaluations over {plan['steps']} steps (# = computed, . = reused)")
+        for path, row in zip(plan["blocks"], plan["compute"]):
+            lines.append(f"  {path:<32}" + "".join("#" if v else "." for v in row))
+    else:
+        lines.append("  " + plan["description"])
+    return "\n".join(lines)
+
+
+def format_dot(report: dict) -> str:
+    """Regions as a chain of boxes, blocks that share a compiled artifact in the same colour."""
+    palette = ["#cfe2ff", "#d1e7dd", "#fff3cd", "#f8d7da", "#e2d9f3", "#d3f0f5"]
+    colours: dict[str, str] = {}
+    lines = ["digraph ditfx {", "  rankdir=TB; node [shape=box, style=filled, fontname=Helvetica];"]
+    for r in report["regions"]:
+        colour = colours.setdefault(r["signature"], palette[len(colours) % len(palette)])
+        label = f"{r['name']}\\n{r['module'] or r['kind']}\\n{r['nodes']} nodes, {r['flops'] / 1e6:.2f} MFLOPs"
+        lines.append(f'  "{r["name"]}" [label="{label}", fillcolor="{colour}"];')
+    for a, b in zip(report["regions"], report["regions"][1:]):
+        lines.append(f'  "{a["name"]}" -> "{b["name"]}";')
+    lines.append("}")
+    return "\n".join(lines)
