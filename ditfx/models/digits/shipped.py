@@ -34,7 +34,10 @@ def load_transformer(
     config = DiTTransformer2DModel.load_config(shipped_file("config.json", TRAIN_COMMAND).parent)
     transformer = DiTTransformer2DModel.from_config(config)
     transformer.load_state_dict(load_file(shipped_file("model.safetensors", TRAIN_COMMAND)))
-    return transformer.to(device=device, dtype=dtype).eval()
+    if dtype != torch.float32:
+        # Only cast when asked to: diffusers warns on every dtype cast, even float32 -> float32.
+        transformer = transformer.to(dtype=dtype)
+    return transformer.to(device=device).eval()
 
 
 @lru_cache(maxsize=1)
