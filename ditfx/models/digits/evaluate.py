@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -51,7 +52,10 @@ def save_grid(
     grid.save(path)
 
 
-def evaluate(guidance_scales: list[float], per_class: int, steps: int, seed: int) -> dict:
+def evaluate(
+    guidance_scales: list[float], per_class: int, steps: int, seed: int
+) -> tuple[dict, dict[float, torch.Tensor]]:
+    """(results for no guidance and each scale, the sampled images by scale)."""
     pipe = pipeline("euler")
     pipe.set_progress_bar_config(disable=True)
     count = per_class * NUM_CLASSES
@@ -80,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--guidance-scales", type=float, nargs="+", default=[3.0])
+    parser.add_argument("--guidance-scales", type=float, nargs="+", default=[1.5])
     parser.add_argument("--per-class", type=int, default=10)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
@@ -88,12 +92,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="CPU threads (the machine is shared)"
     )
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     results, grids = evaluate(args.guidance_scales, args.per_class, args.steps, args.seed)
-    results["command"] = "python -m ditfx.models.digits.evaluate " + " ".join(
-        argv if argv is not None else __import__("sys").argv[1:]
-    )
+    results["command"] = "python -m ditfx.models.digits.evaluate " + " ".join(argv)
     print(json.dumps(results, indent=2))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
