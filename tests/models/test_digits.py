@@ -12,16 +12,8 @@ from ditfx.models.digits.metrics import frechet_distance, real_floor_fd
 from ditfx.models.digits.shipped import TRAIN_COMMAND, shipped_file
 
 
-def require_shipped_dit():
-    from ditfx.models.digits.shipped import WEIGHTS_DIR
-
-    if not (WEIGHTS_DIR / "model.safetensors").is_file():
-        pytest.skip(f"the digits DiT is not shipped yet ({WEIGHTS_DIR}/model.safetensors); train it: {TRAIN_COMMAND}")
-
-
 @pytest.fixture(scope="module")
 def pipe():
-    require_shipped_dit()
     pipe = digits.pipeline()
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -87,13 +79,11 @@ def test_guidance_batches_unconditional_half_first(pipe, guidance_scale, batch_f
 
 
 def test_null_class_is_the_extra_embedding_row():
-    require_shipped_dit()
     table = digits.load_transformer().transformer_blocks[0].norm1.emb.class_embedder.embedding_table
     assert digits.NULL_CLASS == 10 and table.num_embeddings == 11
 
 
 def test_dpm_solver_runs():
-    require_shipped_dit()
     pipe = digits.pipeline("dpm")
     pipe.set_progress_bar_config(disable=True)
     images = pipe(
