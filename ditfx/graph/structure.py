@@ -256,7 +256,7 @@ def analyse(gm: fx.GraphModule, weight_names: set[str] | None = None, min_blocks
         if i < n_blocks:
             regions.append(Region(f"block.{i}", "block", by_segment[("block", i)], block=blocks[i]))
     _connect(gm, regions)
-    _pair_streams(regions, roles, gm)
+    _pair_streams(regions, roles, gm, stream)
     attention = [
         (n.name, r.name)
         for r in regions
@@ -318,14 +318,14 @@ def residual_source(out: fx.Node, inputs: list[fx.Node], members: set[fx.Node]) 
     return None
 
 
-def _pair_streams(regions: list[Region], roles: InputRoles, gm: fx.GraphModule) -> None:
+def _pair_streams(regions: list[Region], roles: InputRoles, gm: fx.GraphModule,
+                  stream: set[fx.Node]) -> None:
     """Pair each block output with the stream input it is a residual update of; pick the primary stream.
 
     The primary stream is the one that carries the latents (followed through the chain of blocks); its change
     between steps drives dynamic caching.
     """
     latent_only = _latent_only(gm, roles)
-    stream = _is_stream_dependent(gm, roles)
     label: dict[fx.Node, bool] = {}
     for r in regions:
         if r.kind != "block":

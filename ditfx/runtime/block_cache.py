@@ -43,13 +43,6 @@ def relative_l1(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class BlockEvent:
-    """What happened to one block in one call (fed to stats)."""
-
-    ran: bool
-
-
-@dataclass
 class _DynamicState:
     ref: torch.Tensor | None = None  # probe's cached value at the last computed step, per sample
     cached: dict[int, list] = field(default_factory=dict)
