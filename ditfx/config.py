@@ -9,6 +9,7 @@ from typing import Any, Literal
 from ditfx.runtime.schedule import CacheSchedule
 
 INNER_BACKENDS = ("inductor", "aot_eager", "eager")
+COMPILED_REGIONS = ("blocks", "all")
 CacheMode = Literal["residual", "output"]
 
 
@@ -95,14 +96,23 @@ CACHE_KINDS = (DynamicCache, StaticCache, CacheCalibration)
 
 @dataclass(frozen=True)
 class Config:
-    """What ditfx does to a model. ``compiler`` is the inner backend that compiles each region."""
+    """What ditfx does to a model.
+
+    ``compiler`` is the inner backend that compiles the regions. ``compile_regions="blocks"`` compiles the
+    repeated blocks (one artifact per block structure) and runs the small prologue and epilogue as their
+    captured FX graphs, as regional compilation does, which keeps the first call's compile time at that of
+    compiling one block; ``"all"`` compiles the prologue and epilogue too (two more compiles).
+    """
 
     cache: DynamicCache | StaticCache | CacheCalibration | None = None
     compiler: str = "inductor"
+    compile_regions: str = "blocks"
 
     def __post_init__(self):
         _check(self.compiler in INNER_BACKENDS,
                f"unknown inner backend {self.compiler!r}: use one of {', '.join(INNER_BACKENDS)}")
+        _check(self.compile_regions in COMPILED_REGIONS,
+               f"Config.compile_regions must be one of {COMPILED_REGIONS}, got {self.compile_regions!r}")
         _check(self.cache is None or isinstance(self.cache, CACHE_KINDS),
                f"Config.cache must be ditfx.DynamicCache, ditfx.StaticCache or None, got {self.cache!r}")
 

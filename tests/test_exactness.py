@@ -54,5 +54,16 @@ def test_inductor_regions_match_eager():
         got = call(fast, kw, "reference")
     assert (got - expected).abs().max() <= TOL
     s = ditfx.stats(fast)
-    assert s.region_compiles == 3  # prologue, one block shared by all four, epilogue
+    assert s.region_compiles == 1  # one block artifact shared by all four; prologue and epilogue run as FX
+    torch._dynamo.reset()
+
+
+def test_compile_all_regions_compiles_prologue_and_epilogue():
+    model, kw = tiny_model("reference")
+    with torch.no_grad():
+        expected = call(model, kw, "reference")
+        fast = ditfx.optimize(model, ditfx.Config(compiler="aot_eager", compile_regions="all"))
+        got = call(fast, kw, "reference")
+    assert (got - expected).abs().max() <= TOL
+    assert ditfx.stats(fast).region_compiles == 3  # prologue, one block shared by all four, epilogue
     torch._dynamo.reset()

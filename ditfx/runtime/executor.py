@@ -23,6 +23,7 @@ class Executor:
         self.plan = plan
         self.session = session
         self.compiler = RegionCompiler(config.compiler)
+        self.compile_edges = config.compile_regions == "all"
         gm = plan.structure.gm
         roles = plan.structure.roles
         placeholders = list(gm.graph.find_nodes(op="placeholder"))
@@ -54,7 +55,8 @@ class Executor:
 
     def _run(self, rm: RegionModule, variant: str, args: list) -> tuple:
         gm = rm.gm if variant == "base" else self.plan.variants[rm.region.name][variant]
-        return self.compiler.run((rm.signature, variant), gm, args)
+        return self.compiler.run((rm.signature, variant), gm, args,
+                                 compile=rm.region.kind == "block" or self.compile_edges)
 
     def _timestep(self, args) -> float | None:
         if self.timestep_pos is None:
