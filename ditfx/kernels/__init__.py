@@ -9,6 +9,7 @@ graphs that call them compile and export on CPU. See ``docs/kernels.md``.
 from .adaln_modulate import adaln_modulate
 from .cache_residual import cache_residual
 from .cfg_combine import cfg_combine
+from .fused_elementwise import fused_elementwise
 from .gated_residual import gated_residual
 from .residual_apply import residual_apply
 
@@ -26,6 +27,7 @@ __all__ = [
     "adaln_modulate",
     "cache_residual",
     "cfg_combine",
+    "fused_elementwise",
     "gated_residual",
     "residual_apply",
 ]

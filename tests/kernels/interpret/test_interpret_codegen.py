@@ -9,7 +9,7 @@ import pytest
 import sympy
 import torch
 
-from ditfx.kernels.codegen import generate_elementwise
+from ditfx.kernels.codegen import generate_elementwise, generate_layer_norm_elementwise
 
 pytestmark = [
     pytest.mark.interpret,
@@ -66,3 +66,40 @@ def test_functions_powers_and_scalar():
     xt, yt, st = randn(B, T, D).abs() + 0.5, randn(B, T, D), torch.tensor(0.25)
     expected = torch.tanh(xt) ** 2 - torch.exp(-yt.abs()) / 3 + st * torch.sqrt(yt**2 + 1) / xt**3
     assert (launch(xt, yt, st) - expected).abs().max().item() <= MAX_ABS_ERR
+
+
+@pytest.mark.parametrize(
+    "expr,kinds",
+    [
+        # adaLN as DiT writes it, and the variant whose "1 +" was computed elsewhere (epilogues).
+        (x * (1 + scale) + shift, {"x": "full", "scale": "per_sample", "shift": "per_sample"}),
+        (x * scale + shift, {"x": "full", "scale": "per_token", "shift": "scalar"}),
+    ],
+)
+def test_layer_norm_template(expr, kinds):
+    # D = 24 is not a power of two: the row block is masked, and masked lanes must not enter
+    # the statistics.
+    launch = generate_layer_norm_elementwise(expr, kinds, torch.float32)
+    shapes = {"full": (B, T, D), "per_sample": (B, D), "per_token": (B, T, 1), "scalar": ()}
+    tensors = [randn(*shapes[k]) if k != "scalar" else torch.tensor(0.5) for k in kinds.values()]
+    values = dict(zip(kinds, tensors))
+    values["x"] = torch.nn.functional.layer_norm(values["x"], (D,), eps=1e-6)
+    for name, kind in kinds.items():
+        if kind == "per_sample":
+            values[name] = values[name][:, None]
+    expected = sympy.lambdify(list(kinds), expr)(*values.values())
+    assert (launch(*tensors, eps=1e-6) - expected).abs().max().item() <= MAX_ABS_ERR
+
+
+def test_fused_elementwise_launcher_matches_its_reference():
+    from ditfx.kernels.expression import to_text
+    from ditfx.kernels.fused_elementwise.reference import fused_elementwise_reference
+    from ditfx.kernels.fused_elementwise.triton_kernel import fused_elementwise_launch
+
+    text, spec = to_text(x * scale + shift), "x:full, scale:per_sample, shift:per_sample"
+    # (B, 1, D) operands, as diffusers passes them: the launcher views them as (B, D).
+    inputs = [randn(B, T, D), randn(B, 1, D), randn(B, 1, D)]
+    for eps in (None, 1e-5):
+        out = fused_elementwise_launch(text, spec, inputs, eps)
+        expected = fused_elementwise_reference(text, spec, inputs, eps)
+        assert (out - expected).abs().max().item() <= MAX_ABS_ERR
