@@ -7,7 +7,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import ditfx
-from conftest import run_loop, tiny_model
+from conftest import FAMILIES, run_loop, tiny_model
 from ditfx.runtime.schedule import CacheSchedule
 
 EAGER = "aot_eager"
@@ -46,6 +46,21 @@ def test_dynamic_cache_skips_and_skipped_blocks_are_not_computed():
     block_flops = sum(per_block.values())
     assert s.flops_skipped == s.block_evals_skipped * block_flops
     assert s.flops == 10 * counter.get_total_flops() - s.flops_skipped
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_skips_blocks_at_a_large_threshold(family):
+    """A threshold no change reaches: after the warmup step only the probe block (block 0) runs, on every
+    family, and the output moves away from eager (the cached residuals really stand in for the blocks)."""
+    model, kw = tiny_model(family)
+    expected = run_loop(model, kw, family, steps=4)
+    fast = ditfx.optimize(model, ditfx.Config(cache=ditfx.DynamicCache(threshold=1e9), compiler=EAGER))
+    got = run_loop(fast, kw, family, steps=4)
+    s = ditfx.stats(fast)
+    n = len(ditfx.repeated_blocks(model))
+    # the probe runs at all 4 steps, the other n - 1 blocks only at the warmup step
+    assert s.block_evals == 4 + (n - 1) and s.block_evals_skipped == 3 * (n - 1)
+    assert (got - expected).abs().max() > 1e-4
 
 
 def test_calibration_and_static_plan_is_what_runs():

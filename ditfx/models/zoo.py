@@ -12,9 +12,6 @@ import torch
 
 from ditfx.models.dit import DIT_CONFIGS, build_dit
 
-TINY_FAMILIES = ("dit", "pixart", "sd3", "flux")
-
-
 @dataclass
 class NamedModel:
     model: torch.nn.Module
@@ -64,34 +61,126 @@ def load(name: str, batch: int = 2, seed: int = 0) -> NamedModel:
     family = name.removeprefix("tiny:")
     if family not in TINY_FAMILIES:
         raise ValueError(f"unknown model {name!r}: use one of {', '.join(names())}")
-    from diffusers import (DiTTransformer2DModel, FluxTransformer2DModel, PixArtTransformer2DModel,
-                           SD3Transformer2DModel)
-
     torch.manual_seed(seed)
-    if family == "dit":
-        m = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
-                                  num_layers=4, sample_size=8, patch_size=2, num_embeds_ada_norm=10)
-        kw = dict(hidden_states=r(batch, 4, 8, 8), timestep=t, class_labels=torch.arange(batch) % 10)
-    elif family == "pixart":
-        m = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
-                                     num_layers=4, sample_size=8, patch_size=2, cross_attention_dim=16,
-                                     caption_channels=12)
-        kw = dict(hidden_states=r(batch, 4, 8, 8), timestep=t, encoder_hidden_states=r(batch, 5, 12),
-                  added_cond_kwargs={"resolution": None, "aspect_ratio": None})
-    elif family == "sd3":
-        m = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=4, attention_head_dim=8,
-                                  num_attention_heads=2, joint_attention_dim=12, caption_projection_dim=16,
-                                  pooled_projection_dim=10, out_channels=4, pos_embed_max_size=16)
-        kw = dict(hidden_states=r(batch, 4, 8, 8), timestep=t, encoder_hidden_states=r(batch, 5, 12),
-                  pooled_projections=r(batch, 10))
-    else:
-        m = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=3,
-                                   attention_head_dim=8, num_attention_heads=2, joint_attention_dim=12,
-                                   pooled_projection_dim=10, axes_dims_rope=(2, 2, 4))
-        kw = dict(hidden_states=r(batch, 16, 16), timestep=t / 1000, encoder_hidden_states=r(batch, 5, 12),
-                  pooled_projections=r(batch, 10), img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(5, 3))
-        return NamedModel(randomize(m, seed), kw, "hidden_states", "timestep", 1.0, True)
-    return NamedModel(randomize(m, seed), kw, "hidden_states", "timestep", 1000.0, True)
+    m, kw, time_scale = _TINY[family](r, t, batch)
+    return NamedModel(randomize(m, seed), kw, "hidden_states", "timestep", time_scale, True)
+
+
+# tiny:<family> builders: (random-size model, kwargs of one call, time_scale). ``r`` draws seeded noise, ``t`` is
+# the timestep at 0.7 of a 1000-step scale; families whose pipelines pass sigmas in [0, 1] get ``t / 1000`` and
+# time_scale 1.
+
+
+def _tiny_dit(r, t, batch):
+    from diffusers import DiTTransformer2DModel
+
+    m = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+                              num_layers=4, sample_size=8, patch_size=2, num_embeds_ada_norm=10)
+    return m, dict(hidden_states=r(batch, 4, 8, 8), timestep=t, class_labels=torch.arange(batch) % 10), 1000.0
+
+
+def _tiny_pixart(r, t, batch):
+    from diffusers import PixArtTransformer2DModel
+
+    m = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                 num_layers=4, sample_size=8, patch_size=2, cross_attention_dim=16,
+                                 caption_channels=12)
+    kw = dict(hidden_states=r(batch, 4, 8, 8), timestep=t, encoder_hidden_states=r(batch, 5, 12),
+              added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+    return m, kw, 1000.0
+
+
+def _tiny_sd3(r, t, batch):
+    from diffusers import SD3Transformer2DModel
+
+    m = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=4, attention_head_dim=8,
+                              num_attention_heads=2, joint_attention_dim=12, caption_projection_dim=16,
+                              pooled_projection_dim=10, out_channels=4, pos_embed_max_size=16)
+    kw = dict(hidden_states=r(batch, 4, 8, 8), timestep=t, encoder_hidden_states=r(batch, 5, 12),
+              pooled_projections=r(batch, 10))
+    return m, kw, 1000.0
+
+
+def _tiny_flux(r, t, batch):
+    from diffusers import FluxTransformer2DModel
+
+    m = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=3,
+                               attention_head_dim=8, num_attention_heads=2, joint_attention_dim=12,
+                               pooled_projection_dim=10, axes_dims_rope=(2, 2, 4))
+    kw = dict(hidden_states=r(batch, 16, 16), timestep=t / 1000, encoder_hidden_states=r(batch, 5, 12),
+              pooled_projections=r(batch, 10), img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(5, 3))
+    return m, kw, 1.0
+
+
+def _tiny_wan(r, t, batch):
+    from diffusers import WanTransformer3DModel
+
+    # video latents (batch, channels, frames, height, width), patch (1, 2, 2): 2 x 4 x 4 = 32 tokens
+    m = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                              out_channels=4, text_dim=12, freq_dim=16, ffn_dim=32, num_layers=3,
+                              rope_max_seq_len=32)
+    return m, dict(hidden_states=r(batch, 4, 2, 8, 8), timestep=t, encoder_hidden_states=r(batch, 5, 12)), 1000.0
+
+
+def _tiny_sana(r, t, batch):
+    from diffusers import SanaTransformer2DModel
+
+    m = SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                               num_layers=3, num_cross_attention_heads=2, cross_attention_head_dim=8,
+                               cross_attention_dim=16, caption_channels=12, sample_size=8, patch_size=2)
+    return m, dict(hidden_states=r(batch, 4, 8, 8), timestep=t, encoder_hidden_states=r(batch, 5, 12)), 1000.0
+
+
+def _tiny_auraflow(r, t, batch):
+    from diffusers import AuraFlowTransformer2DModel
+
+    m = AuraFlowTransformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=2,
+                                   num_single_dit_layers=2, attention_head_dim=8, num_attention_heads=2,
+                                   joint_attention_dim=12, caption_projection_dim=16, out_channels=4,
+                                   pos_embed_max_size=16)
+    return m, dict(hidden_states=r(batch, 4, 8, 8), timestep=t / 1000, encoder_hidden_states=r(batch, 5, 12)), 1.0
+
+
+def _tiny_cogview4(r, t, batch):
+    from diffusers import CogView4Transformer2DModel
+
+    m = CogView4Transformer2DModel(patch_size=2, in_channels=4, out_channels=4, num_layers=3, attention_head_dim=8,
+                                   num_attention_heads=2, text_embed_dim=12, time_embed_dim=8, condition_dim=4,
+                                   pos_embed_max_size=16, sample_size=8, rope_axes_dim=(4, 4))
+    size = torch.tensor([[64.0, 64.0]]).repeat(batch, 1)  # size conditioning (pixels), like the pipeline's
+    kw = dict(hidden_states=r(batch, 4, 8, 8), timestep=t, encoder_hidden_states=r(batch, 5, 12),
+              original_size=size, target_size=size.clone(), crop_coords=torch.zeros(batch, 2))
+    return m, kw, 1000.0
+
+
+def _tiny_qwenimage(r, t, batch):
+    from diffusers import QwenImageTransformer2DModel
+
+    # packed latents (batch, tokens, channels) for a 4 x 4 token image
+    m = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=3,
+                                    attention_head_dim=8, num_attention_heads=2, joint_attention_dim=12,
+                                    axes_dims_rope=(2, 2, 4))
+    kw = dict(hidden_states=r(batch, 16, 16), timestep=t / 1000, encoder_hidden_states=r(batch, 5, 12),
+              encoder_hidden_states_mask=torch.ones(batch, 5), img_shapes=[(1, 4, 4)] * batch)
+    return m, kw, 1.0
+
+
+def _tiny_chroma(r, t, batch):
+    from diffusers import ChromaTransformer2DModel
+
+    m = ChromaTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
+                                 attention_head_dim=8, num_attention_heads=2, joint_attention_dim=12,
+                                 axes_dims_rope=(2, 2, 4), approximator_num_channels=8,
+                                 approximator_hidden_dim=16, approximator_layers=1)
+    kw = dict(hidden_states=r(batch, 16, 16), timestep=t / 1000, encoder_hidden_states=r(batch, 5, 12),
+              img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(5, 3))
+    return m, kw, 1.0
+
+
+_TINY = {"dit": _tiny_dit, "pixart": _tiny_pixart, "sd3": _tiny_sd3, "flux": _tiny_flux, "wan": _tiny_wan,
+         "sana": _tiny_sana, "auraflow": _tiny_auraflow, "cogview4": _tiny_cogview4, "qwenimage": _tiny_qwenimage,
+         "chroma": _tiny_chroma}
+TINY_FAMILIES = tuple(_TINY)
 
 
 @torch.no_grad()

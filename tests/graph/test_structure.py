@@ -5,7 +5,8 @@ import torch
 from conftest import FAMILIES, call, tiny_model
 from ditfx.graph.structure import StructureError, analyse
 
-EXPECTED_BLOCKS = {"reference": 4, "dit": 4, "pixart": 4, "sd3": 4, "flux": 5}
+EXPECTED_BLOCKS = {"reference": 4, "dit": 4, "pixart": 4, "sd3": 4, "flux": 5, "wan": 3, "sana": 3, "auraflow": 4,
+                   "cogview4": 3, "qwenimage": 3, "chroma": 4}
 
 
 def dynamo_graph(model, kw, family):
