@@ -107,8 +107,10 @@ class Config:
     cache: DynamicCache | StaticCache | CacheCalibration | None = None
     compiler: str = "inductor"
     compile_regions: str = "blocks"
+    kernels: bool = False  # lower adaLN / gated-residual patterns to torch.ops.ditfx kernels (passes/fusion.py)
 
     def __post_init__(self):
+        _check(isinstance(self.kernels, bool), f"Config.kernels must be True or False, got {self.kernels!r}")
         _check(self.compiler in INNER_BACKENDS,
                f"unknown inner backend {self.compiler!r}: use one of {', '.join(INNER_BACKENDS)}")
         _check(self.compile_regions in COMPILED_REGIONS,
