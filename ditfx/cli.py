@@ -1,4 +1,4 @@
-"""The ``ditfx`` command: ``inspect`` a model's regions, costs and plan; ``calibrate`` a static cache schedule."""
+"""The ``ditfx`` command: ``demo`` (the main job), ``inspect`` (regions, costs, plan), ``calibrate`` (schedules)."""
 from __future__ import annotations
 
 import argparse
@@ -56,9 +56,21 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from ditfx.demo import main as demo_main
+
+    return demo_main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ditfx", description="Compiler passes that make DiT inference fast.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    from ditfx.demo import add_arguments as add_demo_arguments
+
+    p = sub.add_parser("demo", help="sample the shipped digits DiT with and without ditfx; PNG and table")
+    add_demo_arguments(p)
+    p.set_defaults(run=cmd_demo)
 
     p = sub.add_parser("inspect", help="show the region map, FLOPs, passes and per-step plan of a model")
     p.add_argument("model", help=MODEL_HELP)

@@ -1,0 +1,181 @@
+"""``ditfx demo``: the shipped digits DiT sampled with and without ditfx from the same seeds.
+
+Writes both sample grids as one PNG and prints a table (steps, network evaluations, block evaluations, FLOPs,
+wall time, speed-up, digits-FD, class accuracy, PSNR against the baseline); ``--json`` prints it as JSON.
+The baseline is the unchanged diffusers pipeline in eager mode; ditfx runs the same pipeline after
+``ditfx.optimize(pipe, config)``. Compilation happens in a short warm-up generation, timed separately.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+#: Static-cache threshold of the demo: inside the benchmarks' quality budget on the digits model
+#: (PSNR >= 30 dB against the baseline, digits-FD within 10 %); see docs/benchmarks.md.
+DEMO_DELTA = 0.5
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    per_class: int = 8
+    steps: int = 50
+    guidance_scale: float = 1.5
+    seed: int = 0
+    delta: float = DEMO_DELTA
+    compiler: str = "inductor"
+    out: str = "ditfx_demo.png"
+
+    def __post_init__(self):
+        if self.per_class < 2:
+            raise ValueError(f"per_class must be >= 2 (digits-FD needs several samples per class), got {self.per_class}")
+        if self.steps < 2:
+            raise ValueError(f"steps must be >= 2, got {self.steps}")
+        if self.guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
+        if not self.out.endswith(".png"):
+            raise ValueError(f"out must be a .png path, got {self.out!r}")
+
+
+def demo_config(settings: DemoSettings):
+    """What the demo turns on: the shipped static block-cache schedule."""
+    import ditfx
+    from ditfx.models.digits.calibrate import shipped_schedule_path
+
+    return ditfx.Config(cache=ditfx.StaticCache(settings.delta, shipped_schedule_path()),
+                        compiler=settings.compiler)
+
+
+def flops_per_call(transformer, batch: int) -> int:
+    """FLOPs of one denoiser call at ``batch`` rows, counted by torch.utils.flop_counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = transformer.config
+    x = torch.zeros(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        transformer(hidden_states=x, timestep=torch.ones(batch), class_labels=torch.zeros(batch, dtype=torch.long),
+                    return_dict=False)
+    return counter.get_total_flops()
+
+
+def _bar(desc: str) -> dict:
+    return {"desc": desc, "file": sys.stderr, "leave": False, "unit": "step"}
+
+
+def run_demo(settings: DemoSettings = DemoSettings()) -> dict:
+    """Sample both ways, measure, write the PNG; returns the table as a dict."""
+    import ditfx
+    from ditfx.models import digits
+    from ditfx.models.digits.sampling import class_grid, generate
+
+    config = demo_config(settings)  # bad settings fail here, before any sampling
+    labels = class_grid(settings.per_class)
+    n, steps = len(labels), settings.steps
+    cfg_rows = 2 if settings.guidance_scale > 1 else 1
+
+    baseline_model = digits.load_transformer()
+    start = time.perf_counter()
+    baseline = generate(baseline_model, labels, steps, settings.guidance_scale, settings.seed,
+                        progress=_bar("diffusers (eager)"))
+    baseline_s = time.perf_counter() - start
+    n_blocks = len(baseline_model.transformer_blocks)
+
+    pipe = digits.pipeline()
+    ditfx.optimize(pipe, config)
+    start = time.perf_counter()
+    with ditfx.generation(pipe):  # compiles every region the generation needs
+        generate(pipe.transformer, labels, 2, settings.guidance_scale, settings.seed,
+                 progress=_bar("ditfx: compiling"))
+    compile_s = time.perf_counter() - start
+    ditfx.reset_stats(pipe)
+    start = time.perf_counter()
+    with ditfx.generation(pipe):
+        fast = generate(pipe.transformer, labels, steps, settings.guidance_scale, settings.seed,
+                        progress=_bar("ditfx"))
+    fast_s = time.perf_counter() - start
+    stats = ditfx.stats(pipe)
+
+    base_metrics = digits.metrics(baseline, labels)
+    fast_metrics = digits.metrics(fast, labels, reference=baseline)
+    call_flops = flops_per_call(baseline_model, cfg_rows * n)
+    rows = [
+        {"method": "diffusers (eager)", "steps": steps, "nfe": cfg_rows * steps, "block_evals": n_blocks * steps,
+         "flops": call_flops * steps, "wall_s": baseline_s, "compile_s": 0.0, "speedup": 1.0,
+         "fd": base_metrics["fd"], "accuracy": base_metrics["accuracy"], "psnr": None},
+        {"method": "ditfx", "steps": stats.steps, "nfe": cfg_rows * stats.calls, "block_evals": stats.block_evals,
+         "flops": stats.flops, "wall_s": fast_s, "compile_s": compile_s, "speedup": baseline_s / fast_s,
+         "fd": fast_metrics["fd"], "accuracy": fast_metrics["accuracy"], "psnr": fast_metrics["psnr"]},
+    ]
+    png = write_grids(Path(settings.out), baseline, fast, settings.per_class,
+                      ["diffusers (eager)", f"ditfx ({rows[1]['speedup']:.2f}x)"])
+    return {"settings": settings.__dict__, "config": repr(config), "png": str(png), "samples": n, "rows": rows,
+            "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                        "cuda": torch.cuda.is_available()}}
+
+
+def write_grids(path: Path, left: torch.Tensor, right: torch.Tensor, per_class: int, titles: list[str],
+                scale: int = 4) -> Path:
+    """Two digit grids (one row per class) side by side under their titles, as one PNG."""
+    from PIL import Image, ImageDraw
+
+    def grid(images: torch.Tensor) -> Image.Image:
+        pixels = ((images[:, 0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (N, 16, 16)
+        pixels = torch.nn.functional.pad(pixels, (1, 1, 1, 1), value=96)  # a grey frame keeps cells apart
+        size = pixels.shape[-1]
+        rows = pixels.view(-1, per_class, size, size)  # (classes, per_class, 16, 16)
+        sheet = rows.permute(0, 2, 1, 3).reshape(rows.shape[0] * size, per_class * size)
+        image = Image.fromarray(sheet.numpy(), mode="L")
+        return image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+
+    panels = [grid(left), grid(right)]
+    gap, header = 12, 20
+    width = sum(p.width for p in panels) + gap * 3
+    canvas = Image.new("L", (width, panels[0].height + header + gap), color=255)
+    draw = ImageDraw.Draw(canvas)
+    x = gap
+    for panel, title in zip(panels, titles):
+        draw.text((x, 4), title, fill=0)
+        canvas.paste(panel, (x, header))
+        x += panel.width + gap
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
+
+
+def format_table(result: dict) -> str:
+    head = f"{'':<19}{'steps':>6}{'NFE':>6}{'blocks':>8}{'GFLOPs':>9}{'wall s':>8}{'speed-up':>9}" \
+           f"{'FD':>8}{'acc %':>7}{'PSNR dB':>9}"
+    lines = [head]
+    for r in result["rows"]:
+        psnr = "-" if r["psnr"] is None else f"{r['psnr']:.1f}"
+        lines.append(f"{r['method']:<19}{r['steps']:>6}{r['nfe']:>6}{r['block_evals']:>8}{r['flops'] / 1e9:>9.1f}"
+                     f"{r['wall_s']:>8.1f}{r['speedup']:>8.2f}x{r['fd']:>8.1f}{100 * r['accuracy']:>7.1f}{psnr:>9}")
+    fast = result["rows"][1]
+    lines.append(f"\n{result['samples']} samples, same seeds; ditfx compiled in {fast['compile_s']:.1f} s "
+                 f"(not in its wall time). Grids: {result['png']}")
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    settings = DemoSettings(per_class=args.per_class, steps=args.steps, guidance_scale=args.guidance_scale,
+                            seed=args.seed, delta=args.delta, compiler=args.compiler, out=args.out)
+    result = run_demo(settings)
+    print(json.dumps(result, indent=1) if args.json else format_table(result))
+    return 0
+
+
+def add_arguments(p) -> None:
+    d = DemoSettings()
+    p.add_argument("--per-class", type=int, default=d.per_class, help="samples of each digit")
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--guidance-scale", type=float, default=d.guidance_scale)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--delta", type=float, default=d.delta, help="StaticCache delta")
+    p.add_argument("--compiler", default=d.compiler, help="ditfx's inner backend (inductor, aot_eager, eager)")
+    p.add_argument("--out", default=d.out, help="PNG with both grids")
+    p.add_argument("--json", action="store_true", help="print the table as JSON")
