@@ -9,6 +9,7 @@ from ditfx.config import Config, DynamicCache, StaticCache
 from ditfx.graph import cost, regions
 from ditfx.graph.structure import DiTStructure, analyse
 from ditfx.passes.block_cache import BlockCacheReport, block_cache_pass
+from ditfx.passes.fusion import FusionReport, fusion_pass
 
 
 @dataclass
@@ -54,6 +55,9 @@ def build_plan(gm: fx.GraphModule, config: Config, weight_names: set[str] | None
     """Raises :class:`~ditfx.graph.structure.StructureError` when the graph has no DiT structure."""
     structure = analyse(gm, weight_names)
     region_modules = [regions.extract(gm, r) for r in structure.regions]
+    fusion = None
+    if config.kernels:  # before the cache pass, so its variants are built from the fused regions
+        region_modules, fusion = fusion_pass(region_modules)
     plan = Plan(structure, region_modules)
     plan.flops = {rm.region.name: int(cost.graph_flops(rm.region.nodes)) for rm in region_modules}
     shared: dict[str, list[str]] = {}
@@ -68,6 +72,8 @@ def build_plan(gm: fx.GraphModule, config: Config, weight_names: set[str] | None
         hoisted=len(structure.hoisted),
         shared=shared,
     ))
+    if fusion is not None:
+        plan.reports.append(fusion)
     cache = config.cache
     if cache is not None:
         probe = None
@@ -83,4 +89,4 @@ def build_plan(gm: fx.GraphModule, config: Config, weight_names: set[str] | None
     return plan
 
 
-__all__ = ["Plan", "RegionReport", "BlockCacheReport", "build_plan"]
+__all__ = ["Plan", "RegionReport", "BlockCacheReport", "FusionReport", "build_plan"]
