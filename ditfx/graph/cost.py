@@ -6,6 +6,7 @@ the graph's size symbols, so budgets and speed-ups can be solved on it.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import operator
 
@@ -70,7 +71,40 @@ def node_flops(node: fx.Node) -> sympy.Expr | int:
             return 0
         batch_heads = _numel(q[:-2])
         return 2 * batch_heads * _dim(q[-2]) * _dim(k[-2]) * (_dim(q[-1]) + _dim(v[-1]))
+    if t is F.multi_head_attention_forward:
+        return _multi_head_attention_flops(node)
     return 0
+
+
+_MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
+
+
+def _multi_head_attention_flops(node: fx.Node) -> sympy.Expr | int:
+    """``F.multi_head_attention_forward`` (nn.MultiheadAttention, attention pooling as in HunyuanDiT) is one
+    node in a Dynamo graph: its q/k/v in-projections, two attention matmuls and out-projection, as the counter
+    sees them after decomposition. Inputs are (length, batch, width) or unbatched (length, width)."""
+    a = _MHA_SIGNATURE.bind(*node.args, **node.kwargs).arguments
+    q, k = _shape(a["query"]), _shape(a["key"])
+    if q is None or k is None:
+        return 0
+    if a.get("use_separate_proj_weight"):
+        proj = [_shape(a[w]) for w in ("q_proj_weight", "k_proj_weight", "v_proj_weight")]
+    else:
+        packed = _shape(a["in_proj_weight"])  # (3 * width, width): q, k and v weights stacked
+        proj = [(packed[0] // 3, packed[1])] * 3 if packed is not None else [None] * 3
+    out_w = _shape(a["out_proj_weight"])
+    if None in proj or out_w is None:
+        return 0
+    q_tokens, kv_tokens = _numel(q[:-1]), _numel(k[:-1])  # length x batch
+    batch = _dim(q[1]) if len(q) == 3 else 1
+    source = _dim(k[0]) + (a.get("bias_k") is not None) + bool(a.get("add_zero_attn"))  # keys attended to
+    width = _dim(proj[0][0])
+    flops = 2 * q_tokens * _dim(proj[0][0]) * _dim(proj[0][1])
+    flops += 2 * kv_tokens * (_dim(proj[1][0]) * _dim(proj[1][1]) + _dim(proj[2][0]) * _dim(proj[2][1]))
+    # scores and weighted sum, over all heads together (how the width splits into heads does not matter)
+    flops += 2 * 2 * batch * _dim(q[0]) * source * width
+    flops += 2 * q_tokens * _dim(out_w[0]) * _dim(out_w[1])
+    return flops
 
 
 def graph_flops(nodes) -> sympy.Expr | int:

@@ -326,6 +326,7 @@ def _pair_streams(regions: list[Region], roles: InputRoles, gm: fx.GraphModule,
     between steps drives dynamic caching.
     """
     latent_only = _latent_only(gm, roles)
+    order = {n: k for k, n in enumerate(gm.graph.nodes)}
     label: dict[fx.Node, bool] = {}
     for r in regions:
         if r.kind != "block":
@@ -336,9 +337,12 @@ def _pair_streams(regions: list[Region], roles: InputRoles, gm: fx.GraphModule,
         for o_pos, o in enumerate(r.outputs):
             i_pos = residual_source(o, r.inputs, members)
             if i_pos is None:
-                # e.g. Flux single-stream blocks concatenate text and image tokens and slice them apart again
+                # no residual add leads back to an input: Flux single-stream blocks concatenate text and image
+                # tokens and slice them apart again, HunyuanDiT's skip blocks re-project cat(skip, x) before
+                # their residual adds. The output continues the stream input of its type; of several, the
+                # newest is the stream (an older one arrives through a long skip connection).
                 same = [a for a in candidates if _same_tensor_type(a, o)]
-                i_pos = r.inputs.index(same[0]) if len(same) == 1 else None
+                i_pos = r.inputs.index(max(same, key=order.__getitem__)) if same else None
             if i_pos is not None:
                 r.streams.append((o_pos, i_pos))
         best, best_key = None, None

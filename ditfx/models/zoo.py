@@ -177,9 +177,36 @@ def _tiny_chroma(r, t, batch):
     return m, kw, 1.0
 
 
+def _tiny_hunyuan(r, t, batch):
+    from diffusers import HunyuanDiT2DModel
+    from diffusers.models.embeddings import get_2d_rotary_pos_embed
+
+    # 4 layers: block 3 reads block 0's output through HunyuanDiT's long skip connection
+    m = HunyuanDiT2DModel(sample_size=8, num_layers=4, patch_size=2, attention_head_dim=8, num_attention_heads=2,
+                          in_channels=4, hidden_size=16, cross_attention_dim=12, cross_attention_dim_t5=16,
+                          pooled_projection_dim=10, text_len=5, text_len_t5=6)
+    rope = get_2d_rotary_pos_embed(8, ((0, 0), (4, 4)), (4, 4))  # head dim, token grid (crop), grid size
+    kw = dict(hidden_states=r(batch, 4, 8, 8), timestep=t, encoder_hidden_states=r(batch, 5, 12),
+              text_embedding_mask=torch.ones(batch, 5), encoder_hidden_states_t5=r(batch, 6, 16),
+              text_embedding_mask_t5=torch.ones(batch, 6), image_meta_size=torch.tensor([[64.0] * 6] * batch),
+              style=torch.zeros(batch, dtype=torch.long), image_rotary_emb=rope)
+    return m, kw, 1000.0
+
+
+def _tiny_ltx(r, t, batch):
+    from diffusers import LTXVideoTransformer3DModel
+
+    # packed video latents (batch, frames * height * width, channels): 2 x 4 x 4 tokens
+    m = LTXVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                   cross_attention_dim=16, num_layers=3, caption_channels=12)
+    kw = dict(hidden_states=r(batch, 32, 4), timestep=t, encoder_hidden_states=r(batch, 5, 12),
+              encoder_attention_mask=torch.ones(batch, 5), num_frames=2, height=4, width=4)
+    return m, kw, 1000.0
+
+
 _TINY = {"dit": _tiny_dit, "pixart": _tiny_pixart, "sd3": _tiny_sd3, "flux": _tiny_flux, "wan": _tiny_wan,
          "sana": _tiny_sana, "auraflow": _tiny_auraflow, "cogview4": _tiny_cogview4, "qwenimage": _tiny_qwenimage,
-         "chroma": _tiny_chroma}
+         "chroma": _tiny_chroma, "hunyuan": _tiny_hunyuan, "ltx": _tiny_ltx}
 TINY_FAMILIES = tuple(_TINY)
 
 

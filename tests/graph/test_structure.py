@@ -6,7 +6,7 @@ from conftest import FAMILIES, call, tiny_model
 from ditfx.graph.structure import StructureError, analyse
 
 EXPECTED_BLOCKS = {"reference": 4, "dit": 4, "pixart": 4, "sd3": 4, "flux": 5, "wan": 3, "sana": 3, "auraflow": 4,
-                   "cogview4": 3, "qwenimage": 3, "chroma": 4}
+                   "cogview4": 3, "qwenimage": 3, "chroma": 4, "hunyuan": 4, "ltx": 3}
 
 
 def dynamo_graph(model, kw, family):
@@ -60,6 +60,17 @@ def test_flux_has_two_block_groups():
     first = s.block_regions[0]
     assert len(first.streams) == 2
     assert first.outputs[first.streams[first.primary_stream][0]].name.startswith("hidden_states")
+
+
+def test_long_skip_block_continues_the_newest_stream():
+    """HunyuanDiT's last block reads block 0's output through a long skip and re-projects cat(skip, x) before its
+    residual adds: its stream is the previous block's output, not the older skip value."""
+    model, kw = tiny_model("hunyuan")
+    s = analyse(dynamo_graph(model, kw, "hunyuan"))
+    *_, before, last = s.block_regions
+    (o, i), = last.streams
+    assert last.inputs[i] is before.outputs[before.streams[0][0]]
+    assert s.block_regions[0].outputs[0] in last.inputs  # the skip is read, but it is not the stream
 
 
 @pytest.mark.parametrize("family", ["reference", "dit", "sd3"])
