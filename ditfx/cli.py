@@ -26,7 +26,14 @@ def cmd_inspect(args) -> int:
     from ditfx.models import zoo
 
     named = zoo.load(args.model, batch=args.batch)
-    report = inspect_model(args.model, named, ditfx.Config(cache=_cache_config(args), compiler="eager"), args.steps)
+    kernels = args.kernels or args.kernel_source is not None
+    config = ditfx.Config(cache=_cache_config(args), compiler="eager", kernels=kernels)
+    report = inspect_model(args.model, named, config, args.steps)
+    if args.kernel_source is not None:
+        from ditfx.inspect.kernels import kernel_source
+
+        print(kernel_source(report["kernels"], args.kernel_source))
+        return 0
     if args.dot:
         Path(args.dot).write_text(format_dot(report))
         print(f"wrote {args.dot} (render: dot -Tpng {args.dot} -o regions.png)", file=sys.stderr)
@@ -81,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--delta", type=float, default=0.1, help="StaticCache delta (with --schedule)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--dot", metavar="FILE", help="also write the region graph as Graphviz DOT")
+    p.add_argument("--kernels", action="store_true",
+                   help="run the kernel fusion pass (Config(kernels=True)) and list which nodes became which kernel")
+    p.add_argument("--kernel-source", metavar="NAME",
+                   help="print the Triton source of a kernel listed by --kernels (a unique name prefix will do)")
     p.set_defaults(run=cmd_inspect)
 
     p = sub.add_parser("calibrate", help="record per-block change curves and write a static cache schedule")

@@ -7,6 +7,7 @@ import torch
 from ditfx.config import Config, StaticCache
 from ditfx.graph import cost
 from ditfx.graph.structure import analyse
+from ditfx.inspect.kernels import format_kernels, kernel_section
 from ditfx.models.zoo import NamedModel
 from ditfx.passes.manager import build_plan
 
@@ -71,6 +72,7 @@ def inspect_model(name: str, named: NamedModel, config: Config, steps: int) -> d
         "attention_sites": [{"node": n, "region": r} for n, r in plan.structure.attention],
         "symbolic_flops_note": None if isinstance(symbolic, dict) else symbolic,
         "passes": [{"pass": type(r).__name__, "summary": r.summary()} for r in plan.reports],
+        "kernels": kernel_section(plan.reports),
         "total_flops": sum(plan.flops.values()),
         "plan": step_plan(plan, config, steps),
     }
@@ -113,6 +115,9 @@ def format_text(report: dict) -> str:
     lines.append("")
     lines.append("passes:")
     lines.extend("  " + p["summary"].replace("\n", "\n  ") for p in report["passes"])
+    if report.get("kernels"):
+        lines.append("")
+        lines.extend(format_kernels(report["kernels"]))
     lines.append("")
     plan = report["plan"]
     lines.append(f"plan ({plan['kind']}):")
