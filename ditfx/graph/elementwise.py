@@ -157,27 +157,29 @@ def read_expression(root: fx.Node, normalized: fx.Node | None = None) -> Express
     if out is None or out.dim() != 3:
         raise NotElementwise(f"{root.name} is not a (B, T, D) tensor")
     shape = tuple(out.shape)
-    operands: dict[fx.Node, Operand] = {}
+    # Keyed by (node, normalised): the normalised input and the same node read raw are two operands.
+    operands: dict[tuple[fx.Node, bool], Operand] = {}
     inner: set[fx.Node] = {root}
     memo: dict[fx.Node, sympy.Expr] = {}
     counts: dict[str, int] = {}
     prefix = {"full": "y", "per_sample": "m", "per_token": "t", "scalar": "c"}
-    norm_operand: list[Operand] = []
 
-    def operand(node: fx.Node, name: str | None = None) -> sympy.Symbol:
-        if node in operands:
-            return operands[node].symbol
+    def operand(node: fx.Node, normalised: bool = False) -> sympy.Symbol:
+        if (node, normalised) in operands:
+            return operands[node, normalised].symbol
         value = meta.tensor_value(node)
         kind = operand_kind(value, shape) if value is not None else None
-        if kind is None:
+        if kind is None or (normalised and kind != "full"):
             raise NotElementwise(f"{node.name} ({_describe(value)}) is not a (B, T, D) operand")
         if value.dtype not in KERNEL_DTYPES or value.device != out.device:
             raise NotElementwise(f"{node.name} is {value.dtype} on {value.device}")
-        if name is None:
+        if normalised:
+            name = "x"
+        else:
             name = f"{prefix[kind]}{counts.get(kind, 0)}"
             counts[kind] = counts.get(kind, 0) + 1
-        operands[node] = Operand(node, sympy.Symbol(name), kind)
-        return operands[node].symbol
+        operands[node, normalised] = Operand(node, sympy.Symbol(name), kind)
+        return operands[node, normalised].symbol
 
     def visit(a) -> sympy.Expr:
         if isinstance(a, bool) or not isinstance(a, (fx.Node, int, float)):
@@ -186,14 +188,10 @@ def read_expression(root: fx.Node, normalized: fx.Node | None = None) -> Express
             return _number(a)
         if a in memo:
             return memo[a]
-        readable = a is root or (len(a.users) == 1 and a not in operands)
+        readable = a is root or len(a.users) == 1
         if a is normalized and readable:
             inner.add(a)
-            source = a.args[0]
-            if meta.tensor_value(source) is None or tuple(meta.tensor_value(source).shape) != shape:
-                raise NotElementwise(f"{a.name} does not normalise a (B, T, D) tensor")
-            memo[a] = operand(source, "x")
-            norm_operand.append(operands[source])
+            memo[a] = operand(a.args[0], normalised=True)
         elif readable and (fn := arithmetic(a)) is not None and same_rank(a):
             inner.add(a)
             memo[a] = fn(*(visit(x) for x in a.args))
@@ -205,16 +203,16 @@ def read_expression(root: fx.Node, normalized: fx.Node | None = None) -> Express
         return memo[a]
 
     expr = visit(root) if root is not normalized else None
-    if expr is None or root in operands:
+    if expr is None or (root, False) in operands:
         raise NotElementwise(f"{root.name} is not elementwise arithmetic")
-    if normalized is not None and not norm_operand:
+    norm = [o for (_, normalised), o in operands.items() if normalised]
+    if normalized is not None and not norm:
         raise NotElementwise(f"{normalized.name} is not read into the expression at {root.name}")
     order = {n: i for i, n in enumerate(root.graph.nodes)}
     # Operands in order of first use, the normalised input first: the layer-norm kernel template
     # normalises input 0.
     ops = sorted(operands.values(), key=lambda o: o.symbol.name != "x")
-    return Expression(root, expr, ops, sorted(inner, key=order.get), shape,
-                      norm_operand[0] if norm_operand else None)
+    return Expression(root, expr, ops, sorted(inner, key=order.get), shape, norm[0] if norm else None)
 
 
 def same_rank(node: fx.Node) -> bool:

@@ -41,8 +41,14 @@ import torch.nn.functional as F
 
 import ditfx.kernels
 from ditfx.graph import meta, regions
-from ditfx.graph.elementwise import (Expression, NotElementwise, arithmetic, operand_kind, read_expression,
-                                     same_rank)
+from ditfx.graph.elementwise import (
+    Expression,
+    NotElementwise,
+    arithmetic,
+    operand_kind,
+    read_expression,
+    same_rank,
+)
 from ditfx.graph.regions import RegionModule
 from ditfx.kernels import codegen, expression
 from ditfx.kernels.fused_elementwise.spec import format_spec, result_dtype
@@ -121,7 +127,9 @@ def plain_layer_norm_eps(node: fx.Node) -> float | None:
     x = meta.tensor_value(args.get("input"))
     if x is None or x.dim() != 3 or args.get("weight") is not None or args.get("bias") is not None:
         return None
-    if tuple(args.get("normalized_shape", ())) != (x.shape[-1],):
+    shape = args.get("normalized_shape")
+    shape = (shape,) if isinstance(shape, int) else shape
+    if not isinstance(shape, (tuple, list, torch.Size)) or tuple(shape) != (x.shape[-1],):
         return None
     eps = args.get("eps", 1e-5)
     return float(eps) if isinstance(eps, (int, float)) else None
@@ -130,8 +138,8 @@ def plain_layer_norm_eps(node: fx.Node) -> float | None:
 def modulation_end(norm: fx.Node) -> fx.Node | None:
     """The last node of the elementwise chain that modulates a layer norm's output, or None.
 
-    Follows single users through arithmetic whose other operands are not (B, T, D) tensors
-    (so the chain is the modulation, not a residual add).
+    Follows single users through arithmetic on (B, T, D) values whose other operands are kernel
+    operands (per sample, per token, full, scalar, numbers).
     """
     shape = tuple(meta.tensor_value(norm).shape)
     end = norm
@@ -141,19 +149,18 @@ def modulation_end(norm: fx.Node) -> fx.Node | None:
         if arithmetic(user) is None or value is None or tuple(value.shape) != shape:
             break
         others = [a for a in user.args if isinstance(a, fx.Node) and a is not end]
-        if any(operand_kind(meta.tensor_value(a), shape) in (None, "full") for a in others
-               if meta.tensor_value(a) is not None):
+        if any(_kind(a, shape) is None for a in others):
             break
         end = user
     return end if end is not norm else None
 
 
 def is_gated_product(node: fx.Node, shape: tuple) -> bool:
-    """``gate * y`` with y (B, T, D) and gate per sample or per token, used once."""
+    """``gate * y`` with y (B, T, D) and gate per sample, per token or full, used once."""
     if arithmetic(node) is not operator.mul or len(node.users) != 1 or not same_rank(node):
         return False
     kinds = sorted(_kind(a, shape) or "" for a in node.args)
-    return kinds in (["full", "per_sample"], ["full", "per_token"])
+    return kinds in (["full", "full"], ["full", "per_sample"], ["full", "per_token"])
 
 
 def is_gated_residual(node: fx.Node) -> bool:

@@ -2,9 +2,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import call, run_loop, tiny_model
 
 import ditfx
-from conftest import call, run_loop, tiny_model
 from ditfx.backend import DitfxBackend
 from ditfx.kernels.testing import assert_close
 from ditfx.passes.fusion import FusionReport, fuse_graph
@@ -120,7 +120,8 @@ def fuse(fn, *args) -> tuple[list[str], FusionReport]:
     fused = fuse_graph(gm, report)
     out = fused(*inputs)[0]
     assert out.dtype == fn(*args).dtype
-    assert_close(out, fn(*(a.double() for a in args)), out.dtype if out.dtype != torch.float64 else torch.float32)
+    tolerance_of = torch.float32 if out.dtype == torch.float64 else out.dtype
+    assert_close(out, fn(*(a.double() for a in args)), tolerance_of)
     return ditfx_ops(fused), report
 
 
@@ -152,6 +153,25 @@ def test_variants_get_generated_kernels():
 
     ops, report = fuse(per_token_gate, randn(B, T, D), randn(B, T, 1), randn(B, T, D))
     assert ops == ["ditfx::fused_elementwise"] and next(iter(report.sources)).startswith("elementwise_")
+
+
+def test_per_token_modulation_and_gate_use_the_fixed_kernels():
+    # (B, T, D) modulations (a timestep per token) are in both fixed kernels' contracts.
+    def block(x, shift, scale, gate, w):
+        h = F.layer_norm(x, (D,), eps=1e-6) * (1 + scale) + shift
+        return x + gate * (h @ w)
+
+    ops, _ = fuse(block, *(randn(B, T, D) for _ in range(4)), randn(D, D))
+    assert sorted(ops) == ["ditfx::adaln_modulate", "ditfx::gated_residual"]
+
+
+def test_normalised_and_raw_input_are_two_operands():
+    def pre_norm_skip(x, scale):
+        return F.layer_norm(x, (D,), eps=1e-6) * scale + x
+
+    ops, report = fuse(pre_norm_skip, randn(B, T, D), randn(B, 1, D))
+    assert ops == ["ditfx::fused_elementwise"]
+    assert report.sites["graph"][0].expression in ("m0*x + y0", "x*m0 + y0", "y0 + m0*x")
 
 
 def test_kernel_names_follow_expression_and_dtypes():

@@ -15,7 +15,7 @@ def fused_elementwise_launch(
 ) -> torch.Tensor:
     kinds = parse_spec(spec)
     tree = expression.parse(expr, list(kinds))
-    B, T, D = check_inputs(kinds, inputs)
+    B, _, D = check_inputs(kinds, inputs)
     # Generated launchers take per-sample operands as (B, D).
     tensors = [t.reshape(B, D) if k == "per_sample" else t for k, t in zip(kinds.values(), inputs)]
     dtypes = {name: t.dtype for name, t in zip(kinds, inputs)}
