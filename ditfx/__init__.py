@@ -3,9 +3,12 @@
     fast = ditfx.optimize(model, ditfx.Config(cache=ditfx.DynamicCache(threshold=0.1)))
     # or: torch.compile(model, backend="ditfx", options={"cache": {"kind": "dynamic", "threshold": 0.1}})
 """
-from ditfx.api import calibrate, generation, optimize, repeated_blocks, reset_stats, stats
+from ditfx.api import (calibrate, calibrate_guidance, generation, guidance_trace, optimize, repeated_blocks,
+                       reset_stats, stats)
 from ditfx.backend import ditfx_backend
-from ditfx.config import CacheCalibration, Config, DynamicCache, StaticCache
+from ditfx.config import (AdaptiveGuidance, CacheCalibration, Config, DynamicCache, GuidanceWindow, LinearAG,
+                          StaticCache)
+from ditfx.runtime.linear_ag import LinearAGCoefficients
 from ditfx.graph.structure import StructureError
 from ditfx.runtime.schedule import CacheSchedule
 from ditfx.runtime.session import Stats
@@ -13,6 +16,8 @@ from ditfx.runtime.session import Stats
 __version__ = "0.1.0"
 
 __all__ = [
-    "CacheCalibration", "CacheSchedule", "Config", "DynamicCache", "StaticCache", "Stats", "StructureError",
-    "calibrate", "ditfx_backend", "generation", "optimize", "repeated_blocks", "reset_stats", "stats",
+    "AdaptiveGuidance", "CacheCalibration", "CacheSchedule", "Config", "DynamicCache", "GuidanceWindow", "LinearAG",
+    "LinearAGCoefficients", "StaticCache", "Stats", "StructureError",
+    "calibrate", "calibrate_guidance", "ditfx_backend", "generation", "guidance_trace", "optimize",
+    "repeated_blocks", "reset_stats", "stats",
 ]

@@ -11,7 +11,8 @@ import torch
 import torch.nn as nn
 
 from ditfx.backend import DitfxBackend, backend_sessions
-from ditfx.config import CacheCalibration, Config, StaticCache
+from ditfx.config import CacheCalibration, Config, GuidanceRecording, StaticCache
+from ditfx.runtime import linear_ag
 from ditfx.runtime.block_cache import CalibrationPolicy
 from ditfx.runtime.schedule import CacheSchedule
 from ditfx.runtime.session import Session, Stats
@@ -153,3 +154,42 @@ def calibrate(model: nn.Module, run: Callable[[nn.Module], object], generations:
         time_scale=time_scale, generations=generations,
         meta={"model": type(model).__name__, "branches": len(runs) // generations},
     )
+
+
+def calibrate_guidance(model: nn.Module, run: Callable[[nn.Module], object], generations: int = 4,
+                       uncond_first: bool = True, compiler: str = "eager",
+                       progress: Callable[[int], None] | None = None) -> linear_ag.LinearAGCoefficients:
+    """Record full-guidance trajectories over ``generations`` runs and fit LinearAG's per-step coefficients.
+
+    ``run(optimized_model)`` performs one generation with classifier-free guidance (batched or two calls per
+    step); every generation must use the same step grid, which the coefficients are then valid for.
+    """
+    if generations < 1:
+        raise ValueError(f"calibrate_guidance needs at least one generation, got {generations}")
+    compiled = optimize(model, Config(guidance=GuidanceRecording(uncond_first), compiler=compiler))
+    session = _session(compiled)
+    for g in range(generations):
+        with generation(compiled):
+            run(compiled)
+        if progress is not None:
+            progress(g + 1)
+    recorded = [s for ex in session.executors if ex.guidance is not None for s in ex.guidance.recorded
+                if s.cond_history]
+    if not recorded:
+        raise RuntimeError("no classifier-free guidance was recorded: does run() sample with guidance > 1?")
+    steps = len(recorded[0].cond_history)
+    if any(len(s.cond_history) != steps for s in recorded):
+        raise ValueError("every calibration generation must use the same number of steps")
+    coefficients = linear_ag.fit([s.cond_history for s in recorded], [s.uncond_history for s in recorded],
+                                 recorded[0].times)
+    coefficients.meta.update(model=type(model).__name__, generations=generations)
+    return coefficients
+
+
+def guidance_trace(optimized) -> list[list[float]]:
+    """Adaptive Guidance's per-step, per-sample cosine of the last generation (NaN where not measured)."""
+    states = [ex.guidance.last_state for ex in _session(optimized).executors
+              if ex.guidance is not None and ex.guidance.last_state is not None]
+    if not states:
+        raise ValueError("no guidance state: optimize with ditfx.AdaptiveGuidance and run a generation first")
+    return states[-1].cosines

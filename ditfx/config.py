@@ -94,6 +94,80 @@ class CacheCalibration:
 CACHE_KINDS = (DynamicCache, StaticCache, CacheCalibration)
 
 
+def _check_layout(uncond_first: bool) -> None:
+    _check(isinstance(uncond_first, bool), f"uncond_first must be True or False, got {uncond_first!r}")
+
+
+@dataclass(frozen=True)
+class AdaptiveGuidance:
+    """Adaptive Guidance (Castillo et al.): stop classifier-free guidance once it stops mattering.
+
+    On full-guidance steps the cosine similarity of the conditional and unconditional predictions is computed
+    per sample; from the first step where it reaches ``gamma``, that sample's unconditional branch is not
+    evaluated for the rest of the generation and the conditional prediction is returned in its slot, so an
+    unchanged pipeline's ``u + s * (c - u)`` yields ``c``. ``gamma = 1`` never switches (exact CFG);
+    ``gamma = -1`` switches after the first step. ``per_sample=False`` switches a batch when every sample has
+    reached gamma. ``uncond_first`` gives the layout of batched calls (diffusers pipelines put the unconditional
+    half first) and the order of two-call steps.
+    """
+
+    gamma: float = 0.99
+    per_sample: bool = True
+    uncond_first: bool = True
+
+    def __post_init__(self):
+        _check(-1.0 <= self.gamma <= 1.0, f"AdaptiveGuidance.gamma is a cosine in [-1, 1], got {self.gamma}")
+        _check_layout(self.uncond_first)
+
+
+@dataclass(frozen=True)
+class GuidanceWindow:
+    """Classifier-free guidance only while the generation's progress ``1 - t / t_first`` is in [start, stop):
+    diffusers' guiders' static window. Outside it the unconditional branch is not evaluated."""
+
+    start: float = 0.0
+    stop: float = 1.0
+    uncond_first: bool = True
+
+    def __post_init__(self):
+        _check(0.0 <= self.start <= self.stop <= 1.0,
+               f"GuidanceWindow needs 0 <= start <= stop <= 1, got start={self.start}, stop={self.stop}")
+        _check_layout(self.uncond_first)
+
+
+@dataclass(frozen=True)
+class LinearAG:
+    """LinearAG: in the first half of the steps, exact guidance steps alternate with steps whose unconditional
+    prediction is a least-squares affine combination of past predictions (coefficients per step, fitted by
+    ``ditfx calibrate-guidance``); the second half is conditional only.
+
+    ``coefficients`` is a :class:`~ditfx.runtime.linear_ag.LinearAGCoefficients` or the path of its JSON.
+    """
+
+    coefficients: Any = field(repr=False)
+    uncond_first: bool = True
+
+    def __post_init__(self):
+        from ditfx.runtime.linear_ag import LinearAGCoefficients
+
+        if isinstance(self.coefficients, (str, Path)):
+            object.__setattr__(self, "coefficients", LinearAGCoefficients.load(self.coefficients))
+        _check(isinstance(self.coefficients, LinearAGCoefficients),
+               "LinearAG.coefficients must be LinearAGCoefficients or the path of a JSON written by "
+               f"'ditfx calibrate-guidance', got {type(self.coefficients).__name__}")
+        _check_layout(self.uncond_first)
+
+
+@dataclass(frozen=True)
+class GuidanceRecording:
+    """Used by :func:`ditfx.calibrate_guidance`: run full guidance and record both predictions per step."""
+
+    uncond_first: bool = True
+
+
+GUIDANCE_KINDS = (AdaptiveGuidance, GuidanceWindow, LinearAG, GuidanceRecording)
+
+
 @dataclass(frozen=True)
 class Config:
     """What ditfx does to a model.
@@ -105,6 +179,7 @@ class Config:
     """
 
     cache: DynamicCache | StaticCache | CacheCalibration | None = None
+    guidance: AdaptiveGuidance | GuidanceWindow | LinearAG | GuidanceRecording | None = None
     compiler: str = "inductor"
     compile_regions: str = "blocks"
     kernels: bool = False  # lower adaLN / gated-residual patterns to torch.ops.ditfx kernels (passes/fusion.py)
@@ -117,6 +192,9 @@ class Config:
                f"Config.compile_regions must be one of {COMPILED_REGIONS}, got {self.compile_regions!r}")
         _check(self.cache is None or isinstance(self.cache, CACHE_KINDS),
                f"Config.cache must be ditfx.DynamicCache, ditfx.StaticCache or None, got {self.cache!r}")
+        _check(self.guidance is None or isinstance(self.guidance, GUIDANCE_KINDS),
+               "Config.guidance must be ditfx.AdaptiveGuidance, ditfx.LinearAG, ditfx.GuidanceWindow or None, "
+               f"got {self.guidance!r}")
 
     @classmethod
     def from_options(cls, options: dict[str, Any] | None) -> Config:
@@ -140,4 +218,11 @@ class Config:
             kind = cache.pop("kind", "dynamic")
             _check(kind in ("dynamic", "static"), f"cache kind must be 'dynamic' or 'static', got {kind!r}")
             options["cache"] = (DynamicCache if kind == "dynamic" else StaticCache)(**cache)
+        guidance = options.get("guidance")
+        if isinstance(guidance, dict):
+            guidance = dict(guidance)
+            kinds = {"adaptive": AdaptiveGuidance, "window": GuidanceWindow, "linear": LinearAG}
+            kind = guidance.pop("kind", "adaptive")
+            _check(kind in kinds, f"guidance kind must be one of {sorted(kinds)}, got {kind!r}")
+            options["guidance"] = kinds[kind](**guidance)
         return cls(**options)

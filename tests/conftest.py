@@ -38,3 +38,61 @@ def call(model, kw: dict, family: str):
 def run_loop(model, kw: dict, family: str, steps: int = 8) -> torch.Tensor:
     """A small Euler loop over decreasing timesteps, as a sampler would drive the denoiser."""
     return zoo.run_loop(zoo.NamedModel(model, kw, *_driving(family)), steps=steps)
+
+
+def _rows(value, rows: slice, batch: int):
+    """``value`` restricted to ``rows`` when it is a per-sample tensor (or a dict of them)."""
+    if isinstance(value, dict):
+        return {k: _rows(v, rows, batch) for k, v in value.items()}
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+        return value[rows]
+    return value
+
+
+def _swap(value, half: int, batch: int):
+    if isinstance(value, dict):
+        return {k: _swap(v, half, batch) for k, v in value.items()}
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+        return torch.cat([value[half:], value[:half]])
+    return value
+
+
+@torch.no_grad()
+def cfg_loop(model, kw: dict, family: str, steps: int = 8, scale: float = 3.0, two_calls: bool = False,
+             uncond_first: bool = True, cfg_steps: int | None = None) -> torch.Tensor:
+    """Classifier-free guidance over a zoo model's inputs at batch 2B: rows [:B] of every per-sample input
+    condition the unconditional branch, rows [B:] the conditional one; the latents x (B samples) are shared.
+
+    Batched (one call of 2B rows, the unconditional half first unless ``uncond_first=False``) or two calls per
+    step. ``cfg_steps``: guidance on the first so many steps only, conditional-only after (the expected result
+    of guidance skipping); None: every step.
+    """
+    latents, timestep, scale_t, diffusers = _driving(family)
+    batch = kw[latents].shape[0]
+    half = batch // 2
+    uncond = {k: _rows(v, slice(0, half), batch) for k, v in kw.items()}
+    cond = {k: _rows(v, slice(half, batch), batch) for k, v in kw.items()}
+    x = kw[latents][half:].clone()
+
+    def run(inputs, x, t):
+        named = zoo.NamedModel(model, {**inputs, latents: x, timestep: torch.full((x.shape[0],), t)},
+                               latents, timestep, scale_t, diffusers)
+        return named()[:, : x.shape[1]]
+
+    for k in range(steps):
+        t = (1 - k / steps) * scale_t
+        if cfg_steps is not None and k >= cfg_steps:
+            v = run(cond, x, t)
+        elif two_calls:
+            first, second = (uncond, cond) if uncond_first else (cond, uncond)
+            a, b = run(first, x, t), run(second, x, t)
+            u, c = (a, b) if uncond_first else (b, a)
+            v = u + scale * (c - u)
+        else:
+            # kw's rows are already [uncond | cond]; the other layout swaps the halves
+            both = kw if uncond_first else {k: _swap(v, half, batch) for k, v in kw.items()}
+            out = run(both, torch.cat([x, x]), t)
+            u, c = (out[:half], out[half:]) if uncond_first else (out[half:], out[:half])
+            v = u + scale * (c - u)
+        x = x - v / steps
+    return x

@@ -4,11 +4,17 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+import warnings
+
 from ditfx.config import Config
+from ditfx.graph import meta
 from ditfx.graph.regions import RegionModule
 from ditfx.passes.manager import Plan
+from ditfx.passes.rebatch import RebatchError, rebatch
 from ditfx.runtime.block_cache import make_policy
 from ditfx.runtime.compiler import RegionCompiler
+from ditfx.runtime.guidance import CallPlan, GuidancePolicy
+from ditfx.runtime.rows import RowState
 from ditfx.runtime.session import Session
 
 
@@ -37,6 +43,41 @@ class Executor:
         cacheable = {rm.region.block.index for rm in plan.regions if rm.region.name in plan.variants}
         self.policy = (make_policy(config.cache, len(plan.structure.blocks), cacheable)
                        if config.cache is not None else None)
+        self.guidance = GuidancePolicy(config.guidance) if config.guidance is not None else None
+        self.latents_pos = self.input_names.index(roles.latents) if roles.latents else None
+        self.output_names = []
+        fx.node.map_arg(self.output, lambda n: self.output_names.append(n.name))
+        self.output_meta = [meta.tensor_value(n) for n in _flat_nodes(self.output)]
+        self.rows = self._call_rows(example_inputs, roles)
+        self.batch_flags = self._batch_flags(gm, roles)
+        self._rebatched: dict[tuple[str, str, int], fx.GraphModule] = {}
+        self._unsupported_rows: set[int] = set()
+
+    def _call_rows(self, example_inputs: list, roles) -> int | None:
+        if self.latents_pos is None:
+            return None
+        x = example_inputs[self.latents_pos]
+        return x.shape[0] if isinstance(x, torch.Tensor) and x.dim() > 0 else None
+
+    def _batch_flags(self, gm: fx.GraphModule, roles) -> dict[str, list[bool]]:
+        """Per region, which inputs carry the call's rows: batch-sized tensors computed from the batch-sized
+        non-weight inputs (through any op, tuples included)."""
+        rows = self.rows
+
+        def sized(n: fx.Node) -> bool:
+            v = meta.tensor_value(n)
+            return isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == rows
+
+        derived: set[str] = set()
+        for n in gm.graph.nodes:
+            if n.op == "placeholder":
+                if sized(n) and n.name not in roles.weights:
+                    derived.add(n.name)
+            elif any(a.name in derived for a in n.all_input_nodes):
+                derived.add(n.name)
+        carrying = {n.name for n in gm.graph.nodes if n.name in derived and sized(n)}
+        self.input_flags = [name in carrying for name in self.input_names]
+        return {rm.region.name: [i.name in carrying for i in rm.region.inputs] for rm in self.plan.regions}
 
     def _release_lists(self) -> list[list[str]]:
         """Values no later region reads are dropped after their last reader, so memory stays flat."""
@@ -53,10 +94,38 @@ class Executor:
                 release[k].append(name)
         return release
 
-    def _run(self, rm: RegionModule, variant: str, args: list) -> tuple:
+    def _graph(self, rm: RegionModule, variant: str, rows: int) -> fx.GraphModule:
         gm = rm.gm if variant == "base" else self.plan.variants[rm.region.name][variant]
-        return self.compiler.run((rm.signature, variant), gm, args,
+        if rows == self.rows:
+            return gm
+        key = (rm.signature, variant, rows)
+        if key not in self._rebatched:
+            flags = self.batch_flags[rm.region.name]
+            extra = len(list(gm.graph.find_nodes(op="placeholder"))) - len(flags)
+            self._rebatched[key] = rebatch(gm, self.rows, rows, flags + [True] * extra)  # probe's cache_ref
+        return self._rebatched[key]
+
+    def _run(self, rm: RegionModule, variant: str, args: list, rows: int) -> tuple:
+        gm = self._graph(rm, variant, rows)
+        return self.compiler.run((rm.signature, variant, rows), gm, args,
                                  compile=rm.region.kind == "block" or self.compile_edges)
+
+    def _supports_rows(self, rows: int) -> bool:
+        """Whether every region (and cache variant) can run on ``rows`` rows; warns once when not."""
+        if rows == self.rows:
+            return True
+        if rows in self._unsupported_rows:
+            return False
+        try:
+            for rm in self.plan.regions:
+                for variant in ["base", *self.plan.variants.get(rm.region.name, {})]:
+                    self._graph(rm, variant, rows)
+        except RebatchError as e:
+            self._unsupported_rows.add(rows)
+            warnings.warn(f"ditfx guidance: cannot run this graph on {rows} of its {self.rows} rows ({e}); "
+                          "those calls compute every row (no saving, same result)", stacklevel=3)
+            return False
+        return True
 
     def _timestep(self, args) -> float | None:
         if self.timestep_pos is None:
@@ -73,26 +142,66 @@ class Executor:
         if step.branch == 0:
             stats.steps += 1
         stats.calls += 1
+        if self.guidance is None:
+            outs = self._run_rows(args, step, None)
+            stats.nfe += 1
+            return self._outputs(outs)
+        gstate = session.state.get(("guidance", id(self)))
+        if gstate is None:
+            gstate = session.state[("guidance", id(self))] = self.guidance.new_state()
+        plan = self.guidance.begin_call(gstate, step, args[self.latents_pos])
+        rows = plan.rows
+        if rows is not None and len(rows) and not self._supports_rows(len(rows)):
+            rows = None  # compute everything; completing the call still applies the plan's fills
+        computed = self.rows if rows is None else len(rows)
+        if plan.kind == "none":
+            outs, computed = [], 0
+        else:
+            outs = self._run_rows(args, step, rows)
+        full = self.guidance.complete(gstate, step, CallPlan(rows, plan.kind, plan.copy_from_cond, plan.estimate),
+                                      outs, self._empty_outputs() if plan.kind == "none" else outs)
+        branch_rows = gstate.half if gstate.layout in ("batched", "two_call") else self.rows
+        stats.nfe += computed / branch_rows
+        stats.nfe_skipped += (self.rows - computed) / branch_rows
+        return self._outputs(full)
+
+    def _empty_outputs(self) -> list:
+        return [torch.empty(v.shape, dtype=v.dtype, device=v.device) if isinstance(v, torch.Tensor) else v
+                for v in self.output_meta]
+
+    def _outputs(self, flat: list):
+        values = dict(zip(self.output_names, flat))
+        return fx.node.map_arg(self.output, lambda n: values[n.name])
+
+    def _cache_state(self, step, rows: torch.Tensor | None):
+        key = (id(self), step.branch)
+        holder = self.session.state.get(key)
+        if holder is None:
+            holder = self.session.state[key] = RowState(self.policy.new_state(), self.rows)
+        return holder.view(rows)
+
+    def _run_rows(self, args: tuple, step, rows: torch.Tensor | None) -> list:
+        """Run every region on the call's ``rows`` (None: all rows); returns the graph's outputs, flat."""
+        stats = self.session.stats
+        n = self.rows if rows is None else len(rows)
+        if rows is not None:
+            args = [a.index_select(0, rows) if flag else a for a, flag in zip(args, self.input_flags)]
         state = None
         if self.policy is not None:
-            key = (id(self), step.branch)
-            state = session.state.get(key)
-            if state is None:
-                state = session.state[key] = self.policy.new_state()
+            state = self._cache_state(step, rows)
             self.policy.begin_call(state, step)
-
         env = dict(zip(self.input_names, args))
         for k, rm in enumerate(self.plan.regions):
             region = rm.region
             region_args = [env[name] for name in self.region_inputs[k]]
-            flops = self.plan.flops[region.name]
+            flops = self.plan.flops[region.name] * n // self.rows if self.rows else self.plan.flops[region.name]
             if region.kind == "block" and self.policy is not None:
                 outs, ran = self.policy.run_block(
                     state, step, region.block.index, rm, region_args,
-                    lambda variant, a, rm=rm: self._run(rm, variant, a),
+                    lambda variant, a, rm=rm: self._run(rm, variant, a, n),
                 )
             else:
-                outs, ran = self._run(rm, "base", region_args), True
+                outs, ran = self._run(rm, "base", region_args, n), True
             if region.kind == "block":
                 stats.block_evals += ran
                 stats.block_evals_skipped += not ran
@@ -103,4 +212,10 @@ class Executor:
             env.update(zip(self.region_outputs[k], outs))
             for name in self.release[k]:
                 del env[name]
-        return fx.node.map_arg(self.output, lambda n: env[n.name])
+        return [env[name] for name in self.output_names]
+
+
+def _flat_nodes(output) -> list[fx.Node]:
+    nodes: list[fx.Node] = []
+    fx.node.map_arg(output, nodes.append)
+    return nodes

@@ -10,7 +10,12 @@ from ditfx.runtime.steps import StepTracker
 
 @dataclass
 class Stats:
-    """What ran. Block evaluations count (call, block) pairs; FLOPs come from the regions' cost model."""
+    """What ran. Block evaluations count (call, block) pairs; FLOPs come from the regions' cost model.
+
+    ``nfe`` counts network evaluations per sample: a call of 2B rows on B samples (batched guidance) counts 2,
+    a call computing B + k of them 1 + k/B. Without a guidance config the layout is not analysed and each call
+    counts 1.
+    """
 
     generations: int = 0
     steps: int = 0
@@ -19,6 +24,8 @@ class Stats:
     block_evals_skipped: int = 0
     flops: int = 0
     flops_skipped: int = 0
+    nfe: float = 0.0  # network evaluations: a batched CFG call counts 2 (rows / samples per branch)
+    nfe_skipped: float = 0.0  # evaluations guidance skipping did not run
     graph_breaks: int = 0
     recompiles: int = 0
     graphs: int = 0  # graphs Dynamo handed to the backend

@@ -1,0 +1,116 @@
+"""Re-batching: a region graph captured at ``rows`` batch rows, specialised to another row count.
+
+Guidance skipping runs the denoiser on a subset of a call's rows (the conditional rows, plus the unconditional
+rows of samples still on full guidance). Dynamo captured the graph with static shapes, so the batch size is a
+literal in the leading position of size arguments::
+
+    view(x, 14, -1, 4, 32)          ->  view(x, 9, -1, 4, 32)       (x: (14, T, D) -> (9, T, D))
+    reshape(x, (14, 16, 3, 4, 16))  ->  reshape(x, (9, 16, 3, 4, 16))
+
+Only a leading literal equal to ``rows`` of a node whose value has ``rows`` leading rows is rewritten. The result
+is then checked by shape propagation with fake tensors: each value's shape may differ from the captured one in at
+most one dimension (the batch, wherever permutes moved it), from ``rows`` to the new count. Any mismatch (a literal that was not the batch, an op that
+mixes rows) refuses the variant, and guidance skipping falls back to full guidance: never a wrong shape.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from ditfx.graph import meta
+
+SIZE_METHODS = {"view", "reshape", "expand", "new_zeros", "new_ones", "new_empty", "new_full"}
+SIZE_FUNCTIONS = {torch.reshape, torch.zeros, torch.ones, torch.empty, torch.full}
+
+
+class RebatchError(ValueError):
+    """The graph cannot be specialised to another batch size safely."""
+
+
+def _leading_rows(node: fx.Node) -> int | None:
+    v = meta.tensor_value(node)
+    return v.shape[0] if isinstance(v, torch.Tensor) and v.dim() > 0 else None
+
+
+def _sizes_position(node: fx.Node) -> int | None:
+    """Index in ``node.args`` where the size list starts (varargs sizes or one tuple), or None."""
+    if node.op == "call_method" and node.target in SIZE_METHODS:
+        return 1
+    if node.op == "call_function" and node.target in SIZE_FUNCTIONS:
+        return 1 if node.target is torch.reshape else 0
+    return None
+
+
+def _replace_leading(sizes, rows: int, new_rows: int):
+    if isinstance(sizes, (tuple, list)) and sizes and sizes[0] == rows:
+        return type(sizes)([new_rows, *sizes[1:]])
+    return sizes
+
+
+def _rewrite_sizes(node: fx.Node, rows: int, new_rows: int) -> None:
+    pos = _sizes_position(node)
+    if pos is None or _leading_rows(node) != rows:
+        return
+    for key in ("shape", "size"):
+        if key in node.kwargs:
+            node.update_kwarg(key, _replace_leading(node.kwargs[key], rows, new_rows))
+    if pos >= len(node.args):
+        return
+    args = list(node.args)
+    first = args[pos]
+    if first == rows and not isinstance(first, bool):
+        args[pos] = new_rows
+    else:
+        args[pos] = _replace_leading(first, rows, new_rows)
+    node.args = tuple(args)
+
+
+def rebatch(gm: fx.GraphModule, rows: int, new_rows: int, batch_inputs: list[bool]) -> fx.GraphModule:
+    """A copy of ``gm`` for ``new_rows`` rows on the inputs flagged in ``batch_inputs``; raises RebatchError."""
+    out = copy.deepcopy(gm)
+    for node in out.graph.nodes:
+        _rewrite_sizes(node, rows, new_rows)
+    out.recompile()
+    check_shapes(out, rows, new_rows, batch_inputs)
+    return out
+
+
+def check_shapes(gm: fx.GraphModule, rows: int, new_rows: int, batch_inputs: list[bool]) -> None:
+    """Propagate fake inputs with ``new_rows`` rows; every node must have its captured shape, rescaled."""
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    values: dict[fx.Node, object] = {}
+    with mode:
+        for p, is_batch in zip(placeholders, batch_inputs):
+            v = meta.tensor_value(p)
+            if isinstance(v, torch.Tensor):
+                shape = (new_rows, *v.shape[1:]) if is_batch else tuple(v.shape)
+                values[p] = torch.empty(shape, dtype=v.dtype, device=v.device)
+            else:
+                values[p] = v
+        interp = fx.Interpreter(gm)
+        env = interp.env
+        env.update(values)
+        for node in gm.graph.nodes:
+            if node.op in ("placeholder", "output"):
+                continue
+            try:
+                env[node] = interp.run_node(node)
+            except Exception as e:  # noqa: BLE001 - any failure means the variant is not safe
+                raise RebatchError(f"{node.format_node()} fails at {new_rows} rows: {e}") from e
+            _check_node(node, env[node], rows, new_rows)
+
+
+def _check_node(node: fx.Node, value, rows: int, new_rows: int) -> None:
+    captured = meta.tensor_value(node)
+    if not isinstance(captured, torch.Tensor) or not isinstance(value, torch.Tensor):
+        return
+    old, new = tuple(captured.shape), tuple(value.shape)
+    # The batch dimension may move (permute, unsqueeze), but it is the only dimension that may change.
+    changed = [d for d, (a, b) in enumerate(zip(old, new)) if a != b]
+    if len(old) != len(new) or len(changed) > 1 or any(old[d] != rows or new[d] != new_rows for d in changed):
+        raise RebatchError(f"{node.format_node()} has shape {new} at {new_rows} rows, captured {old} at {rows}: "
+                           "the batch size is not the only thing that changes")
