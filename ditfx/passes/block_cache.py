@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from ditfx.graph import meta
 from ditfx.graph.regions import RegionModule
 
 
@@ -56,6 +57,8 @@ def residual_variant(gm: fx.GraphModule, streams: list[tuple[int, int]], mode: s
             g.call_function(torch.sub, (values[o], inputs[i])) if mode == "residual" else values[o]
             for o, i in streams
         ]
+    for c, (o, _) in zip(cached, streams):
+        c.meta.setdefault("example_value", meta.tensor_value(values[o]))  # shape checks of re-batched variants
     out.args = (tuple(values + cached),)
     gm.recompile()
     return gm
@@ -70,6 +73,7 @@ def probe_variant(gm: fx.GraphModule, streams: list[tuple[int, int]], primary: i
     last_input = list(g.find_nodes(op="placeholder"))[-1]
     with g.inserting_after(last_input):
         ref = g.placeholder("cache_ref")
+    ref.meta["example_value"] = meta.tensor_value(current)
     with g.inserting_before(out):
         diff = g.call_function(torch.abs, (g.call_function(torch.sub, (current, ref)),))
         num = g.call_function(torch.sum, (g.call_function(torch.flatten, (diff, 1)), 1))

@@ -1,0 +1,201 @@
+"""Guidance skipping: exact limits on every family, NFE accounting, per-sample switching, LinearAG, windows."""
+import math
+import warnings
+
+import pytest
+import torch
+
+import ditfx
+from conftest import FAMILIES, cfg_loop, tiny_model
+from ditfx.runtime import linear_ag
+
+TOL = 1e-5
+STEPS = 8
+
+
+def optimized(model, guidance, cache=None):
+    return ditfx.optimize(model, ditfx.Config(guidance=guidance, cache=cache, compiler="aot_eager"))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gamma_one_is_cfg_and_gamma_minus_one_is_one_cfg_step(family):
+    """gamma = 1 never switches: exactly CFG. gamma = -1: one CFG step, then the conditional branch only, on the
+    re-batched graph (B rows instead of 2B), with NFE = 2k + (T - k) for k = 1."""
+    model, kw = tiny_model(family, batch=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a refused re-batched variant would warn and fall back
+        fast = optimized(model, ditfx.AdaptiveGuidance(gamma=1.0))
+        assert (cfg_loop(fast, kw, family) - cfg_loop(model, kw, family)).abs().max() <= TOL
+        assert ditfx.stats(fast).nfe == 2 * STEPS
+        torch._dynamo.reset()
+        fast = optimized(model, ditfx.AdaptiveGuidance(gamma=-1.0))
+        got = cfg_loop(fast, kw, family)
+    assert (got - cfg_loop(model, kw, family, cfg_steps=1)).abs().max() <= TOL
+    s = ditfx.stats(fast)
+    assert (s.nfe, s.nfe_skipped) == (2 * 1 + (STEPS - 1), STEPS - 1)
+    assert s.graph_breaks == 0 and s.recompiles == 0
+
+
+@pytest.mark.parametrize("uncond_first", [True, False])
+@pytest.mark.parametrize("two_calls", [False, True])
+def test_layouts(two_calls, uncond_first):
+    """Batched and two-call CFG, either branch first: gamma = -1 gives one CFG step then conditional only."""
+    model, kw = tiny_model("dit", batch=4)
+    fast = optimized(model, ditfx.AdaptiveGuidance(gamma=-1.0, uncond_first=uncond_first))
+    got = cfg_loop(fast, kw, "dit", two_calls=two_calls, uncond_first=uncond_first)
+    expected = cfg_loop(model, kw, "dit", uncond_first=uncond_first, cfg_steps=1)
+    assert (got - expected).abs().max() <= TOL
+    assert ditfx.stats(fast).nfe == 1 + STEPS
+
+
+def switch_steps(trace: list[list[float]], gamma: float) -> list[int]:
+    """Per sample, the step after which its guidance ended (the first step whose cosine reaches gamma)."""
+    return [next((k + 1 for k, row in enumerate(trace) if row[i] >= gamma), len(trace))
+            for i in range(len(trace[0]))]
+
+
+def test_nfe_counts_cfg_steps_and_per_sample_switching_equals_each_sample_alone():
+    model, kw = tiny_model("reference", batch=4)  # two samples
+    probe = optimized(model, ditfx.AdaptiveGuidance(gamma=1.0))
+    cfg_loop(probe, kw, "reference")
+    trace = ditfx.guidance_trace(probe)  # every step measured: the cosine curve of each sample
+    torch._dynamo.reset()
+    # a sample follows its CFG trajectory until it switches, so the trace predicts each switch; pick a gamma
+    # at which the two samples switch at different steps
+    candidates = sorted({v for row in trace for v in row})
+    gamma = next(g for g in candidates if len(set(switch_steps(trace, g))) == 2 and max(switch_steps(trace, g)) < STEPS)
+    expected_k = switch_steps(trace, gamma)
+
+    fast = optimized(model, ditfx.AdaptiveGuidance(gamma=gamma))
+    both = cfg_loop(fast, kw, "reference")
+    s = ditfx.stats(fast)
+    # per sample NFE = 2k + (T - k); the batch's nfe is their mean
+    assert s.nfe == pytest.approx(sum(2 * k + STEPS - k for k in expected_k) / 2)
+    for i in range(2):
+        torch._dynamo.reset()
+        alone_kw = {k: (v[[i, 2 + i]] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == 4 else v)
+                    for k, v in kw.items()}
+        alone = optimized(model, ditfx.AdaptiveGuidance(gamma=gamma))
+        got = cfg_loop(alone, alone_kw, "reference")
+        assert (got - both[i:i + 1]).abs().max() <= TOL
+        assert cfg_loop(model, alone_kw, "reference", cfg_steps=expected_k[i]).sub(got).abs().max() <= TOL
+
+
+def test_per_batch_switches_when_every_sample_has_reached_gamma():
+    model, kw = tiny_model("reference", batch=4)
+    probe = optimized(model, ditfx.AdaptiveGuidance(gamma=1.0))
+    cfg_loop(probe, kw, "reference")
+    trace = ditfx.guidance_trace(probe)
+    gamma = sorted(min(row) for row in trace)[STEPS // 2]
+    k = switch_steps([[min(row)] for row in trace], gamma)[0]
+    torch._dynamo.reset()
+    fast = optimized(model, ditfx.AdaptiveGuidance(gamma=gamma, per_sample=False))
+    got = cfg_loop(fast, kw, "reference")
+    assert (got - cfg_loop(model, kw, "reference", cfg_steps=k)).abs().max() <= TOL
+    assert ditfx.stats(fast).nfe == 2 * k + STEPS - k
+
+
+def test_with_caching_at_its_exact_limit_equals_guidance_alone():
+    model, kw = tiny_model("dit", batch=4)
+    alone = cfg_loop(optimized(model, ditfx.AdaptiveGuidance(gamma=-1.0)), kw, "dit")
+    torch._dynamo.reset()
+    for cache in (ditfx.DynamicCache(threshold=0.0), ditfx.DynamicCache(threshold=0.0, per_sample=False)):
+        fast = optimized(model, ditfx.AdaptiveGuidance(gamma=-1.0), cache)
+        assert (cfg_loop(fast, kw, "dit") - alone).abs().max() <= TOL
+        assert ditfx.stats(fast).block_evals_skipped == 0
+        torch._dynamo.reset()
+
+
+def test_with_caching_skips_blocks_and_keeps_cond_rows_caches():
+    """Skipping blocks and dropping the unconditional rows together: the conditional rows keep their cached
+    residuals across the switch, nothing recompiles, and the result stays close to CFG-then-cond."""
+    model, kw = tiny_model("reference", batch=4)
+    fast = optimized(model, ditfx.AdaptiveGuidance(gamma=-1.0), ditfx.DynamicCache(threshold=1.3))
+    got = cfg_loop(fast, kw, "reference")
+    s = ditfx.stats(fast)
+    assert s.block_evals_skipped > 0 and s.nfe == 1 + STEPS
+    assert s.recompiles == 0 and s.graph_breaks == 0
+    assert torch.isfinite(got).all()
+
+
+def test_window_runs_guidance_inside_it_only():
+    model, kw = tiny_model("dit", batch=4)
+    fast = optimized(model, ditfx.GuidanceWindow(start=0.0, stop=0.5))
+    got = cfg_loop(fast, kw, "dit")
+    assert (got - cfg_loop(model, kw, "dit", cfg_steps=STEPS // 2)).abs().max() <= TOL
+    assert ditfx.stats(fast).nfe == 2 * (STEPS // 2) + STEPS // 2
+
+
+def test_linear_ag_fit_recovers_known_coefficients():
+    g = torch.Generator().manual_seed(0)
+    steps, true = 8, {}
+    cond, uncond = [], []
+    for _ in range(3):
+        c = [torch.randn(4, 2, 3, 3, generator=g) for _ in range(steps)]
+        u = [torch.randn(4, 2, 3, 3, generator=g)]
+        for k in range(1, steps):
+            cols = linear_ag.features(c, u, k)
+            betas = true.setdefault(k, torch.randn(len(cols) + 1, generator=g).tolist())
+            u.append(linear_ag.combine(betas, cols))
+        cond.append(c)
+        uncond.append(u)
+    fitted = linear_ag.fit(cond, uncond, [1 - k / steps for k in range(steps)])
+    for k in range(steps):
+        if linear_ag.step_kind(k, steps) == "estimate":
+            assert fitted.betas[k] == pytest.approx(true[k], abs=1e-6)
+            assert fitted.fit_error[k] < 1e-9
+        else:
+            assert fitted.betas[k] is None
+
+
+def test_linear_ag_schedule_and_calibration(tmp_path):
+    """Calibrate on the model, save and load the coefficients, run: NFE = exact (2) and estimated (1) steps
+    alternating in the first half, conditional only in the second."""
+    model, kw = tiny_model("dit", batch=4)
+    coefficients = ditfx.calibrate_guidance(model, lambda m: cfg_loop(m, kw, "dit"), generations=2)
+    path = coefficients.save(tmp_path / "linear_ag.json")
+    torch._dynamo.reset()
+    fast = optimized(model, ditfx.LinearAG(path))
+    got = cfg_loop(fast, kw, "dit")
+    kinds = [linear_ag.step_kind(k, STEPS) for k in range(STEPS)]
+    assert ditfx.stats(fast).nfe == sum(2 if k == "exact" else 1 for k in kinds) == 10
+    cfg = cfg_loop(model, kw, "dit")
+    cond_only = cfg_loop(model, kw, "dit", cfg_steps=0)
+    assert (got - cfg).abs().max() < (cond_only - cfg).abs().max()  # closer to CFG than dropping guidance
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match="fitted for 8 steps"):
+        cfg_loop(optimized(model, ditfx.LinearAG(path)), kw, "dit", steps=12)
+
+
+def test_no_cfg_found_warns_and_changes_nothing():
+    model, kw = tiny_model("dit", batch=2)
+    from conftest import run_loop
+
+    expected = run_loop(model, kw, "dit")
+    fast = optimized(model, ditfx.AdaptiveGuidance(gamma=-1.0))
+    with pytest.warns(UserWarning, match="no classifier-free guidance"):
+        got = run_loop(fast, kw, "dit")
+    assert (got - expected).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda: ditfx.AdaptiveGuidance(gamma=1.5), "cosine in"),
+    (lambda: ditfx.GuidanceWindow(start=0.6, stop=0.2), "start <= stop"),
+    (lambda: ditfx.LinearAG("/nonexistent/coefficients.json"), "not found"),
+    (lambda: ditfx.Config(guidance="adaptive"), "Config.guidance must be"),
+])
+def test_bad_guidance_configs_raise_clear_errors(bad, message):
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        bad()
+
+
+def test_options_dict_builds_guidance():
+    config = ditfx.Config.from_options({"guidance": {"kind": "adaptive", "gamma": 0.9}})
+    assert config.guidance == ditfx.AdaptiveGuidance(gamma=0.9)
+    assert math.isclose(config.guidance.gamma, 0.9)
