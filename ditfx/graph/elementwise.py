@@ -4,14 +4,8 @@ Starting from a root node, :func:`read_expression` walks back through elementwis
 (``+ - * /`` and negation, as ``operator.*``, ``torch.*`` or tensor methods) and through the views
 that only lift a per-sample ``(B, D)`` vector to ``(B, 1, D)`` (``unsqueeze(1)``, ``v[:, None]``).
 Every other value becomes an operand: a symbol with a broadcast kind relative to the root's
-``(B, T, D)``:
-
-====================  =======================
-``(B, T, D)``         ``"full"``
-``(B, D)``/(B, 1, D)  ``"per_sample"``
-``(B, T, 1)``         ``"per_token"``
-``()``                ``"scalar"``
-====================  =======================
+``(B, T, D)``: ``(B, T, D)`` is ``"full"``, ``(B, D)`` or ``(B, 1, D)`` ``"per_sample"``,
+``(B, T, 1)`` ``"per_token"``, ``()`` ``"scalar"``.
 
 These are exactly the operand kinds of :mod:`ditfx.kernels.codegen`, so the expression can be
 printed into a kernel as it is. A value with any other shape (a ``(D,)`` weight, a 4-D tensor)
