@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 MODEL_HELP = ("a reference DiT config (DiT-S/2, DiT-XL/2, ..., DiT-T/2 for a tiny one) or tiny:<family> "
-              "for a tiny random diffusers model (tiny:dit, tiny:pixart, tiny:sd3, tiny:flux)")
+              "for a tiny random diffusers model (tiny:dit, tiny:pixart, tiny:sd3, tiny:flux, tiny:wan, tiny:sana, "
+              "tiny:auraflow, tiny:cogview4, tiny:qwenimage, tiny:chroma, tiny:hunyuan, tiny:ltx)")
 
 
 def _cache_config(args):

@@ -1,7 +1,9 @@
 """Named models for the CLI, the benchmarks and the tests: the reference DiT configs and tiny diffusers DiTs.
 
-Names: any reference config (``DiT-S/2``, ``DiT-XL/2``, ``DiT-T/2``, ...), or ``tiny:<family>`` with family
-one of ``dit``, ``pixart``, ``sd3``, ``flux`` (random diffusers models of a few blocks). Nothing downloads.
+Names: any reference config (``DiT-S/2``, ``DiT-XL/2``, ``DiT-T/2``, ...), or ``tiny:<family>``, a random
+diffusers model of a few blocks, with family one of ``dit`` (DiTTransformer2DModel), ``pixart`` (PixArt-alpha/
+sigma), ``sd3`` (SD3 MMDiT), ``flux``, ``wan`` (Wan 2.1 video), ``sana``, ``auraflow``, ``cogview4``,
+``qwenimage`` (Qwen-Image), ``chroma``, ``hunyuan`` (HunyuanDiT) or ``ltx`` (LTX-Video). Nothing downloads.
 """
 from __future__ import annotations
 
