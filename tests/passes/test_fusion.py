@@ -2,7 +2,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import call, run_loop, tiny_model
+from conftest import call, cfg_loop, run_loop, tiny_model
 
 import ditfx
 from ditfx.backend import DitfxBackend
@@ -82,6 +82,21 @@ def test_dynamic_cache_with_kernels_is_exact():
         for gm in variants.values():
             assert ditfx_ops(gm).count("ditfx::gated_residual") == 2
     assert backend.session.stats.block_evals_skipped == 0
+    torch._dynamo.reset()
+
+
+def test_guidance_rebatches_the_fused_regions():
+    """gamma = -1 runs the conditional rows only after the first step, on re-batched copies of the fused
+    regions: the ditfx ops carry no batch size, so re-batching accepts them and the result is exact."""
+    import warnings
+
+    model, kw = tiny_model("reference", batch=4)
+    expected = cfg_loop(model, kw, "reference", cfg_steps=1)
+    config = ditfx.Config(guidance=ditfx.AdaptiveGuidance(gamma=-1.0), kernels=True, compiler="aot_eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a refused re-batched variant would warn and fall back
+        got = cfg_loop(ditfx.optimize(model, config), kw, "reference")
+    assert (got - expected).abs().max().item() <= TOL
     torch._dynamo.reset()
 
 
