@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 from diffusers import (
@@ -46,6 +48,20 @@ class DigitsPipeline(DiffusionPipeline):
     def __init__(self, transformer: DiTTransformer2DModel, scheduler):
         super().__init__()
         self.register_modules(transformer=transformer, scheduler=scheduler)
+        self._current_timestep = None
+
+    @property
+    def current_timestep(self):
+        """The timestep of the step being denoised (None outside a call), as diffusers' pipelines expose it
+        for cache hooks' ``current_timestep_callback``."""
+        return self._current_timestep
+
+    def _cache_context(self, name: str, **kwargs):
+        """``transformer.cache_context(name, ...)`` where the transformer has one (diffusers' ``CacheMixin``):
+        diffusers' cache hooks keep their state per named context, which diffusers' pipelines set around every
+        transformer call."""
+        cache_context = getattr(self.transformer, "cache_context", None)
+        return cache_context(name, **kwargs) if callable(cache_context) else contextlib.nullcontext()
 
     @torch.no_grad()
     def __call__(
@@ -95,17 +111,25 @@ class DigitsPipeline(DiffusionPipeline):
             class_labels_input = class_labels
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        for t in self.progress_bar(self.scheduler.timesteps):
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            self._current_timestep = t
             latent_model_input = (
                 torch.cat([latents] * 2) if do_classifier_free_guidance else latents
             )
             timestep = t.expand(latent_model_input.shape[0])
-            noise_pred = self.transformer(
-                hidden_states=latent_model_input,
-                timestep=timestep,
-                class_labels=class_labels_input,
-                return_dict=False,
-            )[0]
+            # One batched call per step: both CFG halves share the context "cond_uncond".
+            context = {"step_index": i, "num_inference_steps": len(self.scheduler.timesteps), "timestep": t}
+            if getattr(self.scheduler, "sigmas", None) is not None:
+                context["sigma"] = float(self.scheduler.sigmas[i])
+            with self._cache_context(
+                "cond_uncond" if do_classifier_free_guidance else "cond", **context
+            ):
+                noise_pred = self.transformer(
+                    hidden_states=latent_model_input,
+                    timestep=timestep,
+                    class_labels=class_labels_input,
+                    return_dict=False,
+                )[0]
             if do_classifier_free_guidance:
                 noise_pred_uncond, noise_pred_cond = noise_pred.chunk(2)
                 noise_pred = noise_pred_uncond + guidance_scale * (
@@ -115,6 +139,7 @@ class DigitsPipeline(DiffusionPipeline):
             # The schedulers upcast to float32 internally; keep the model's dtype for the next call.
             latents = latents.to(self.transformer.dtype)
 
+        self._current_timestep = None
         images = latents.float().clamp(-1.0, 1.0)
         self.maybe_free_model_hooks()
         if output_type == "np":
