@@ -149,7 +149,7 @@ def test_linear_ag_fit_recovers_known_coefficients():
     for k in range(steps):
         if linear_ag.step_kind(k, steps) == "estimate":
             assert fitted.betas[k] == pytest.approx(true[k], abs=1e-6)
-            assert fitted.fit_error[k] < 1e-9
+            assert fitted.fit_error[k] < 1e-6  # float32 trajectories
         else:
             assert fitted.betas[k] is None
 
@@ -169,7 +169,7 @@ def test_linear_ag_schedule_and_calibration(tmp_path):
     cond_only = cfg_loop(model, kw, "dit", cfg_steps=0)
     assert (got - cfg).abs().max() < (cond_only - cfg).abs().max()  # closer to CFG than dropping guidance
     torch._dynamo.reset()
-    with pytest.raises(RuntimeError, match="fitted for 8 steps"):
+    with pytest.raises(RuntimeError, match="another step grid"):
         cfg_loop(optimized(model, ditfx.LinearAG(path)), kw, "dit", steps=12)
 
 
