@@ -9,7 +9,9 @@ literal in the leading position of size arguments::
 
 Only a leading literal equal to ``rows`` of a node whose value has ``rows`` leading rows is rewritten. The result
 is then checked by shape propagation with fake tensors: each value's shape may differ from the captured one in at
-most one dimension (the batch, wherever permutes moved it), from ``rows`` to the new count. Any mismatch (a literal that was not the batch, an op that
+most one dimension (the batch, wherever permutes moved it or flattens merged it), by the factor new/old rows.
+Literals are only rewritten in nodes computed from the batch inputs or read by them, so a position table that
+happens to have ``rows`` entries keeps its size. Any mismatch (a literal that was not the batch, an op that
 mixes rows) refuses the variant, and guidance skipping falls back to full guidance: never a wrong shape.
 """
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ditfx.graph import meta
 
-SIZE_METHODS = {"view", "reshape", "expand", "new_zeros", "new_ones", "new_empty", "new_full"}
+SIZE_METHODS = {"view", "reshape", "expand", "repeat", "new_zeros", "new_ones", "new_empty", "new_full"}
 SIZE_FUNCTIONS = {torch.reshape, torch.zeros, torch.ones, torch.empty, torch.full}
 
 
@@ -68,11 +70,26 @@ def _rewrite_sizes(node: fx.Node, rows: int, new_rows: int) -> None:
     node.args = tuple(args)
 
 
+def _batch_related(gm: fx.GraphModule, batch_inputs: list[bool]) -> set[fx.Node]:
+    """Nodes computed from the batch inputs, and nodes read by those (``pad.repeat(B, 1, 1)`` before a concat
+    with the batch): the only places a batch literal can be. Position tables (``freqs.expand(4, ...)``) are not."""
+    derived: set[fx.Node] = set()
+    for p, flag in zip(gm.graph.find_nodes(op="placeholder"), batch_inputs):
+        if flag:
+            derived.add(p)
+    for node in gm.graph.nodes:
+        if any(a in derived for a in node.all_input_nodes):
+            derived.add(node)
+    return derived | {a for n in derived for a in n.all_input_nodes}
+
+
 def rebatch(gm: fx.GraphModule, rows: int, new_rows: int, batch_inputs: list[bool]) -> fx.GraphModule:
     """A copy of ``gm`` for ``new_rows`` rows on the inputs flagged in ``batch_inputs``; raises RebatchError."""
     out = copy.deepcopy(gm)
+    related = _batch_related(out, batch_inputs)
     for node in out.graph.nodes:
-        _rewrite_sizes(node, rows, new_rows)
+        if node in related:
+            _rewrite_sizes(node, rows, new_rows)
     out.recompile()
     check_shapes(out, rows, new_rows, batch_inputs)
     return out
@@ -109,8 +126,10 @@ def _check_node(node: fx.Node, value, rows: int, new_rows: int) -> None:
     if not isinstance(captured, torch.Tensor) or not isinstance(value, torch.Tensor):
         return
     old, new = tuple(captured.shape), tuple(value.shape)
-    # The batch dimension may move (permute, unsqueeze), but it is the only dimension that may change.
+    # The batch dimension may move (permute, unsqueeze) or be merged with others (flatten), but it is the only
+    # dimension that may change, and it changes by the factor new_rows / rows.
     changed = [d for d, (a, b) in enumerate(zip(old, new)) if a != b]
-    if len(old) != len(new) or len(changed) > 1 or any(old[d] != rows or new[d] != new_rows for d in changed):
+    if len(old) != len(new) or len(changed) > 1 or any(old[d] % rows or new[d] != old[d] // rows * new_rows
+                                                       for d in changed):
         raise RebatchError(f"{node.format_node()} has shape {new} at {new_rows} rows, captured {old} at {rows}: "
                            "the batch size is not the only thing that changes")
