@@ -23,22 +23,32 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
+# LTX builds its rotary coordinates per sample from the batch size as a literal, not from the inputs, so its
+# regions cannot be re-batched safely: guidance skipping computes every row there (same result, no saving).
+NOT_REBATCHABLE = {"ltx"}
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_gamma_one_is_cfg_and_gamma_minus_one_is_one_cfg_step(family):
     """gamma = 1 never switches: exactly CFG. gamma = -1: one CFG step, then the conditional branch only, on the
     re-batched graph (B rows instead of 2B), with NFE = 2k + (T - k) for k = 1."""
     model, kw = tiny_model(family, batch=4)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a refused re-batched variant would warn and fall back
-        fast = optimized(model, ditfx.AdaptiveGuidance(gamma=1.0))
-        assert (cfg_loop(fast, kw, family) - cfg_loop(model, kw, family)).abs().max() <= TOL
-        assert ditfx.stats(fast).nfe == 2 * STEPS
-        torch._dynamo.reset()
-        fast = optimized(model, ditfx.AdaptiveGuidance(gamma=-1.0))
+    fast = optimized(model, ditfx.AdaptiveGuidance(gamma=1.0))
+    assert (cfg_loop(fast, kw, family) - cfg_loop(model, kw, family)).abs().max() <= TOL
+    assert ditfx.stats(fast).nfe == 2 * STEPS
+    torch._dynamo.reset()
+    fast = optimized(model, ditfx.AdaptiveGuidance(gamma=-1.0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         got = cfg_loop(fast, kw, family)
+    refused = [w for w in caught if "cannot run this graph" in str(w.message)]
     assert (got - cfg_loop(model, kw, family, cfg_steps=1)).abs().max() <= TOL
     s = ditfx.stats(fast)
-    assert (s.nfe, s.nfe_skipped) == (2 * 1 + (STEPS - 1), STEPS - 1)
+    if family in NOT_REBATCHABLE:
+        assert refused and s.nfe == 2 * STEPS
+    else:
+        assert not refused, refused[0].message if refused else ""
+        assert (s.nfe, s.nfe_skipped) == (2 * 1 + (STEPS - 1), STEPS - 1)
     assert s.graph_breaks == 0 and s.recompiles == 0
 
 

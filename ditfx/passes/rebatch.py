@@ -52,7 +52,16 @@ def _replace_leading(sizes, rows: int, new_rows: int):
     return sizes
 
 
+def _rewrite_constant_rows(node: fx.Node, rows: int, new_rows: int) -> None:
+    """``torch.tensor([g, g, g, g])``: a per-sample constant Dynamo folded from ``[g] * batch``."""
+    if node.op == "call_function" and node.target is torch.tensor and node.args:
+        values = node.args[0]
+        if isinstance(values, (list, tuple)) and len(values) == rows and len(set(map(repr, values))) == 1:
+            node.args = (type(values)([values[0]] * new_rows), *node.args[1:])
+
+
 def _rewrite_sizes(node: fx.Node, rows: int, new_rows: int) -> None:
+    _rewrite_constant_rows(node, rows, new_rows)
     pos = _sizes_position(node)
     if pos is None or _leading_rows(node) != rows:
         return
@@ -70,9 +79,10 @@ def _rewrite_sizes(node: fx.Node, rows: int, new_rows: int) -> None:
     node.args = tuple(args)
 
 
-def _batch_related(gm: fx.GraphModule, batch_inputs: list[bool]) -> set[fx.Node]:
-    """Nodes computed from the batch inputs, and nodes read by those (``pad.repeat(B, 1, 1)`` before a concat
-    with the batch): the only places a batch literal can be. Position tables (``freqs.expand(4, ...)``) are not."""
+def _batch_related(gm: fx.GraphModule, rows: int, batch_inputs: list[bool]) -> set[fx.Node]:
+    """Nodes computed from the batch inputs, and the batch-sized nodes that feed them, transitively
+    (``torch.zeros(B)`` embedded and concatenated with the timestep embedding, ``pad.repeat(B, 1, 1)``): the only
+    places a batch literal can be. A position table that does not feed the batch keeps its size."""
     derived: set[fx.Node] = set()
     for p, flag in zip(gm.graph.find_nodes(op="placeholder"), batch_inputs):
         if flag:
@@ -80,13 +90,19 @@ def _batch_related(gm: fx.GraphModule, batch_inputs: list[bool]) -> set[fx.Node]
     for node in gm.graph.nodes:
         if any(a in derived for a in node.all_input_nodes):
             derived.add(node)
-    return derived | {a for n in derived for a in n.all_input_nodes}
+    related = set(derived)
+    for node in reversed(list(gm.graph.nodes)):
+        if node in related:
+            for a in node.all_input_nodes:
+                if a.op != "placeholder" and (a in derived or _leading_rows(a) == rows or _sizes_position(a) is not None):
+                    related.add(a)
+    return related
 
 
 def rebatch(gm: fx.GraphModule, rows: int, new_rows: int, batch_inputs: list[bool]) -> fx.GraphModule:
     """A copy of ``gm`` for ``new_rows`` rows on the inputs flagged in ``batch_inputs``; raises RebatchError."""
     out = copy.deepcopy(gm)
-    related = _batch_related(out, batch_inputs)
+    related = _batch_related(out, rows, batch_inputs)
     for node in out.graph.nodes:
         if node in related:
             _rewrite_sizes(node, rows, new_rows)
