@@ -307,7 +307,7 @@ def prepare_mag_cache(ctx: Context) -> dict:
     start = time.perf_counter()
     with contextlib.redirect_stdout(out):
         ctx.generate(pipe, seed=CALIBRATION_SEED)
-    match = re.search(r"Calibration Complete.*?\n(\[[^\]]*\])", out.getvalue(), re.S)
+    match = re.search(r"Calibration Complete.*?\n(\[[^\]]*\])", out.getvalue(), re.DOTALL)
     if not match:
         raise RuntimeError(f"MagCache calibration printed no ratios: {out.getvalue()[-500:]!r}")
     return {"mag_ratios": json.loads(match.group(1)), "prepare_s": time.perf_counter() - start}
@@ -315,8 +315,14 @@ def prepare_mag_cache(ctx: Context) -> dict:
 
 def diffusers_methods() -> list[Method]:
     import torch
-    from diffusers import (FasterCacheConfig, FirstBlockCacheConfig, MagCacheConfig,
-                           PyramidAttentionBroadcastConfig, SeaCacheConfig, TaylorSeerCacheConfig)
+    from diffusers import (
+        FasterCacheConfig,
+        FirstBlockCacheConfig,
+        MagCacheConfig,
+        PyramidAttentionBroadcastConfig,
+        SeaCacheConfig,
+        TaylorSeerCacheConfig,
+    )
 
     def sea_vision(module, args, kwargs):
         # SeaCache's generic path: the visual latents of the output as (C, T, H, W); an image is one frame.
@@ -395,8 +401,8 @@ def cache_dit_methods() -> list[Method]:
         def make(value, ctx):
             from cache_dit import DBCacheConfig, TaylorSeerCalibratorConfig
 
-            config = dict(Fn_compute_blocks=1, Bn_compute_blocks=0, enable_separate_cfg=False,
-                          num_inference_steps=ctx.steps)
+            config = {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "enable_separate_cfg": False,
+                      "num_inference_steps": ctx.steps}
             taylor = kw.get("taylorseer", False)
             if kw.get("mask"):
                 from cache_dit import steps_mask
@@ -603,7 +609,7 @@ def run_worker(args) -> int:
             result["prepare_s"] = round(prepared.get("prepare_s", 0.0), 3)
             if "mag_ratios" in prepared:
                 result["mag_ratios"] = [round(r, 5) for r in prepared["mag_ratios"]]
-    except Exception as e:  # the method cannot run at all on this model
+    except Exception as e:  # noqa: BLE001 -- the method cannot run at all on this model: report it
         result["error"] = _error_text(e)
         save()
         print(POINT_TAG + json.dumps({"method": method.name, "error": result["error"], "skip": len(values)}),
@@ -612,7 +618,7 @@ def run_worker(args) -> int:
     for value in values:
         try:
             point = measure(method, value, ctx, baseline, budget)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 -- any failure of a peer is a result
             point = {"knob": value, "error": _error_text(e), "in_budget": False}
         result["points"].append(point)
         errors = [p["error"] for p in result["points"] if p.get("error")]
@@ -651,9 +657,9 @@ def warm_up(ctx: Context) -> None:
 
 
 def make_context(args) -> Context:
-    from ditfx.models.digits.data import NUM_CLASSES
-
     import torch
+
+    from ditfx.models.digits.data import NUM_CLASSES
 
     ctx = Context(per_class=args.per_class, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
                   compiler=args.compiler)
@@ -685,11 +691,19 @@ def machine_info(threads: int) -> dict:
         import cache_dit
 
         info["cache_dit"] = cache_dit.__version__
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 -- optional dependency
         info["cache_dit"] = f"not installed ({type(e).__name__})"
     import ditfx
 
     info["ditfx"] = ditfx.__version__
+    info["ditfx_path"] = str(Path(ditfx.__file__).parent)
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        git = ["git", "-C", str(Path(__file__).resolve().parent)]
+        info["git_commit"] = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                            check=True).stdout.strip()
+        info["git_modified"] = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"],
+                                              capture_output=True, text=True, check=True).stdout.split("\n")
+        info["git_modified"] = [line.strip() for line in info["git_modified"] if line.strip()]
     return info
 
 
@@ -777,6 +791,7 @@ def run_driver(args) -> dict:
     budget = Budget(args.min_psnr, args.fd_tolerance)
     methods = select(all_methods(), args.methods)
     load_before = os.getloadavg()
+    machine = machine_info(args.threads)
     started = time.time()
 
     resumed: dict[str, dict] = {}
@@ -829,7 +844,7 @@ def run_driver(args) -> dict:
         baseline["wall_s_recheck"] = recheck["wall_s"]
         baseline["cpu_s_recheck"] = recheck["cpu_s"]
 
-    report = json_safe(assemble(args, baseline, results, budget, load_before, started))
+    report = json_safe(assemble(args, machine, baseline, results, budget, load_before, started))
     print("\n" + format_table(report), file=sys.stderr)
     if args.verbose:
         for name, m in report["methods"].items():
@@ -842,7 +857,7 @@ def recheck_baseline(args, workdir: Path) -> dict:
     """The eager baseline timed once more at the end (same process kind: a fresh interpreter), to show drift."""
     cmd = [sys.executable, os.path.abspath(__file__), "--recheck-worker", "--workdir", str(workdir),
            *forwarded_args(args)]
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     for line in out.stdout.splitlines():
         if line.startswith(POINT_TAG):
             return json.loads(line[len(POINT_TAG):])
@@ -873,7 +888,7 @@ def json_safe(obj):
     return obj
 
 
-def assemble(args, baseline: dict, results: dict[str, dict], budget: Budget, load_before, started) -> dict:
+def assemble(args, machine: dict, baseline: dict, results: dict[str, dict], budget: Budget, load_before, started) -> dict:
     methods_out: dict[str, dict] = {}
     everything = []
     for name, r in results.items():
@@ -898,7 +913,7 @@ def assemble(args, baseline: dict, results: dict[str, dict], budget: Budget, loa
     return {
         "benchmark": "peers",
         "command": "python benchmarks/peers.py " + " ".join(sys.argv[1:]),
-        "machine": {**machine_info(args.threads), "load_average_before": [round(x, 2) for x in load_before],
+        "machine": {**machine, "load_average_before": [round(x, 2) for x in load_before],
                     "load_average_after": [round(x, 2) for x in os.getloadavg()]},
         "settings": {"model": "digits DiT (ditfx.models.digits), DiTTransformer2DModel, 6 blocks, 64 tokens",
                      "samples": args.per_class * 10, "per_class": args.per_class, "steps": args.steps,
