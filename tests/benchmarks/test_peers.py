@@ -1,0 +1,104 @@
+"""The pure parts of benchmarks/peers.py: the quality budget, Pareto fronts, sweep narrowing, the method table."""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def peers():
+    spec = importlib.util.spec_from_file_location("bench_peers", REPO / "benchmarks" / "peers.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def point(knob, speedup, psnr, fd, **kw):
+    return {"knob": knob, "speedup": speedup, "psnr": psnr, "fd": fd, "fd_gap": abs(fd - 200.0) / 200.0,
+            "error": None, **kw}
+
+
+def test_budget_needs_psnr_and_fd_on_both_sides(peers):
+    budget = peers.Budget(min_psnr=30.0, fd_tolerance=0.10)
+    assert budget.admits(point(1, 2.0, 30.0, 200.0), 200.0)
+    assert not budget.admits(point(1, 2.0, 29.99, 200.0), 200.0)
+    assert budget.admits(point(1, 2.0, 35.0, 220.0), 200.0)  # exactly 10 % above
+    assert budget.admits(point(1, 2.0, 35.0, 180.0), 200.0)  # exactly 10 % below
+    assert not budget.admits(point(1, 2.0, 35.0, 221.0), 200.0)
+    assert not budget.admits(point(1, 2.0, 35.0, 179.0), 200.0)
+    assert budget.admits(point(None, 1.0, math.inf, 200.0), 200.0)  # the baseline against itself
+    assert not budget.admits({"knob": 1, "error": "boom"}, 200.0)
+
+
+def test_pareto_front_keeps_undominated_points_fastest_first(peers):
+    a = point("a", 3.0, 31.0, 230.0)   # fastest, worst quality
+    b = point("b", 2.0, 40.0, 205.0)
+    c = point("c", 1.5, 35.0, 210.0)   # dominated by b
+    d = point("d", 1.0, 60.0, 200.0)   # best quality
+    e = {"knob": "e", "error": "failed"}
+    front = peers.pareto_front([c, a, d, b, e])
+    assert [p["knob"] for p in front] == ["a", "b", "d"]
+    # equal points do not dominate each other
+    assert len(peers.pareto_front([point("x", 2.0, 40.0, 205.0), point("y", 2.0, 40.0, 205.0)])) == 2
+
+
+def test_best_in_budget_is_the_fastest_admitted_point(peers):
+    budget = peers.Budget()
+    points = [point(0.1, 1.5, 40.0, 205.0), point(0.2, 2.5, 31.0, 215.0), point(0.3, 4.0, 25.0, 260.0)]
+    assert peers.best_in_budget(points, budget, 200.0)["knob"] == 0.2
+    assert peers.best_in_budget(points[2:], budget, 200.0) is None
+    summary = peers.summarize(points, budget, 200.0)
+    assert summary["best_speedup_in_budget"] == 2.5 and summary["best_setting"] == 0.2
+    assert [p["knob"] for p in summary["pareto"]] == [0.3, 0.2, 0.1]
+    empty = peers.summarize([], budget, 200.0)
+    assert empty["best_speedup_in_budget"] is None and empty["pareto"] == []
+
+
+def test_compiled_sweep_repeats_the_in_budget_knobs_and_the_next(peers):
+    values = [1, 2, 3, 4, 5]
+    pts = [{"in_budget": b} for b in (True, True, False, True, False)]
+    assert peers.near_budget_values(values, pts) == [1, 2, 4, 5]
+    assert peers.near_budget_values(values, [{"in_budget": False}] * 5) == [1]
+    assert peers.near_budget_values(values, [{"in_budget": True}] * 5) == values
+
+
+def test_report_is_strict_json(peers):
+    report = peers.json_safe({"psnr": math.inf, "points": [{"x": -math.inf, "y": 1.5}], "t": (math.nan,)})
+    assert report == {"psnr": None, "points": [{"x": None, "y": 1.5}], "t": [None]}
+    json.dumps(report, allow_nan=False)
+
+
+def test_method_table(peers):
+    methods = peers.all_methods()
+    names = [m.name for m in methods]
+    assert len(names) == len(set(names))
+    assert names[:2] == ["eager", "torch.compile"]
+    by_name = {m.name: m for m in methods}
+    for m in methods:
+        assert m.values, m.name
+        if m.follows:  # a compiled variant runs after the eager method whose sweep it narrows
+            assert m.compiled and names.index(m.follows) < names.index(m.name)
+            assert by_name[m.follows].values == m.values
+    families = {m.family for m in methods}
+    assert {"baseline", "torch", "diffusers", "cache-dit", "ditfx"} <= families
+    assert all(m.compiled for m in methods if m.family == "ditfx")
+    assert [m.name for m in peers.select(methods, ["ditfx*"])] == [n for n in names if n.startswith("ditfx")]
+
+
+def test_table_formats_errors_and_missing_budget(peers):
+    report = {"methods": {
+        "eager": {"best_speedup_in_budget": 1.0, "best_setting": None,
+                  "best_point": {"knob": None, "psnr": math.inf, "fd": 200.0, "accuracy": 1.0}, "points": [{}],
+                  "error": None},
+        "peer": {"best_speedup_in_budget": None, "best_point": None, "points": [{}, {}], "error": None},
+        "broken": {"points": [], "error": "AttributeError: no norm1"},
+    }}
+    text = peers.format_table(report)
+    assert "none in budget" in text and "AttributeError" in text and "inf" in text
