@@ -14,6 +14,7 @@ import torch
 
 from ditfx.models.dit import DIT_CONFIGS, build_dit
 
+
 @dataclass
 class NamedModel:
     model: torch.nn.Module
@@ -68,7 +69,7 @@ def load(name: str, batch: int = 2, seed: int = 0) -> NamedModel:
     return NamedModel(randomize(m, seed), kw, "hidden_states", "timestep", time_scale, True)
 
 
-# tiny:<family> builders: (random-size model, kwargs of one call, time_scale). ``r`` draws seeded noise, ``t`` is
+# tiny:<family> builders: (tiny model, kwargs of one call, time_scale). ``r`` draws seeded noise, ``t`` is
 # the timestep at 0.7 of a 1000-step scale; families whose pipelines pass sigmas in [0, 1] get ``t / 1000`` and
 # time_scale 1.
 
