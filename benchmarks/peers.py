@@ -482,19 +482,22 @@ def prepare_ditfx_schedule(ctx: Context) -> dict:
 def ditfx_methods() -> list[Method]:
     import ditfx
 
+    def config(cache, ctx: Context):
+        # Every region compiled, like transformer.compile() of the whole model that the peers get; the
+        # default, compile_regions="blocks", leaves the prologue and epilogue uncompiled for a faster first call.
+        return ditfx.Config(cache=cache, compiler=ctx.compiler, compile_regions="all")
+
     return [
         ditfx_method("DynamicCache", "threshold", [0.05, 0.08, 0.1, 0.12, 0.15, 0.2],
-                     lambda v, ctx: ditfx.Config(cache=ditfx.DynamicCache(threshold=v), compiler=ctx.compiler),
+                     lambda v, ctx: config(ditfx.DynamicCache(threshold=v), ctx),
                      notes="first=1, last=0, warmup=1, per-sample decisions (the defaults): a step skips the "
                            "blocks only where every sample of the batch is below the threshold."),
         ditfx_method("DynamicCache per_sample=False", "threshold", [0.05, 0.08, 0.1, 0.12, 0.15, 0.2],
-                     lambda v, ctx: ditfx.Config(cache=ditfx.DynamicCache(threshold=v, per_sample=False),
-                                                 compiler=ctx.compiler),
+                     lambda v, ctx: config(ditfx.DynamicCache(threshold=v, per_sample=False), ctx),
                      notes="one decision per batch from the summed change, as the peers decide."),
         ditfx_method("StaticCache", "delta", [0.15, 0.2, 0.25, 0.3, 0.35, 0.4],
-                     lambda v, ctx: ditfx.Config(
-                         cache=ditfx.StaticCache(v, ctx.prepared["ditfx StaticCache"]["schedule"]),
-                         compiler=ctx.compiler),
+                     lambda v, ctx: config(ditfx.StaticCache(v, ctx.prepared["ditfx StaticCache"]["schedule"]),
+                                           ctx),
                      prepare=prepare_ditfx_schedule,
                      notes="schedule calibrated once on this pipeline (ditfx.calibrate, 1 generation, seed 1000)."),
     ]
