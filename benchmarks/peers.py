@@ -101,16 +101,34 @@ def near_budget_values(values: Sequence, points: Sequence[dict]) -> list:
 
 
 def summarize(points: list[dict], budget: Budget, baseline_fd: float) -> dict:
-    """best_speedup_in_budget, best_setting and the Pareto front of one method's points."""
+    """best_speedup_in_budget, best_setting and the Pareto front of one method's points; the same best by CPU
+    time (``cpu_speedup``), which other jobs on a shared machine disturb less than wall time."""
     best = best_in_budget(points, budget, baseline_fd)
+    by_cpu = [{**p, "speedup": p["cpu_speedup"]} for p in points if isinstance(p.get("cpu_speedup"), (int, float))]
+    best_cpu = best_in_budget(by_cpu, budget, baseline_fd)
     front = pareto_front(points)
     return {
         "best_speedup_in_budget": None if best is None else best["speedup"],
         "best_setting": None if best is None else best["knob"],
         "best_point": best,
-        "pareto": [{k: p.get(k) for k in ("knob", "speedup", "psnr", "fd", "fd_gap", "ssim", "accuracy")}
-                   for p in front],
+        "best_cpu_speedup_in_budget": None if best_cpu is None else best_cpu["speedup"],
+        "best_cpu_setting": None if best_cpu is None else best_cpu["knob"],
+        "pareto": [{k: p.get(k) for k in ("knob", "speedup", "cpu_speedup", "psnr", "fd", "fd_gap", "ssim",
+                                          "accuracy")} for p in front],
     }
+
+
+def compare(methods: dict[str, dict], key: str = "best_speedup_in_budget") -> dict:
+    """ditfx's best against the best peer (everything but ditfx and the eager baseline) by ``key``."""
+    ditfx = [(m[key], n) for n, m in methods.items() if m.get("family") == "ditfx" and m.get(key) is not None]
+    peers = [(m[key], n) for n, m in methods.items()
+             if m.get("family") not in ("ditfx", "baseline") and m.get(key) is not None]
+    best_ditfx = max(ditfx, default=(None, None))
+    best_peer = max(peers, default=(None, None))
+    return {"ditfx": best_ditfx[0], "ditfx_method": best_ditfx[1], "best_peer": best_peer[0],
+            "best_peer_method": best_peer[1],
+            "ditfx_beats_every_peer": None if best_ditfx[0] is None else
+            (best_peer[0] is None or best_ditfx[0] > best_peer[0])}
 
 
 def knob_label(knob: Any) -> str:
@@ -130,17 +148,23 @@ def _fmt(value, spec: str, none: str = "-") -> str:
 
 
 def format_table(report: dict) -> str:
-    """The summary table: one row per method, its best setting inside the budget."""
-    rows = [("method", "best speed-up in budget", "setting", "PSNR dB", "FD", "acc", "compile s", "points")]
+    """The summary table: one row per method, its fastest setting inside the budget (by wall time) and its
+    best CPU-time speed-up inside the budget."""
+    rows = [("method", "speed-up in budget", "setting", "PSNR dB", "FD", "acc", "compile s", "CPU speed-up",
+             "points")]
     for name, m in report["methods"].items():
-        best = m.get("best_point") or {}
         if m.get("error"):
-            rows.append((name, "error", (m["error"] or "")[:60], "", "", "", "", "0"))
+            rows.append((name, "error", (m["error"] or "").splitlines()[0][:60], "", "", "", "", "", "0"))
             continue
-        rows.append((name, _fmt(m.get("best_speedup_in_budget"), ".2f", "none in budget"),
-                     knob_label(m.get("best_setting")) if best else "-",
-                     _fmt(best.get("psnr"), ".1f", "inf"), _fmt(best.get("fd"), ".1f"), _fmt(best.get("accuracy"), ".2f"),
-                     _fmt(best.get("compile_s"), ".1f"), str(len(m.get("points", [])))))
+        best = m.get("best_point")
+        cpu = _fmt(m.get("best_cpu_speedup_in_budget"), ".2f")
+        if not best:
+            rows.append((name, "none in budget", "-", "", "", "", "", cpu, str(len(m.get("points", [])))))
+            continue
+        rows.append((name, _fmt(m.get("best_speedup_in_budget"), ".2f"), knob_label(m.get("best_setting")),
+                     _fmt(best.get("psnr"), ".1f", "inf"), _fmt(best.get("fd"), ".1f"),
+                     _fmt(best.get("accuracy"), ".2f"), _fmt(best.get("compile_s"), ".1f"), cpu,
+                     str(len(m.get("points", [])))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -844,8 +868,14 @@ def run_driver(args) -> dict:
     if args.recheck_baseline:
         print("re-timing the eager baseline ...", file=sys.stderr)
         recheck = recheck_baseline(args, workdir)
-        baseline["wall_s_recheck"] = recheck["wall_s"]
-        baseline["cpu_s_recheck"] = recheck["cpu_s"]
+        (workdir / "recheck.json").write_text(json.dumps(recheck))
+    elif (workdir / "recheck.json").is_file():
+        recheck = json.loads((workdir / "recheck.json").read_text())
+    else:
+        recheck = {}
+    if recheck:
+        baseline["wall_s_recheck"] = recheck.get("wall_s")
+        baseline["cpu_s_recheck"] = recheck.get("cpu_s")
 
     report = json_safe(assemble(args, machine, baseline, results, budget, load_before, started))
     print("\n" + format_table(report), file=sys.stderr)
@@ -891,28 +921,38 @@ def json_safe(obj):
     return obj
 
 
-def assemble(args, machine: dict, baseline: dict, results: dict[str, dict], budget: Budget, load_before, started) -> dict:
+def summaries(baseline: dict, results: dict[str, dict], budget: Budget) -> dict:
+    """The report's derived parts from the raw per-method results: methods (with their summaries), the overall
+    Pareto front and the ditfx-against-peers comparison."""
     methods_out: dict[str, dict] = {}
     everything = []
     for name, r in results.items():
         points = r.get("points", [])
         for p in points:
             if not p.get("error") and p.get("fd") is not None:
+                if p.get("psnr") is None:  # identical to the baseline (inf, stored as null)
+                    p["psnr"] = math.inf
                 p["fd_gap"] = round(budget.fd_gap(p["fd"], baseline["fd"]), 4)
                 p["in_budget"] = budget.admits(p, baseline["fd"])
                 everything.append({**p, "method": name})
-        entry = {"family": r.get("family"), "knob_name": r.get("knob"), "compiled": r.get("compiled"),
-                 "notes": r.get("notes"), **summarize(points, budget, baseline["fd"]), "points": points,
-                 "error": r.get("error")}
+        entry = {"family": r.get("family"), "knob_name": r.get("knob", r.get("knob_name")),
+                 "compiled": r.get("compiled"), "notes": r.get("notes"),
+                 **summarize(points, budget, baseline["fd"]), "points": points, "error": r.get("error")}
         for extra in ("prepare_s", "mag_ratios"):
             if extra in r:
                 entry[extra] = r[extra]
         methods_out[name] = entry
     front = pareto_front(everything)
-    ditfx_best = max((m["best_speedup_in_budget"] or 0 for n, m in methods_out.items() if m["family"] == "ditfx"),
-                     default=None)
-    peer_best = max(((m["best_speedup_in_budget"] or 0, n) for n, m in methods_out.items()
-                     if m["family"] not in ("ditfx", "baseline")), default=(None, None))
+    return {
+        "methods": methods_out,
+        "pareto": [{k: p.get(k) for k in ("method", "knob", "speedup", "cpu_speedup", "psnr", "fd", "fd_gap",
+                                          "ssim", "accuracy")} for p in front],
+        "summary": {"wall": compare(methods_out), "cpu": compare(methods_out, "best_cpu_speedup_in_budget")},
+    }
+
+
+def assemble(args, machine: dict, baseline: dict, results: dict[str, dict], budget: Budget, load_before,
+             started) -> dict:
     return {
         "benchmark": "peers",
         "command": "python benchmarks/peers.py " + " ".join(sys.argv[1:]),
@@ -925,18 +965,21 @@ def assemble(args, machine: dict, baseline: dict, results: dict[str, dict], budg
                      "calibration_seed": CALIBRATION_SEED, "compiler": args.compiler,
                      "compiled_sweep": args.compiled_sweep, "quick": args.quick,
                      "timing": "one generation after warm-up; compiled settings warm up with one full generation "
-                               "(warmup_s); compile_s = warmup_s - wall_s",
+                               "(warmup_s); compile_s = warmup_s - wall_s; cpu_s: CPU time of the process",
                      "elapsed_s": round(time.time() - started, 1)},
         "budget": budget.to_dict(),
         "baseline": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in baseline.items()},
-        "methods": methods_out,
-        "pareto": [{k: p.get(k) for k in ("method", "knob", "speedup", "psnr", "fd", "fd_gap", "ssim", "accuracy")}
-                   for p in front],
-        "summary": {"ditfx_best_speedup_in_budget": ditfx_best, "best_peer": peer_best[1],
-                    "best_peer_speedup_in_budget": peer_best[0],
-                    "ditfx_beats_every_peer": None if ditfx_best is None or peer_best[0] is None
-                    else ditfx_best > peer_best[0]},
+        **summaries(baseline, results, budget),
     }
+
+
+def from_report(path: str, budget: Budget) -> dict:
+    """Recompute the derived parts of a written report (summaries, fronts, comparison) from its points."""
+    report = json.loads(Path(path).read_text())
+    raw = {name: {**m, "knob": m.get("knob_name")} for name, m in report["methods"].items()}
+    report.update(budget=budget.to_dict(), **summaries(report["baseline"], raw, budget))
+    report.pop("pareto_cpu", None)
+    return json_safe(report)
 
 
 def parse_args(argv=None):
@@ -962,6 +1005,8 @@ def parse_args(argv=None):
                    help="time the eager baseline again at the end (default: on, off in --quick)")
     p.add_argument("--verbose", action="store_true", help="print every point")
     p.add_argument("--list", action="store_true", help="list the methods and their sweeps")
+    p.add_argument("--from-report", metavar="JSON",
+                   help="run nothing: recompute the summaries of a written report (e.g. for another budget)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--values", help=argparse.SUPPRESS)
     p.add_argument("--recheck-worker", action="store_true", help=argparse.SUPPRESS)
@@ -988,7 +1033,11 @@ def main(argv=None) -> int:
         for m in all_methods():
             print(f"{m.name:<55} {m.knob}: {', '.join(knob_label(v) for v in m.values)}")
         return 0
-    report = run_driver(args)
+    if args.from_report:
+        report = from_report(args.from_report, Budget(args.min_psnr, args.fd_tolerance))
+        print(format_table(report), file=sys.stderr)
+    else:
+        report = run_driver(args)
     if args.json:
         text = json.dumps(report, indent=1, default=str)
         if args.json == "-":

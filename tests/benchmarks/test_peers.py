@@ -102,3 +102,42 @@ def test_table_formats_errors_and_missing_budget(peers):
     }}
     text = peers.format_table(report)
     assert "none in budget" in text and "AttributeError" in text and "inf" in text
+
+
+def test_compare_ditfx_with_the_best_peer(peers):
+    methods = {
+        "eager": {"family": "baseline", "best_speedup_in_budget": 1.0},
+        "peer a": {"family": "diffusers", "best_speedup_in_budget": 2.0},
+        "peer b": {"family": "cache-dit", "best_speedup_in_budget": None},
+        "ditfx x": {"family": "ditfx", "best_speedup_in_budget": 2.5},
+        "ditfx y": {"family": "ditfx", "best_speedup_in_budget": 1.5},
+    }
+    out = peers.compare(methods)
+    assert out == {"ditfx": 2.5, "ditfx_method": "ditfx x", "best_peer": 2.0, "best_peer_method": "peer a",
+                   "ditfx_beats_every_peer": True}
+    methods["peer b"]["best_speedup_in_budget"] = 3.0
+    assert peers.compare(methods)["ditfx_beats_every_peer"] is False
+
+
+def test_summaries_recompute_from_points(peers, tmp_path):
+    budget = peers.Budget()
+    baseline = {"fd": 200.0, "wall_s": 10.0, "cpu_s": 9.0}
+    results = {
+        "eager": {"family": "baseline", "knob": "-", "points": [
+            {"knob": None, "speedup": 1.0, "cpu_speedup": 1.0, "psnr": None, "fd": 200.0, "error": None}]},
+        "ditfx s": {"family": "ditfx", "knob": "delta", "points": [
+            {"knob": 0.1, "speedup": 2.0, "cpu_speedup": 2.2, "psnr": 35.0, "fd": 210.0, "error": None},
+            {"knob": 0.3, "speedup": 3.0, "cpu_speedup": 3.1, "psnr": 28.0, "fd": 240.0, "error": None}]},
+        "peer": {"family": "diffusers", "knob": "t", "error": "ValueError: no", "points": []},
+    }
+    out = peers.summaries(baseline, results, budget)
+    assert out["methods"]["eager"]["best_speedup_in_budget"] == 1.0  # psnr null means identical: inf
+    assert out["methods"]["ditfx s"]["best_setting"] == 0.1
+    assert out["methods"]["ditfx s"]["best_cpu_speedup_in_budget"] == 2.2
+    assert out["methods"]["peer"]["error"] == "ValueError: no"
+    assert out["summary"]["wall"]["ditfx_beats_every_peer"] is True
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(peers.json_safe({"baseline": baseline, **out}), allow_nan=False))
+    again = peers.from_report(str(path), peers.Budget(min_psnr=36.0))
+    assert again["methods"]["ditfx s"]["best_speedup_in_budget"] is None
+    assert again["budget"]["min_psnr_db"] == 36.0
