@@ -5,6 +5,7 @@ import copy
 import time
 from collections.abc import Callable
 
+import torch
 import torch.fx as fx
 
 
@@ -28,22 +29,26 @@ class RegionCompiler:
 
     def __init__(self, backend: str):
         self.backend = backend
-        self._compiled: dict[tuple[str, str], Callable] = {}
+        self._compiled: dict[tuple, tuple[Callable, bool]] = {}  # key -> (callable, compiled by the backend)
         self.calls: dict[tuple[str, str], int] = {}  # invocations per (signature, variant)
         self.compiles = 0
         self.compile_seconds = 0.0
 
-    def run(self, key: tuple[str, str], gm: fx.GraphModule, args: list, compile: bool = True):
+    def run(self, key: tuple, gm: fx.GraphModule, args: list, compile: bool = True):
         """Run ``gm`` compiled (once per key), or as the captured FX graph when ``compile`` is False."""
-        fn = self._compiled.get(key)
+        fn, compiled = self._compiled.get(key, (None, compile and self.backend != "eager"))
+        if compiled:
+            # One artifact serves every region with this signature, and Inductor specialises on input strides:
+            # block 0 may receive a strided view from the uncompiled prologue, block 1 a contiguous tensor.
+            args = [a.contiguous() if isinstance(a, torch.Tensor) and not a.is_contiguous() else a for a in args]
         if fn is None:
-            if compile and self.backend != "eager":
+            if compiled:
                 start = time.perf_counter()
                 fn = compile_region(gm, args, self.backend)
                 self.compiles += 1
                 self.compile_seconds += time.perf_counter() - start
             else:
                 fn = gm
-            self._compiled[key] = fn
+            self._compiled[key] = (fn, compiled)
         self.calls[key] = self.calls.get(key, 0) + 1
         return fn(*args)
