@@ -184,6 +184,53 @@ def format_points(name: str, points: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(report: dict) -> str:
+    """The report as Markdown tables (docs/benchmarks.md): best speed-up in budget per method, the overall Pareto
+    front, and every measured point."""
+
+    def cell(v, spec=".2f", none="-"):
+        return _fmt(v, spec, none)
+
+    out = [("| method | best speed-up in budget | setting | CPU-time speed-up in budget | PSNR dB | SSIM | digits-FD "
+            "| accuracy | compile s |"), "|---|---|---|---|---|---|---|---|---|"]
+    for name, m in report["methods"].items():
+        if m.get("error"):
+            first = (m["error"] or "").splitlines()[0]
+            out.append(f"| {name} | error | `{first[:110]}` | | | | | | |")
+            continue
+        b = m.get("best_point")
+        if not b:
+            out.append(f"| {name} | none in budget | | {cell(m.get('best_cpu_speedup_in_budget'))} | | | | | |")
+            continue
+        out.append(f"| {name} | **{cell(m['best_speedup_in_budget'])}** | {knob_label(m['best_setting'])} | "
+                   f"{cell(m.get('best_cpu_speedup_in_budget'))} | {cell(b.get('psnr'), '.1f', 'inf')} | "
+                   f"{cell(b.get('ssim'), '.3f')} | {cell(b.get('fd'), '.1f')} | {cell(b.get('accuracy'), '.2f')} | "
+                   f"{cell(b.get('compile_s'), '.1f')} |")
+    out += ["", "Pareto front over all methods (speed-up up, PSNR up, |FD - FD_baseline| down):", "",
+            "| method | setting | speed-up | CPU-time speed-up | PSNR dB | digits-FD | FD gap | in budget |",
+            "|---|---|---|---|---|---|---|---|"]
+    budget = Budget(report["budget"]["min_psnr_db"], report["budget"]["fd_tolerance"])
+    for p in report.get("pareto", []):
+        psnr = math.inf if p.get("psnr") is None else p["psnr"]
+        inside = budget.admits({**p, "psnr": psnr}, report["baseline"]["fd"])
+        out.append(f"| {p['method']} | {knob_label(p['knob'])} | {cell(p['speedup'])} | {cell(p.get('cpu_speedup'))} "
+                   f"| {cell(psnr, '.1f', 'inf')} | {cell(p['fd'], '.1f')} | {cell(p['fd_gap'], '.3f')} | "
+                   f"{'yes' if inside else 'no'} |")
+    out += ["", "Every setting:", "",
+            ("| method | setting | wall s | speed-up | CPU-time speed-up | compile s | PSNR dB | SSIM | digits-FD "
+             "| accuracy | in budget |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, m in report["methods"].items():
+        for p in m.get("points", []):
+            if p.get("error"):
+                out.append(f"| {name} | {knob_label(p.get('knob'))} | error | | | | | | | | |")
+                continue
+            out.append(f"| {name} | {knob_label(p.get('knob'))} | {cell(p.get('wall_s'), '.1f')} | "
+                       f"{cell(p.get('speedup'))} | {cell(p.get('cpu_speedup'))} | {cell(p.get('compile_s'), '.1f')} | "
+                       f"{cell(p.get('psnr'), '.1f', 'inf')} | {cell(p.get('ssim'), '.3f')} | {cell(p.get('fd'), '.1f')} | "
+                       f"{cell(p.get('accuracy'), '.2f')} | {'yes' if p.get('in_budget') else 'no'} |")
+    return "\n".join(out)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Settings, generation, measurement
 # --------------------------------------------------------------------------------------------------------------
@@ -1007,6 +1054,7 @@ def parse_args(argv=None):
     p.add_argument("--list", action="store_true", help="list the methods and their sweeps")
     p.add_argument("--from-report", metavar="JSON",
                    help="run nothing: recompute the summaries of a written report (e.g. for another budget)")
+    p.add_argument("--markdown", action="store_true", help="print the report's tables as Markdown to stdout")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--values", help=argparse.SUPPRESS)
     p.add_argument("--recheck-worker", action="store_true", help=argparse.SUPPRESS)
@@ -1038,6 +1086,8 @@ def main(argv=None) -> int:
         print(format_table(report), file=sys.stderr)
     else:
         report = run_driver(args)
+    if args.markdown:
+        print(format_markdown(report))
     if args.json:
         text = json.dumps(report, indent=1, default=str)
         if args.json == "-":
