@@ -1,13 +1,12 @@
-"""``ditfx inspect``: the region map with node counts and FLOPs (numeric, and symbolic in the batch size),
+"""``ditfx inspect``: the region map with node counts and FLOPs (numeric, and symbolic in batch and tokens),
 what each pass changed, and the per-step plan; as text, JSON or a Graphviz DOT picture."""
 from __future__ import annotations
 
 import torch
 
 from ditfx.config import Config, StaticCache
-from ditfx.graph import cost
-from ditfx.graph.structure import analyse
 from ditfx.inspect.kernels import format_kernels, kernel_section
+from ditfx.inspect.symbolic import symbolic_flops
 from ditfx.models.zoo import NamedModel
 from ditfx.passes.manager import build_plan
 
@@ -24,33 +23,6 @@ def capture(named: NamedModel):
         named(torch.compile(named.model, backend=keep, fullgraph=True, dynamic=False))
     torch._dynamo.reset()
     return graphs[0]
-
-
-def symbolic_flops(named: NamedModel) -> dict[str, str] | str:
-    """Region FLOPs as sympy expressions in the batch size B, from a torch.export graph with a dynamic batch.
-
-    Returns the reason instead when the model does not export with a dynamic batch."""
-    import sympy
-
-    batch = torch.export.Dim("B", min=2, max=1024)
-    shapes = {k: ({0: batch} if isinstance(v, torch.Tensor) and v.dim() >= 1 and k not in ("img_ids", "txt_ids")
-                  else None) for k, v in named.inputs.items()}
-    try:
-        kwargs = {**named.inputs, **({"return_dict": False} if named.diffusers else {})}
-        if named.diffusers:
-            shapes["return_dict"] = None
-        ep = torch.export.export(named.model, (), kwargs, dynamic_shapes=shapes)
-    except Exception as e:  # noqa: BLE001 - any export failure only costs the symbolic column
-        return f"no dynamic-batch export ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
-    sig = ep.graph_signature
-    structure = analyse(ep.graph_module, set(sig.inputs_to_parameters) | set(sig.inputs_to_buffers)
-                        | set(sig.inputs_to_lifted_tensor_constants))
-    out = {}
-    for r in structure.regions:
-        expr = sympy.sympify(cost.graph_flops(r.nodes))
-        expr = expr.subs({s: sympy.Symbol("B") for s in expr.free_symbols})
-        out[r.name] = str(sympy.factor(expr))
-    return out
 
 
 def inspect_model(name: str, named: NamedModel, config: Config, steps: int) -> dict:
@@ -104,7 +76,7 @@ def format_text(report: dict) -> str:
              f"{report['total_flops'] / 1e9:.3f} GFLOPs per call"]
     lines.append("inputs: " + ", ".join(f"{k}={v}" for k, v in report["inputs"].items()))
     lines.append("")
-    lines.append(f"{'region':<12}{'module':<30}{'nodes':>6}{'in':>5}{'out':>5}{'GFLOPs':>10}  symbolic FLOPs (B = batch)"
+    lines.append(f"{'region':<12}{'module':<30}{'nodes':>6}{'in':>5}{'out':>5}{'GFLOPs':>10}  symbolic FLOPs"
                  "  shares compiled artifact with")
     for r in report["regions"]:
         lines.append(f"{r['name']:<12}{(r['module'] or ''):<30}{r['nodes']:>6}{r['inputs']:>5}{r['outputs']:>5}"
