@@ -108,15 +108,20 @@ class AdaptiveGuidance:
     unchanged pipeline's ``u + s * (c - u)`` yields ``c``. ``gamma = 1`` never switches (exact CFG);
     ``gamma = -1`` switches after the first step. ``per_sample=False`` switches a batch when every sample has
     reached gamma. ``uncond_first`` gives the layout of batched calls (diffusers pipelines put the unconditional
-    half first) and the order of two-call steps.
+    half first) and the order of two-call steps. ``warmup``: the fraction of the generation (progress
+    ``1 - t / t_first``) during which no sample switches; 0 is the paper's rule. At high noise the two
+    predictions of some samples already agree before guidance has shaped them, which a warm-up ignores.
     """
 
     gamma: float = 0.99
     per_sample: bool = True
     uncond_first: bool = True
+    warmup: float = 0.0
 
     def __post_init__(self):
         _check(-1.0 <= self.gamma <= 1.0, f"AdaptiveGuidance.gamma is a cosine in [-1, 1], got {self.gamma}")
+        _check(0.0 <= self.warmup < 1.0, f"AdaptiveGuidance.warmup is a fraction of the generation in [0, 1), "
+                                         f"got {self.warmup}")
         _check_layout(self.uncond_first)
 
 

@@ -111,6 +111,15 @@ def test_per_batch_switches_when_every_sample_has_reached_gamma():
     assert ditfx.stats(fast).nfe == 2 * k + STEPS - k
 
 
+def test_warmup_keeps_guidance_until_its_fraction_of_the_generation():
+    """With warmup 0.5 no sample switches before progress 1/2 (step 4 of 8): gamma = -1 switches there."""
+    model, kw = tiny_model("dit", batch=4)
+    fast = optimized(model, ditfx.AdaptiveGuidance(gamma=-1.0, warmup=0.5))
+    got = cfg_loop(fast, kw, "dit")
+    assert (got - cfg_loop(model, kw, "dit", cfg_steps=STEPS // 2 + 1)).abs().max() <= TOL
+    assert ditfx.stats(fast).nfe == 2 * (STEPS // 2 + 1) + STEPS // 2 - 1
+
+
 def test_with_caching_at_its_exact_limit_equals_guidance_alone():
     model, kw = tiny_model("dit", batch=4)
     alone = cfg_loop(optimized(model, ditfx.AdaptiveGuidance(gamma=-1.0)), kw, "dit")
@@ -196,6 +205,7 @@ def test_no_cfg_found_warns_and_changes_nothing():
 
 @pytest.mark.parametrize("bad, message", [
     (lambda: ditfx.AdaptiveGuidance(gamma=1.5), "cosine in"),
+    (lambda: ditfx.AdaptiveGuidance(warmup=1.0), "warmup is a fraction"),
     (lambda: ditfx.GuidanceWindow(start=0.6, stop=0.2), "start <= stop"),
     (lambda: ditfx.LinearAG("/nonexistent/coefficients.json"), "not found"),
     (lambda: ditfx.Config(guidance="adaptive"), "Config.guidance must be"),

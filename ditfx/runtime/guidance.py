@@ -55,6 +55,7 @@ class GuidanceState:
     cond_history: list[torch.Tensor] = field(default_factory=list)  # LinearAG / recording: per step
     uncond_history: list[torch.Tensor] = field(default_factory=list)
     times: list[float] = field(default_factory=list)  # normalised time of each step
+    progress: float = 0.0  # 1 - t / t_first of the current step
 
 
 def _bucket(k: int, half: int) -> int:
@@ -108,9 +109,11 @@ class GuidancePolicy:
     def _guided(self, state: GuidanceState, step: StepInfo) -> str:
         """This step's kind: "exact" (full guidance), "estimate" (LinearAG), "cond" (guidance off for all)."""
         cfg = self.cfg
+        if step.timestep is None and isinstance(cfg, (GuidanceWindow, LinearAG)):
+            raise RuntimeError(f"{type(cfg).__name__} follows the generation's timesteps, and this graph has no "
+                               "timestep input that ditfx recognises; use AdaptiveGuidance")
         if isinstance(cfg, GuidanceWindow):
-            progress = 1.0 - step.timestep / state.first_timestep if state.first_timestep else 0.0
-            return "exact" if cfg.start <= progress < cfg.stop else "cond"
+            return "exact" if cfg.start <= state.progress < cfg.stop else "cond"
         if isinstance(cfg, LinearAG):
             coeffs = cfg.coefficients
             if step.step >= coeffs.steps:
@@ -138,8 +141,9 @@ class GuidancePolicy:
                 self._no_cfg(state)
             elif state.layout is not None:
                 self._start(state)
-        if step.branch == 0:
-            state.times.append(step.timestep / state.first_timestep if state.first_timestep else 1.0)
+        if step.branch == 0 and step.timestep is not None and state.first_timestep:
+            state.times.append(step.timestep / state.first_timestep)
+            state.progress = 1.0 - state.times[-1]
         if state.layout in (None, "none"):
             return CallPlan(None, "full")
         kind = self._guided(state, step)
@@ -287,6 +291,8 @@ class GuidancePolicy:
         if plan.copy_from_cond is not None:
             measured[plan.copy_from_cond] = False
         state.cosines.append([float(c) if m else float("nan") for c, m in zip(cos, measured)])
+        if state.progress < self.cfg.warmup:
+            return
         reached = (cos >= self.cfg.gamma) & measured
         if self.cfg.per_sample:
             state.active &= ~reached
