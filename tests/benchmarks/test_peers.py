@@ -141,3 +141,18 @@ def test_summaries_recompute_from_points(peers, tmp_path):
     again = peers.from_report(str(path), peers.Budget(min_psnr=36.0))
     assert again["methods"]["ditfx s"]["best_speedup_in_budget"] is None
     assert again["budget"]["min_psnr_db"] == 36.0
+
+
+def test_confirmation_takes_every_ditfx_method_and_the_leading_peers(peers):
+    def m(family, wall, cpu, knob):
+        best = None if wall is None else {"knob": knob}
+        return {"family": family, "best_point": best, "best_speedup_in_budget": wall,
+                "best_cpu_speedup_in_budget": cpu, "best_setting": knob}
+
+    summary = {"methods": {
+        "eager": m("baseline", 1.0, 1.0, None),
+        "ditfx a": m("ditfx", 3.0, 2.5, 0.3), "ditfx b": m("ditfx", None, None, None),
+        "p1": m("diffusers", 4.0, 2.0, 12), "p2": m("diffusers", 3.5, 3.0, 0.1), "p3": m("cache-dit", 2.0, 3.2, "x"),
+        "p4": m("cache-dit", 1.0, 1.0, 0.2),
+    }}
+    assert peers.confirmation_candidates(summary, 2) == [("ditfx a", 0.3), ("p1", 12), ("p2", 0.1), ("p3", "x")]
