@@ -156,3 +156,13 @@ def test_confirmation_takes_every_ditfx_method_and_the_leading_peers(peers):
         "p4": m("cache-dit", 1.0, 1.0, 0.2),
     }}
     assert peers.confirmation_candidates(summary, 2) == [("ditfx a", 0.3), ("p1", 12), ("p2", 0.1), ("p3", "x")]
+
+
+def test_one_sided_fd_budget_admits_a_lower_fd(peers):
+    upper = peers.Budget(fd_side="upper")
+    assert upper.admits(point(1, 2.0, 35.0, 150.0), 200.0)   # 25 % below: no loss on this side
+    assert not upper.admits(point(1, 2.0, 35.0, 221.0), 200.0)
+    assert not peers.Budget().admits(point(1, 2.0, 35.0, 150.0), 200.0)
+    assert "fd <= 1.1 * fd_baseline" in upper.to_dict()["rule"]
+    with pytest.raises(ValueError):
+        peers.Budget(fd_side="lower")
