@@ -424,9 +424,9 @@ def diffusers_methods() -> list[Method]:
         return [x.unsqueeze(1) for x in kwargs["hidden_states"].unbind(0)]
 
     return [
-        hook_method("FirstBlockCache", "threshold", [0.05, 0.08, 0.1, 0.12, 0.15],
+        hook_method("FirstBlockCache", "threshold", [0.05, 0.08, 0.1, 0.12, 0.13, 0.14, 0.15],
                     lambda v, pipe, ctx: FirstBlockCacheConfig(threshold=v)),
-        hook_method("TaylorSeerCache", "cache_interval", [5, 8, 12, 16, 20],
+        hook_method("TaylorSeerCache", "cache_interval", [5, 6, 7, 8, 12, 16, 20],
                     lambda v, pipe, ctx: TaylorSeerCacheConfig(
                         cache_interval=v, max_order=1, taylor_factors_dtype=torch.float32,
                         cache_identifiers=[DIT_BLOCKS]),
@@ -454,7 +454,8 @@ def diffusers_methods() -> list[Method]:
                         current_timestep_callback=lambda: pipe.current_timestep)),
         hook_method("SeaCache", "threshold,max_consecutive_cached",
                     [{"threshold": 0.25, "max_consecutive_cached": 2}, {"threshold": 0.5, "max_consecutive_cached": 2},
-                     {"threshold": 1.0, "max_consecutive_cached": 4}, {"threshold": 1.0, "max_consecutive_cached": 0},
+                     {"threshold": 1.0, "max_consecutive_cached": 4}, {"threshold": 2.0, "max_consecutive_cached": 4},
+                     {"threshold": 1.0, "max_consecutive_cached": 6}, {"threshold": 1.0, "max_consecutive_cached": 0},
                      {"threshold": 2.0, "max_consecutive_cached": 0}],
                     lambda v, pipe, ctx: SeaCacheConfig(raw_vision_callback=sea_vision, **v),
                     notes="generic path: raw_vision_callback gives each image as a one-frame (C, T, H, W) latent."),
@@ -587,10 +588,10 @@ def ditfx_methods() -> list[Method]:
                      lambda v, ctx: config(ditfx.DynamicCache(threshold=v), ctx),
                      notes="first=1, last=0, warmup=1, per-sample decisions (the defaults): a step skips the "
                            "blocks only where every sample of the batch is below the threshold."),
-        ditfx_method("DynamicCache per_sample=False", "threshold", [0.05, 0.08, 0.1, 0.12, 0.15, 0.2],
+        ditfx_method("DynamicCache per_sample=False", "threshold", [0.05, 0.08, 0.1, 0.12, 0.13, 0.14, 0.15, 0.2],
                      lambda v, ctx: config(ditfx.DynamicCache(threshold=v, per_sample=False), ctx),
                      notes="one decision per batch from the summed change, as the peers decide."),
-        ditfx_method("StaticCache", "delta", [0.15, 0.2, 0.25, 0.3, 0.35, 0.4],
+        ditfx_method("StaticCache", "delta", [0.15, 0.2, 0.25, 0.3, 0.32, 0.35, 0.4],
                      lambda v, ctx: config(ditfx.StaticCache(v, ctx.prepared["ditfx StaticCache"]["schedule"]),
                                            ctx),
                      prepare=prepare_ditfx_schedule,
@@ -908,33 +909,28 @@ def run_driver(args) -> dict:
           file=sys.stderr)
 
     results: dict[str, dict] = {}
-    planned = {m.name: list(m.values) for m in methods}
-    total = sum(len(v) for n, v in planned.items() if n not in resumed)
+    planned = {m.name: (list(m.values)[:2] if args.quick else list(m.values)) for m in methods}
+    total = sum(len(missing_values(planned[m.name], resumed.get(m.name))) for m in methods)
     with tqdm(total=total, desc="settings", file=sys.stderr, dynamic_ncols=True) as bar:
         for m in methods:
-            if m.name in resumed:
-                results[m.name] = resumed[m.name]
-                continue
-            values = list(m.values)
-            if args.quick:
-                values = values[:2]
+            values = planned[m.name]
             if m.name == "eager":
-                results[m.name] = {"name": m.name, "family": m.family, "knob": m.knob, "compiled": False,
-                                   "notes": m.notes, "error": None,
-                                   "points": [{"knob": None, "wall_s": round(baseline["wall_s"], 3),
-                                               "cpu_s": round(baseline["cpu_s"], 3), "speedup": 1.0,
-                                               "cpu_speedup": 1.0, "fd": baseline["fd"],
-                                               "accuracy": baseline["accuracy"], "psnr": math.inf, "ssim": 1.0,
-                                               "fd_gap": 0.0, "in_budget": True, "error": None}]}
+                results[m.name] = resumed.get(m.name) or eager_result(m, baseline)
                 (workdir / "eager.json").write_text(json.dumps(results[m.name], indent=1))
-                bar.update(len(planned[m.name]))
                 continue
             if m.follows and args.compiled_sweep == "near-budget" and m.follows in results \
                     and not results[m.follows].get("error"):
-                values = near_budget_values(values, results[m.follows]["points"])
-            bar.total += len(values) - len(planned[m.name])
+                values = near_budget_values(values, aligned_points(planned[m.follows], results[m.follows]))
+            have = resumed.get(m.name)
+            todo = missing_values(values, have)
+            bar.total += len(todo) - len(missing_values(planned[m.name], have))
             bar.refresh()
-            results[m.name] = run_method_subprocess(args, m, values, workdir, bar)
+            if not todo:
+                results[m.name] = have
+                continue
+            new = run_method_subprocess(args, m, todo, workdir, bar, suffix=".more" if have else "")
+            results[m.name] = merge_results(have, new, m.values) if have else new
+            (workdir / f"{safe_name(m.name)}.json").write_text(json.dumps(results[m.name], indent=1))
 
     if args.recheck_baseline:
         print("re-timing the eager baseline ...", file=sys.stderr)
@@ -1039,6 +1035,43 @@ def compare_confirmed(methods: dict, confirmation: dict) -> dict:
     table = {n: {"family": c["family"], "speedup": c["speedup_median"], "cpu": c["cpu_speedup_median"]}
              for n, c in confirmation["methods"].items()}
     return {"wall": compare(table, "speedup"), "cpu": compare(table, "cpu")}
+
+
+def _key(value) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def missing_values(values: list, have: dict | None) -> list:
+    """The knob values of ``values`` that ``have`` (a method's saved result) has no point for."""
+    done = {_key(p.get("knob")) for p in (have or {}).get("points", [])}
+    return [v for v in values if _key(v) not in done]
+
+
+def aligned_points(values: list, result: dict) -> list[dict]:
+    """The result's points in the order of ``values`` ({} where a value has none)."""
+    by_key = {_key(p.get("knob")): p for p in result.get("points", [])}
+    return [by_key.get(_key(v), {}) for v in values]
+
+
+def merge_results(have: dict, new: dict, order: list) -> dict:
+    """A resumed method's saved points plus the newly measured ones, in sweep order."""
+    rank = {_key(v): i for i, v in enumerate(order)}
+    points = sorted(have.get("points", []) + new.get("points", []),
+                    key=lambda p: rank.get(_key(p.get("knob")), len(rank)))
+    errors = [p["error"] for p in points if p.get("error")]
+    merged = {**have, "points": points,
+              "error": (errors[0] if points and len(errors) == len(points) else None) or
+                       (new.get("error") if not points else None)}
+    return merged
+
+
+def eager_result(m: Method, baseline: dict) -> dict:
+    """The eager method's one point: the baseline itself."""
+    return {"name": m.name, "family": m.family, "knob": m.knob, "compiled": False, "notes": m.notes,
+            "error": None,
+            "points": [{"knob": None, "wall_s": round(baseline["wall_s"], 3), "cpu_s": round(baseline["cpu_s"], 3),
+                        "speedup": 1.0, "cpu_speedup": 1.0, "fd": baseline["fd"], "accuracy": baseline["accuracy"],
+                        "psnr": math.inf, "ssim": 1.0, "fd_gap": 0.0, "in_budget": True, "error": None}]}
 
 
 def recheck_baseline(args, workdir: Path) -> dict:

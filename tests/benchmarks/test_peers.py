@@ -166,3 +166,19 @@ def test_one_sided_fd_budget_admits_a_lower_fd(peers):
     assert "fd <= 1.1 * fd_baseline" in upper.to_dict()["rule"]
     with pytest.raises(ValueError):
         peers.Budget(fd_side="lower")
+
+
+def test_resume_runs_only_missing_knobs_and_merges_in_sweep_order(peers):
+    have = {"name": "m", "error": None, "prepare_s": 3.0,
+            "points": [{"knob": {"t": 1, "k": 2}, "speedup": 2.0}, {"knob": 0.3, "error": "boom"}]}
+    values = [0.1, {"k": 2, "t": 1}, 0.3, 0.5]
+    assert peers.missing_values(values, have) == [0.1, 0.5]
+    assert peers.missing_values(values, None) == values
+    new = {"points": [{"knob": 0.5, "speedup": 4.0}, {"knob": 0.1, "speedup": 1.5}], "error": None}
+    merged = peers.merge_results(have, new, values)
+    assert [p["knob"] for p in merged["points"]] == [0.1, {"t": 1, "k": 2}, 0.3, 0.5]
+    assert merged["error"] is None and merged["prepare_s"] == 3.0
+    aligned = peers.aligned_points(values, merged)
+    assert [p.get("speedup") for p in aligned] == [1.5, 2.0, None, 4.0]
+    failed = peers.merge_results({"points": []}, {"points": [], "error": "ImportError: x"}, values)
+    assert failed["error"] == "ImportError: x"
