@@ -11,6 +11,7 @@ from ditfx.runtime.schedule import CacheSchedule
 INNER_BACKENDS = ("inductor", "aot_eager", "eager")
 COMPILED_REGIONS = ("blocks", "all")
 CacheMode = Literal["residual", "output"]
+Forecast = Literal["none", "linear"]
 
 
 def _check(ok: bool, msg: str) -> None:
@@ -23,6 +24,12 @@ def _check_mode(mode: str) -> None:
            f"cache mode must be 'residual' (reuse out - in, the DiT default) or 'output', got {mode!r}")
 
 
+def _check_forecast(forecast: str) -> None:
+    _check(forecast in ("none", "linear"),
+           f"cache forecast must be 'none' (reuse the cached value as it is) or 'linear' (extrapolate it from "
+           f"the block's last two computed steps), got {forecast!r}")
+
+
 @dataclass(frozen=True)
 class DynamicCache:
     """Skip the middle blocks while the first blocks' residual barely changes (FBCache-style, online).
@@ -32,6 +39,8 @@ class DynamicCache:
     ``threshold`` the middle blocks reuse their cached residuals. ``warmup`` initial steps always compute,
     and at most ``max_reuse`` consecutive steps reuse (None: no limit). ``per_sample`` decides for each
     sample of a batch on its own (a batched CFG call's halves never mix); otherwise one decision per batch.
+    ``forecast="linear"`` extrapolates a reused value along the timestep from the block's last two computed
+    steps (first-order, as TaylorSeer) instead of reusing it unchanged.
     """
 
     threshold: float
@@ -41,6 +50,7 @@ class DynamicCache:
     max_reuse: int | None = None
     per_sample: bool = True
     mode: CacheMode = "residual"
+    forecast: Forecast = "none"
 
     def __post_init__(self):
         _check(self.threshold >= 0, f"DynamicCache.threshold must be >= 0 (0 never reuses), got {self.threshold}")
@@ -50,6 +60,7 @@ class DynamicCache:
         _check(self.max_reuse is None or self.max_reuse >= 1,
                f"DynamicCache.max_reuse must be None or >= 1, got {self.max_reuse}")
         _check_mode(self.mode)
+        _check_forecast(self.forecast)
 
 
 @dataclass(frozen=True)
@@ -58,12 +69,16 @@ class StaticCache:
 
     ``schedule`` is a :class:`CacheSchedule` or the path of one written by ``ditfx calibrate``: per-block
     change rates over normalised time, so one calibration serves other step counts. ``delta = 0`` recomputes
-    every block at every step (the exact limit).
+    every block at every step (the exact limit). ``per_block=False`` gives the blocks one sum, of their mean
+    change, so they recompute together at the same steps. ``forecast="linear"`` extrapolates a reused value
+    along the timestep from the block's last two computed steps instead of reusing it unchanged.
     """
 
     delta: float
     schedule: CacheSchedule | str | Path = field(repr=False)
     mode: CacheMode | None = None  # None: the mode the schedule was calibrated in
+    per_block: bool = True
+    forecast: Forecast = "none"
 
     def __post_init__(self):
         _check(self.delta >= 0, f"StaticCache.delta must be >= 0 (0 recomputes every step), got {self.delta}")
@@ -78,6 +93,8 @@ class StaticCache:
         _check(self.mode == self.schedule.mode,
                f"StaticCache.mode {self.mode!r} differs from the schedule's calibration mode "
                f"{self.schedule.mode!r}: calibrate again with --mode {self.mode}")
+        _check(isinstance(self.per_block, bool), f"StaticCache.per_block must be True or False, got {self.per_block!r}")
+        _check_forecast(self.forecast)
 
 
 @dataclass(frozen=True)

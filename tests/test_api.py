@@ -21,6 +21,7 @@ def _reset():
     (lambda: ditfx.DynamicCache(threshold=0.1, first=0), "first must be >= 1"),
     (lambda: ditfx.DynamicCache(threshold=0.1, max_reuse=0), "max_reuse"),
     (lambda: ditfx.DynamicCache(threshold=0.1, mode="both"), "cache mode"),
+    (lambda: ditfx.DynamicCache(threshold=0.1, forecast="quadratic"), "cache forecast must be 'none'"),
     (lambda: ditfx.Config(compiler="tvm"), "unknown inner backend 'tvm'"),
     (lambda: ditfx.Config(cache="fast"), "Config.cache must be"),
     (lambda: ditfx.StaticCache(delta=-1, schedule="x.json"), "delta must be >= 0"),

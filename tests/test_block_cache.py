@@ -8,6 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import ditfx
 from conftest import FAMILIES, run_loop, tiny_model
+from ditfx.runtime.block_cache import CachedValues
 from ditfx.runtime.schedule import CacheSchedule
 
 EAGER = "aot_eager"
@@ -104,6 +105,59 @@ def test_larger_delta_never_schedules_more_recomputes():
         assert counts[0] == 5 * steps
 
 
+def test_blocks_together_recompute_at_the_same_steps():
+    rng = random.Random(1)
+    for _ in range(20):
+        steps = rng.randint(2, 40)
+        times = sorted((rng.random() for _ in range(steps)), reverse=True)
+        change = [[0.0] + [rng.random() * 0.3 for _ in range(steps - 1)] for _ in range(5)]
+        schedule = CacheSchedule([f"b.{i}" for i in range(5)], times, change)
+        plans = [schedule.plan(d, per_block=False) for d in (0, 0.01, 0.05, 0.1, 0.3, 1, 10)]
+        assert all(len(set(column)) == 1 for plan in plans for column in zip(*plan))  # all blocks or none
+        counts = [sum(map(sum, plan)) for plan in plans]
+        assert counts == sorted(counts, reverse=True) and counts[0] == 5 * steps
+    model, kw = tiny_model("reference")
+    schedule = calibrated(model, kw, steps=8)
+    delta = sorted(v for c in schedule.change for v in c[1:])[len(schedule.change) * 4]
+    plan = schedule.plan(delta, per_block=False)
+    fast = ditfx.optimize(model, ditfx.Config(cache=ditfx.StaticCache(delta, schedule, per_block=False),
+                                              compiler=EAGER))
+    run_loop(fast, kw, "reference", steps=8)
+    s = ditfx.stats(fast)
+    assert s.block_evals == sum(map(sum, plan)) and s.block_evals_skipped > 0
+
+
+def test_linear_forecast_extrapolates_a_linear_trajectory():
+    """Values that move linearly in time, per sample: two computed steps forecast any later time exactly, and a
+    sample that did not compute keeps its own last time and slope."""
+    a, b = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    value = lambda t: [a + b * t]  # noqa: E731
+    entry = CachedValues.first(value(1.0), 1.0, "linear")
+    assert torch.equal(entry.at(0.5)[0], value(1.0)[0])  # one point: reused as it is
+    entry.update(value(0.8), 0.8)
+    torch.testing.assert_close(entry.at(0.3)[0], value(0.3)[0])
+    entry.update([value(0.6)[0] + 1.0], 0.6, computed=torch.tensor([True, False]))
+    assert entry.time.tolist() == pytest.approx([0.6, 0.8])
+    torch.testing.assert_close(entry.at(0.2)[0][1], value(0.2)[0][1])  # sample 1 still on its line
+    torch.testing.assert_close(entry.at(0.6)[0][0], value(0.6)[0][0] + 1.0)
+    plain = CachedValues.first(value(1.0), 1.0, "none")
+    plain.update(value(0.8), 0.8)
+    assert torch.equal(plain.at(0.3)[0], value(0.8)[0])
+
+
+def test_linear_forecast_moves_only_reused_blocks():
+    model, kw = tiny_model("reference")
+    schedule = calibrated(model, kw, steps=8)
+    delta = sorted(v for c in schedule.change for v in c[1:])[len(schedule.change) * 4]
+    runs = {}
+    for forecast in ("none", "linear"):
+        fast = ditfx.optimize(model, ditfx.Config(cache=ditfx.StaticCache(delta, schedule, forecast=forecast),
+                                                  compiler=EAGER))
+        runs[forecast] = (run_loop(fast, kw, "reference", steps=8), ditfx.stats(fast).block_evals)
+    assert runs["none"][1] == runs["linear"][1] < 8 * 4
+    assert (runs["none"][0] - runs["linear"][0]).abs().max() > 1e-4
+
+
 def test_fifty_steps_no_graph_breaks_no_recompiles():
     from torch._dynamo.utils import counters
 
@@ -153,9 +207,10 @@ def test_generation_context_frees_state():
     assert not session.state
 
 
-def test_batch_equals_each_sample_alone_with_per_sample_policy():
+@pytest.mark.parametrize("forecast", ["none", "linear"])
+def test_batch_equals_each_sample_alone_with_per_sample_policy(forecast):
     model, kw = tiny_model("reference", batch=2)
-    config = ditfx.Config(cache=ditfx.DynamicCache(threshold=SKIPPY), compiler=EAGER)
+    config = ditfx.Config(cache=ditfx.DynamicCache(threshold=SKIPPY, forecast=forecast), compiler=EAGER)
     both = run_loop(ditfx.optimize(model, config), kw, "reference", steps=10)
     for i in range(2):
         alone_kw = {k: v[i:i + 1] for k, v in kw.items()}

@@ -17,8 +17,9 @@ def flat_schedule(model, steps=8) -> CacheSchedule:
 
 def exact_configs(model):
     yield ditfx.Config(compiler="aot_eager")
-    yield ditfx.Config(cache=ditfx.DynamicCache(threshold=0.0), compiler="aot_eager")
-    yield ditfx.Config(cache=ditfx.StaticCache(delta=0.0, schedule=flat_schedule(model)), compiler="aot_eager")
+    yield ditfx.Config(cache=ditfx.DynamicCache(threshold=0.0, forecast="linear"), compiler="aot_eager")
+    yield ditfx.Config(cache=ditfx.StaticCache(delta=0.0, schedule=flat_schedule(model), per_block=False,
+                                               forecast="linear"), compiler="aot_eager")
 
 
 @pytest.mark.parametrize("family", FAMILIES)

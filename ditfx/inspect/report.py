@@ -58,8 +58,9 @@ def step_plan(plan, config: Config, steps: int) -> dict:
         return {"kind": "none", "description": "every block runs at every step"}
     if isinstance(cache, StaticCache):
         times = [1 - k / steps for k in range(steps)]
-        grid = cache.schedule.plan(cache.delta, times)
-        return {"kind": "static", "delta": cache.delta, "steps": steps, "blocks": blocks,
+        grid = cache.schedule.plan(cache.delta, times, cache.per_block)
+        return {"kind": "static", "delta": cache.delta, "per_block": cache.per_block, "forecast": cache.forecast,
+                "steps": steps, "blocks": blocks,
                 "compute": [[int(v) for v in row] for row in grid],
                 "block_evals": sum(map(sum, grid)), "block_evals_uncached": len(blocks) * steps}
     first, last = cache.first, cache.last

@@ -24,6 +24,48 @@ def split_cached(rm: RegionModule, outs: tuple) -> tuple[list, list]:
     return list(outs[:n]), list(outs[n:n + len(rm.region.streams)])
 
 
+@dataclass
+class CachedValues:
+    """A block's cached values (one per stream) at the step each sample last computed it, and, for a linear
+    forecast, their rate of change along the time between its last two computed steps."""
+
+    values: list[torch.Tensor]
+    time: torch.Tensor  # (B,): when each sample last computed the block
+    slopes: list[torch.Tensor] | None  # d value / d time per stream; None: reuse as is
+
+    @classmethod
+    def first(cls, values: list, time: float, forecast: str) -> CachedValues:
+        v = values[0]
+        slopes = [torch.zeros_like(x) for x in values] if forecast == "linear" else None
+        return cls(values, torch.full((v.shape[0],), float(time), dtype=torch.float32, device=v.device), slopes)
+
+    def update(self, values: list, time: float, computed: torch.Tensor | None = None) -> None:
+        """Take the newly computed ``values`` for the samples in ``computed`` (None: all of them)."""
+        if self.slopes is not None:
+            dt = time - self.time  # (B,)
+            inv = torch.where(dt == 0, 0.0, 1.0 / dt)
+            self.slopes = [_where(computed, (new - old) * _per_sample(inv.to(new.dtype), new), s)
+                           for new, old, s in zip(values, self.values, self.slopes)]
+        self.values = [_where(computed, new, old) for new, old in zip(values, self.values)]
+        self.time = _where(computed, torch.full_like(self.time, float(time)), self.time)
+
+    def at(self, time: float) -> list[torch.Tensor]:
+        """The values forecast for ``time``: as cached, or extrapolated along the slopes."""
+        if self.slopes is None:
+            return self.values
+        dt = time - self.time
+        return [torch.addcmul(v, _per_sample(dt.to(v.dtype), v), s) for v, s in zip(self.values, self.slopes)]
+
+
+def _where(mask: torch.Tensor | None, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    return new if mask is None else torch.where(_per_sample(mask, new), new, old)
+
+
+def step_time(step: StepInfo) -> float:
+    """The time a forecast extrapolates along: the denoiser's timestep, or the step index without one."""
+    return float(step.step) if step.timestep is None else step.timestep
+
+
 def reuse_outputs(rm: RegionModule, args: list, cached: list, mode: str) -> list:
     """A skipped block's outputs: its current stream inputs plus the cached residuals (or the cached outputs)."""
     outs: list = [None] * len(rm.region.outputs)
@@ -45,7 +87,7 @@ def relative_l1(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
 @dataclass
 class _DynamicState:
     ref: torch.Tensor | None = None  # probe's cached value at the last computed step, per sample
-    cached: dict[int, list] = field(default_factory=dict)
+    cached: dict[int, CachedValues] = field(default_factory=dict)
     reuse: torch.Tensor | None = None  # consecutive reuses per sample
     skip: torch.Tensor | None = None  # this call's decision per sample
     skip_all: bool = False
@@ -72,16 +114,19 @@ class DynamicCachePolicy:
             return self._run_probe(state, step, rm, args, run), True
         if index not in self.middle:
             return list(run("base", args)), True
+        time = step_time(step)
         if state.skip_all:
-            return reuse_outputs(rm, args, state.cached[index], self.cfg.mode), False
+            return reuse_outputs(rm, args, state.cached[index].at(time), self.cfg.mode), False
         outs, cached = split_cached(rm, run("residual", args))
+        entry = state.cached.get(index)
+        if entry is None:
+            state.cached[index] = CachedValues.first(cached, time, self.cfg.forecast)
+            return outs, True
         if state.skip_any:  # mixed batch: every sample keeps its own decision
-            old = state.cached[index]
-            reused = reuse_outputs(rm, args, old, self.cfg.mode)
-            for (o, _), s in zip(rm.region.streams, range(len(cached))):
+            reused = reuse_outputs(rm, args, entry.at(time), self.cfg.mode)
+            for o, _ in rm.region.streams:
                 outs[o] = torch.where(_per_sample(state.skip, outs[o]), reused[o], outs[o])
-                cached[s] = torch.where(_per_sample(state.skip, cached[s]), old[s], cached[s])
-        state.cached[index] = cached
+        entry.update(cached, time, None if not state.skip_any else ~state.skip)
         return outs, True
 
     def _run_probe(self, state: _DynamicState, step: StepInfo, rm: RegionModule, args: list, run: RunVariant):
@@ -114,7 +159,7 @@ class _StaticState:
     acc: list[float]
     u_prev: float | None = None
     compute: list[bool] = field(default_factory=list)
-    cached: dict[int, list] = field(default_factory=dict)
+    cached: dict[int, CachedValues] = field(default_factory=dict)
 
 
 class StaticCachePolicy:
@@ -125,6 +170,7 @@ class StaticCachePolicy:
         self.schedule: CacheSchedule = cfg.schedule
         self.n_blocks = n_blocks
         self.cacheable = cacheable
+        self.blocks = sorted(cacheable)
 
     def new_state(self) -> _StaticState:
         return _StaticState(acc=[0.0] * self.n_blocks)
@@ -134,25 +180,25 @@ class StaticCachePolicy:
             raise RuntimeError("StaticCache needs the denoiser's timestep input to key its schedule, and this "
                                "graph has none that ditfx recognises; use DynamicCache")
         u = step.timestep / self.schedule.time_scale
-        first = state.u_prev is None
-        state.compute = []
-        for i in range(self.n_blocks):
-            if not first:
-                state.acc[i] += self.schedule.increment(i, state.u_prev, u)
-            run = first or self.cfg.delta == 0 or state.acc[i] > self.cfg.delta or i not in state.cached
-            if run:
-                state.acc[i] = 0.0
-            state.compute.append(run)
+        compute = self.schedule.advance(state.acc, state.u_prev, u, self.cfg.delta, self.cfg.per_block,
+                                        self.blocks)
+        state.compute = [run or i not in state.cached for i, run in enumerate(compute)]
         state.u_prev = u
 
     def run_block(self, state: _StaticState, step: StepInfo, index: int, rm: RegionModule, args: list,
                   run: RunVariant) -> tuple[list, bool]:
         if index not in self.cacheable:
             return list(run("base", args)), True
+        time = state.u_prev  # this step's normalised time
         if state.compute[index]:
-            outs, state.cached[index] = split_cached(rm, run("residual", args))
+            outs, cached = split_cached(rm, run("residual", args))
+            entry = state.cached.get(index)
+            if entry is None:
+                state.cached[index] = CachedValues.first(cached, time, self.cfg.forecast)
+            else:
+                entry.update(cached, time)
             return outs, True
-        return reuse_outputs(rm, args, state.cached[index], self.cfg.mode), False
+        return reuse_outputs(rm, args, state.cached[index].at(time), self.cfg.mode), False
 
 
 @dataclass

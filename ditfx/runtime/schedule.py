@@ -7,7 +7,9 @@ change of a step is the integral of that rate over the step, so one calibration 
 reproduces the calibration's own schedule exactly on its own grid.
 
 The rule, per block: accumulate the change since the last recompute; recompute at the step where the sum
-exceeds delta (the first step of a generation always computes; delta = 0 recomputes every step).
+exceeds delta (the first step of a generation always computes; delta = 0 recomputes every step). Not per block,
+the blocks share one sum, of their mean change, and recompute together: a step then either runs every block or
+none, so reused values never meet fresh ones computed from them.
 """
 from __future__ import annotations
 
@@ -59,22 +61,31 @@ class CacheSchedule:
             total += curve[k] / length * overlap
         return total
 
-    def plan(self, delta: float, times: list[float] | None = None) -> list[list[bool]]:
+    def advance(self, acc: list[float], u_prev: float | None, u: float, delta: float, per_block: bool = True,
+                blocks: list[int] | None = None) -> list[bool]:
+        """One step of the rule for ``blocks`` (default: all): add each block's change from ``u_prev`` to ``u``
+        (None: the generation's first step) to its sum in ``acc``; returns which blocks recompute (their sums
+        restart at 0). Not ``per_block``, every block adds the blocks' mean change."""
+        blocks = range(len(self.blocks)) if blocks is None else blocks
+        compute = [False] * len(self.blocks)
+        if u_prev is not None:
+            steps = [self.increment(i, u_prev, u) for i in blocks]
+            mean = sum(steps) / max(len(steps), 1)
+            for i, inc in zip(blocks, steps):
+                acc[i] += inc if per_block else mean
+        for i in blocks:
+            compute[i] = u_prev is None or delta == 0 or acc[i] > delta
+            if compute[i]:
+                acc[i] = 0.0
+        return compute
+
+    def plan(self, delta: float, times: list[float] | None = None, per_block: bool = True) -> list[list[bool]]:
         """compute[i][k]: whether block i runs at step k of a generation over ``times`` (default: the
         calibration grid)."""
         times = self.times if times is None else times
-        plan = []
-        for i in range(len(self.blocks)):
-            acc, row = 0.0, []
-            for k, u in enumerate(times):
-                if k > 0:
-                    acc += self.increment(i, times[k - 1], u)
-                run = k == 0 or delta == 0 or acc > delta
-                if run:
-                    acc = 0.0
-                row.append(run)
-            plan.append(row)
-        return plan
+        acc = [0.0] * len(self.blocks)
+        steps = [self.advance(acc, times[k - 1] if k else None, u, delta, per_block) for k, u in enumerate(times)]
+        return [list(row) for row in zip(*steps)]
 
     def check_model(self, blocks: list[str]) -> None:
         """Raise if this schedule was calibrated on a model with other blocks."""
@@ -103,7 +114,7 @@ class CacheSchedule:
             raise ValueError(f"{path} is not a ditfx cache schedule ({FORMAT})")
         return cls(**data)
 
-    def heatmap(self, path: str | Path, delta: float) -> Path:
+    def heatmap(self, path: str | Path, delta: float, per_block: bool = True) -> Path:
         """PNG: block x step, coloured by change, with a dot where the block is recomputed."""
         import matplotlib
 
@@ -112,7 +123,7 @@ class CacheSchedule:
         import numpy as np
 
         change = np.array(self.change, dtype=float)
-        plan = np.array(self.plan(delta), dtype=bool)
+        plan = np.array(self.plan(delta, per_block=per_block), dtype=bool)
         fig, ax = plt.subplots(figsize=(max(6, self.steps * 0.18), max(3, len(self.blocks) * 0.3)))
         im = ax.imshow(change, aspect="auto", cmap="viridis", interpolation="nearest")
         ys, xs = np.nonzero(plan)
