@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import fnmatch
 import io
 import json
@@ -312,6 +313,7 @@ class Method:
     compiled: bool = False
     prepare: Callable[[Context], dict] | None = None
     follows: str | None = None
+    prepared_as: str | None = None  # the key its preparation is shared under (default: follows, else name)
     requires: str | None = None  # a module to import first (an optional dependency)
     notes: str = ""
 
@@ -534,7 +536,8 @@ def compile_cache_dit(pipe, ctx: Context) -> None:
 # ---- ditfx ---------------------------------------------------------------------------------------------------
 
 def ditfx_method(name: str, knob: str, values: list, make_config: Callable[[Any, Context], Any],
-                 prepare: Callable[[Context], dict] | None = None, notes: str = "") -> Method:
+                 prepare: Callable[[Context], dict] | None = None, prepared_as: str | None = None,
+                 notes: str = "") -> Method:
     """A ditfx configuration: ``make_config(value, ctx)`` gives the ``ditfx.Config`` for ``ditfx.optimize``
     (which compiles the pipeline's transformer in place). Add a new ditfx technique as one more of these."""
 
@@ -557,7 +560,7 @@ def ditfx_method(name: str, knob: str, values: list, make_config: Callable[[Any,
         return Built(pipe, extras=extras, before_timed_run=lambda: ditfx.reset_stats(pipe.transformer))
 
     return Method(name=f"ditfx {name}", family="ditfx", knob=knob, values=values, build=build, compiled=True,
-                  prepare=prepare, notes=notes)
+                  prepare=prepare, prepared_as=prepared_as, notes=notes)
 
 
 def prepare_ditfx_schedule(ctx: Context) -> dict:
@@ -572,16 +575,28 @@ def prepare_ditfx_schedule(ctx: Context) -> dict:
 
     start = time.perf_counter()
     schedule = ditfx.calibrate(digits.load_transformer(), run, generations=1)
-    return {"schedule": schedule, "prepare_s": time.perf_counter() - start}
+    return {"schedule": dataclasses.asdict(schedule), "prepare_s": time.perf_counter() - start}
+
+
+SCHEDULE = "ditfx block-cache schedule"
+AG_GAMMA = 0.995  # the demo's gamma
 
 
 def ditfx_methods() -> list[Method]:
     import ditfx
 
-    def config(cache, ctx: Context):
+    def config(cache, ctx: Context, guidance=None):
         # Every region compiled, like transformer.compile() of the whole model that the peers get; the
         # default, compile_regions="blocks", leaves the prologue and epilogue uncompiled for a faster first call.
-        return ditfx.Config(cache=cache, compiler=ctx.compiler, compile_regions="all")
+        return ditfx.Config(cache=cache, guidance=guidance, compiler=ctx.compiler, compile_regions="all")
+
+    def schedule(ctx: Context) -> ditfx.CacheSchedule:
+        return ditfx.CacheSchedule(**ctx.prepared[SCHEDULE]["schedule"])
+
+    def together(delta, ctx: Context) -> ditfx.StaticCache:
+        return ditfx.StaticCache(delta, schedule(ctx), per_block=False, forecast="linear")
+
+    together_deltas = [0.3, 0.5, 0.6, 0.7, 0.8, 1.0, 1.2]
 
     return [
         ditfx_method("DynamicCache", "threshold", [0.05, 0.08, 0.1, 0.12, 0.15, 0.2],
@@ -592,10 +607,20 @@ def ditfx_methods() -> list[Method]:
                      lambda v, ctx: config(ditfx.DynamicCache(threshold=v, per_sample=False), ctx),
                      notes="one decision per batch from the summed change, as the peers decide."),
         ditfx_method("StaticCache", "delta", [0.15, 0.2, 0.25, 0.3, 0.32, 0.35, 0.4],
-                     lambda v, ctx: config(ditfx.StaticCache(v, ctx.prepared["ditfx StaticCache"]["schedule"]),
-                                           ctx),
-                     prepare=prepare_ditfx_schedule,
-                     notes="schedule calibrated once on this pipeline (ditfx.calibrate, 1 generation, seed 1000)."),
+                     lambda v, ctx: config(ditfx.StaticCache(v, schedule(ctx)), ctx),
+                     prepare=prepare_ditfx_schedule, prepared_as=SCHEDULE,
+                     notes="the paper's per-block schedule, calibrated once on this pipeline (ditfx.calibrate, "
+                           "1 generation, seed 1000)."),
+        ditfx_method("StaticCache together+linear", "delta", together_deltas,
+                     lambda v, ctx: config(together(v, ctx), ctx),
+                     prepare=prepare_ditfx_schedule, prepared_as=SCHEDULE,
+                     notes="the same schedule with per_block=False (the blocks recompute together, when their mean "
+                           "accumulated change exceeds delta) and forecast='linear'."),
+        ditfx_method("StaticCache together+linear + AdaptiveGuidance", "delta", together_deltas,
+                     lambda v, ctx: config(together(v, ctx), ctx, ditfx.AdaptiveGuidance(AG_GAMMA)),
+                     prepare=prepare_ditfx_schedule, prepared_as=SCHEDULE,
+                     notes=f"the cache above with Adaptive Guidance (gamma {AG_GAMMA}, per sample): each sample's "
+                           "unconditional branch ends once its two predictions agree."),
     ]
 
 
@@ -728,18 +753,15 @@ def run_worker(args) -> int:
 
 
 def prepare_once(method: Method, ctx: Context, workdir: Path) -> dict:
-    """The method's one-time preparation, shared with its compiled variant through ``workdir`` (the key is the
-    eager method's name)."""
-    import torch
-
-    key = method.follows or method.name
-    path = workdir / f"{safe_name(key)}.prepared.pt"
+    """The method's one-time preparation (JSON values), shared with its compiled variant and the methods naming
+    the same ``prepared_as`` through ``workdir``."""
+    key = method.prepared_as or method.follows or method.name
+    path = workdir / f"{safe_name(key)}.prepared.json"
     if path.is_file():
-        prepared = torch.load(path, weights_only=False)
-        prepared = {**prepared, "prepare_s": 0.0, "reused_from": key}
+        prepared = {**json.loads(path.read_text()), "prepare_s": 0.0, "reused_from": key}
     else:
         prepared = method.prepare(ctx)
-        torch.save(prepared, path)
+        path.write_text(json.dumps(prepared))
     ctx.prepared[key] = ctx.prepared[method.name] = prepared
     return prepared
 
