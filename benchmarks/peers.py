@@ -984,17 +984,20 @@ def run_driver(args) -> dict:
 
 
 def confirmation_candidates(summary: dict, k: int) -> list[tuple[str, Any]]:
-    """(method, best in-budget knob) to re-time: every ditfx method with an in-budget setting, and the ``k`` best
-    peers by wall-time speed-up and the ``k`` best by CPU-time speed-up."""
+    """(method, best in-budget knob) to re-time: of ditfx's methods and of the peers, each the ``k`` best by
+    wall-time speed-up and the ``k`` best by CPU-time speed-up."""
     methods = summary["methods"]
+
+    def leaders(names: list[str]) -> list[str]:
+        by_wall = sorted(names, key=lambda n: -methods[n]["best_speedup_in_budget"])[:k]
+        by_cpu = sorted((n for n in names if methods[n]["best_cpu_speedup_in_budget"] is not None),
+                        key=lambda n: -methods[n]["best_cpu_speedup_in_budget"])[:k]
+        return list(dict.fromkeys(by_wall + by_cpu))
+
     ditfx = [n for n, m in methods.items() if m["family"] == "ditfx" and m["best_point"]]
     peers = [n for n, m in methods.items() if m["family"] not in ("ditfx", "baseline") and m["best_point"]]
-    by_wall = sorted(peers, key=lambda n: -methods[n]["best_speedup_in_budget"])[:k]
-    by_cpu = sorted((n for n in peers if methods[n]["best_cpu_speedup_in_budget"] is not None),
-                    key=lambda n: -methods[n]["best_cpu_speedup_in_budget"])[:k]
-    chosen = ditfx + list(dict.fromkeys(by_wall + by_cpu))
     # the knob of the wall-time best (the CPU-time best of a method is usually the same setting)
-    return [(n, methods[n]["best_setting"]) for n in chosen]
+    return [(n, methods[n]["best_setting"]) for n in leaders(ditfx) + leaders(peers)]
 
 
 def run_confirmation(args, workdir: Path, results: dict[str, dict], baseline: dict, budget: Budget) -> dict:
@@ -1232,8 +1235,8 @@ def parse_args(argv=None):
     p.add_argument("--values", help=argparse.SUPPRESS)
     p.add_argument("--suffix", default="", help=argparse.SUPPRESS)
     p.add_argument("--confirm", type=int, default=None, metavar="K",
-                   help="after the sweep, re-time the best in-budget setting of ditfx's methods and of the K best "
-                        "peers (by wall and by CPU time) in --rounds interleaved rounds, each against an eager run "
+                   help="after the sweep, re-time the best in-budget setting of the K best ditfx methods and of the K "
+                        "best peers (by wall and by CPU time) in --rounds interleaved rounds, each against an eager run "
                         "of its own round (default 4; 0: none; off in --quick)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--recheck-worker", action="store_true", help=argparse.SUPPRESS)

@@ -143,7 +143,7 @@ def test_summaries_recompute_from_points(peers, tmp_path):
     assert again["budget"]["min_psnr_db"] == 36.0
 
 
-def test_confirmation_takes_every_ditfx_method_and_the_leading_peers(peers):
+def test_confirmation_takes_the_leading_ditfx_methods_and_peers(peers):
     def m(family, wall, cpu, knob):
         best = None if wall is None else {"knob": knob}
         return {"family": family, "best_point": best, "best_speedup_in_budget": wall,
@@ -152,10 +152,12 @@ def test_confirmation_takes_every_ditfx_method_and_the_leading_peers(peers):
     summary = {"methods": {
         "eager": m("baseline", 1.0, 1.0, None),
         "ditfx a": m("ditfx", 3.0, 2.5, 0.3), "ditfx b": m("ditfx", None, None, None),
+        "ditfx c": m("ditfx", 2.0, 2.0, 0.1), "ditfx d": m("ditfx", 2.5, 2.6, 0.2), "ditfx e": m("ditfx", 1.5, 1.5, 1),
         "p1": m("diffusers", 4.0, 2.0, 12), "p2": m("diffusers", 3.5, 3.0, 0.1), "p3": m("cache-dit", 2.0, 3.2, "x"),
         "p4": m("cache-dit", 1.0, 1.0, 0.2),
     }}
-    assert peers.confirmation_candidates(summary, 2) == [("ditfx a", 0.3), ("p1", 12), ("p2", 0.1), ("p3", "x")]
+    assert peers.confirmation_candidates(summary, 2) == [
+        ("ditfx a", 0.3), ("ditfx d", 0.2), ("p1", 12), ("p2", 0.1), ("p3", "x")]
 
 
 def test_one_sided_fd_budget_admits_a_lower_fd(peers):
