@@ -15,9 +15,10 @@ def _cache_config(args):
     import ditfx
 
     if getattr(args, "schedule", None):
-        return ditfx.StaticCache(delta=args.delta, schedule=args.schedule)
+        return ditfx.StaticCache(delta=args.delta, schedule=args.schedule, per_block=not args.together,
+                                 forecast=args.forecast)
     if getattr(args, "threshold", None) is not None:
-        return ditfx.DynamicCache(threshold=args.threshold)
+        return ditfx.DynamicCache(threshold=args.threshold, forecast=args.forecast)
     return None
 
 
@@ -56,8 +57,8 @@ def cmd_calibrate(args) -> int:
 
         schedule = ditfx.calibrate(named.model, one_generation, generations=args.generations, mode=args.mode)
     out = schedule.save(args.out)
-    png = schedule.heatmap(out.with_suffix(".png"), args.delta)
-    plan = schedule.plan(args.delta)
+    png = schedule.heatmap(out.with_suffix(".png"), args.delta, per_block=not args.together)
+    plan = schedule.plan(args.delta, per_block=not args.together)
     evals, full = sum(map(sum, plan)), len(plan) * len(plan[0])
     print(f"wrote {out} and {png}: at delta {args.delta}, {evals}/{full} block evaluations "
           f"({1 - evals / full:.0%} skipped)")
@@ -87,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threshold", type=float, help="show a DynamicCache with this threshold")
     p.add_argument("--schedule", help="show a StaticCache with this schedule JSON (from ditfx calibrate)")
     p.add_argument("--delta", type=float, default=0.1, help="StaticCache delta (with --schedule)")
+    p.add_argument("--together", action="store_true",
+                   help="StaticCache(per_block=False): the blocks recompute together (with --schedule)")
+    p.add_argument("--forecast", choices=("none", "linear"), default="none",
+                   help="how reused values are forecast (with --schedule or --threshold)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--dot", metavar="FILE", help="also write the region graph as Graphviz DOT")
     p.add_argument("--kernels", action="store_true",
@@ -101,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--generations", type=int, default=4)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--delta", type=float, default=0.1, help="delta of the heatmap and the summary")
+    p.add_argument("--together", action="store_true",
+                   help="heatmap and summary for per_block=False (the blocks recompute together)")
     p.add_argument("--mode", choices=("residual", "output"), default="residual")
     p.add_argument("--out", default="schedule.json")
     p.set_defaults(run=cmd_calibrate)

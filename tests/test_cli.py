@@ -1,0 +1,23 @@
+"""The ``ditfx calibrate`` and ``ditfx inspect`` commands on the tiny reference DiT."""
+import json
+
+from ditfx import cli
+
+
+def test_calibrate_then_inspect_the_plan_with_blocks_together(tmp_path, capsys):
+    schedule = tmp_path / "schedule.json"
+    assert cli.main(["calibrate", "DiT-T/2", "--steps", "6", "--generations", "1", "--delta", "3",
+                     "--together", "--out", str(schedule)]) == 0
+    assert schedule.is_file() and schedule.with_suffix(".png").is_file()
+    assert "block evaluations" in capsys.readouterr().out
+    assert cli.main(["inspect", "DiT-T/2", "--schedule", str(schedule), "--delta", "3", "--together",
+                     "--forecast", "linear", "--steps", "6", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)["plan"]
+    assert plan["per_block"] is False and plan["forecast"] == "linear"
+    assert all(len(set(column)) == 1 for column in zip(*plan["compute"]))  # every block or none, per step
+    assert 0 < plan["block_evals"] < plan["block_evals_uncached"]
+
+
+def test_bad_schedule_path_is_a_clear_error(tmp_path, capsys):
+    assert cli.main(["inspect", "DiT-T/2", "--schedule", str(tmp_path / "missing.json")]) == 2
+    assert "ditfx calibrate" in capsys.readouterr().err
