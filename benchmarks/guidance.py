@@ -1,5 +1,5 @@
-"""Guidance skipping on the digits pipeline: Adaptive Guidance over a gamma sweep, LinearAG, a static window at
-AG's NFE, each alone and with block caching, against full CFG from the same seeds.
+"""Guidance skipping on the digits pipeline: Adaptive Guidance over a gamma sweep (fill "cond" and "delta"),
+LinearAG, a static window at AG's NFE, each alone and with block caching, against full CFG from the same seeds.
 
 For every setting: network evaluations (NFE per sample), wall time of the generation (compilation excluded: a
 first, identical generation compiles every batch size the setting uses and is reported as ``compile_s``),
@@ -104,6 +104,7 @@ def main(argv=None):
     # full CFG through AdaptiveGuidance(gamma=1): never switches, and records the cosine curve
     settings = [("cfg", None, config(ditfx.AdaptiveGuidance(1.0)))]
     settings += [("ag", g, config(ditfx.AdaptiveGuidance(g))) for g in args.gammas]
+    settings += [("ag_delta", g, config(ditfx.AdaptiveGuidance(g, fill="delta"))) for g in args.gammas]
     settings += [("linear_ag", None, config(linear))]
     points = []
     for name, knob, cfg in settings:
@@ -117,7 +118,7 @@ def main(argv=None):
         points.append(point("window", k / args.steps, images, run, labels, reference, eager_s))
         settings.append(("window", k / args.steps, config(window)))
     for name, knob, cfg in list(settings):
-        if name == "ag" and knob != default_gamma:
+        if name in ("ag", "ag_delta") and knob != default_gamma:
             continue
         images, run = run_setting(config(cfg.guidance, with_cache=True), labels, args)
         points.append(point(f"{name}+cache", knob, images, run, labels, reference, eager_s))

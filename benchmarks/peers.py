@@ -621,6 +621,11 @@ def ditfx_methods() -> list[Method]:
                      prepare=prepare_ditfx_schedule, prepared_as=SCHEDULE,
                      notes=f"the cache above with Adaptive Guidance (gamma {AG_GAMMA}, per sample): each sample's "
                            "unconditional branch ends once its two predictions agree."),
+        ditfx_method("StaticCache together+linear + AdaptiveGuidance fill=delta", "delta", together_deltas,
+                     lambda v, ctx: config(together(v, ctx), ctx, ditfx.AdaptiveGuidance(fill="delta")),
+                     prepare=prepare_ditfx_schedule, prepared_as=SCHEDULE,
+                     notes="the cache above with Adaptive Guidance at its default gamma (0.99), fill='delta': a "
+                           "switched sample keeps its last guidance direction, fading to zero at t = 0."),
     ]
 
 

@@ -128,17 +128,25 @@ class AdaptiveGuidance:
     half first) and the order of two-call steps. ``warmup``: the fraction of the generation (progress
     ``1 - t / t_first``) during which no sample switches; 0 is the paper's rule. At high noise the two
     predictions of some samples already agree before guidance has shaped them, which a warm-up ignores.
+    ``fill``: what a switched sample's unconditional slot holds: ``"cond"``, the conditional prediction (the
+    paper: guidance ends), or ``"delta"``, the conditional prediction minus the guidance direction ``c - u`` of
+    the sample's last full step scaled by ``t / t_switch``, so ``u + s * (c - u)`` keeps a guidance that fades
+    linearly to zero at t = 0 instead of ending at once.
     """
 
     gamma: float = 0.99
     per_sample: bool = True
     uncond_first: bool = True
     warmup: float = 0.0
+    fill: Literal["cond", "delta"] = "cond"
 
     def __post_init__(self):
         _check(-1.0 <= self.gamma <= 1.0, f"AdaptiveGuidance.gamma is a cosine in [-1, 1], got {self.gamma}")
         _check(0.0 <= self.warmup < 1.0, f"AdaptiveGuidance.warmup is a fraction of the generation in [0, 1), "
                                          f"got {self.warmup}")
+        _check(self.fill in ("cond", "delta"),
+               f"AdaptiveGuidance.fill must be 'cond' (guidance ends) or 'delta' (the last measured guidance "
+               f"direction, fading to zero at t = 0), got {self.fill!r}")
         _check_layout(self.uncond_first)
 
 

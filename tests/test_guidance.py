@@ -64,6 +64,36 @@ def test_layouts(two_calls, uncond_first):
     assert ditfx.stats(fast).nfe == 1 + STEPS
 
 
+@torch.no_grad()
+def test_delta_fill_keeps_the_last_guidance_direction_fading_with_t():
+    """fill="delta", gamma = -1: after the one CFG step (t0) the unconditional slot at t holds
+    c_t - (c_t0 - u_t0) * t / t0, and the conditional half is still exact."""
+    model, kw = tiny_model("dit", batch=4)
+    fast = optimized(model, ditfx.AdaptiveGuidance(gamma=-1.0, fill="delta"))
+    x = torch.cat([kw["hidden_states"][:2]] * 2)  # batched CFG: the same latents in both halves
+    labels = torch.tensor([10, 10, 3, 7])  # unconditional (null class) half first
+
+    def both(t, x):
+        args = dict(hidden_states=x, timestep=torch.full((4,), t), class_labels=labels, return_dict=False)
+        return fast(**args)[0], model(**args)[0]
+
+    got0, ref0 = both(1000.0, x)
+    assert (got0 - ref0).abs().max() <= TOL
+    guided = ref0[:2] + 3.0 * (ref0[2:] - ref0[:2])
+    x1 = torch.cat([x[:2] - 0.1 * guided] * 2)
+    got1, ref1 = both(400.0, x1)
+    assert (got1[2:] - ref1[2:]).abs().max() <= TOL
+    expected_uncond = ref1[2:] - (ref0[2:] - ref0[:2]) * 0.4
+    assert (got1[:2] - expected_uncond).abs().max() <= TOL
+    assert ditfx.stats(fast).nfe == 2 + 1
+
+
+def pair_alone(kw: dict, i: int) -> dict:
+    """The inputs of CFG pair ``i`` alone, from a batch of two pairs (unconditional rows first)."""
+    return {k: (v[[i, 2 + i]] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == 4 else v)
+            for k, v in kw.items()}
+
+
 def switch_steps(trace: list[list[float]], gamma: float) -> list[int]:
     """Per sample, the step after which its guidance ended (the first step whose cosine reaches gamma)."""
     return [next((k + 1 for k, row in enumerate(trace) if row[i] >= gamma), len(trace))
@@ -89,12 +119,19 @@ def test_nfe_counts_cfg_steps_and_per_sample_switching_equals_each_sample_alone(
     assert s.nfe == pytest.approx(sum(2 * k + STEPS - k for k in expected_k) / 2)
     for i in range(2):
         torch._dynamo.reset()
-        alone_kw = {k: (v[[i, 2 + i]] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == 4 else v)
-                    for k, v in kw.items()}
+        alone_kw = pair_alone(kw, i)
         alone = optimized(model, ditfx.AdaptiveGuidance(gamma=gamma))
         got = cfg_loop(alone, alone_kw, "reference")
         assert (got - both[i:i + 1]).abs().max() <= TOL
         assert cfg_loop(model, alone_kw, "reference", cfg_steps=expected_k[i]).sub(got).abs().max() <= TOL
+    # fill="delta" keeps a per-sample guidance direction: still each sample as if alone
+    torch._dynamo.reset()
+    both = cfg_loop(optimized(model, ditfx.AdaptiveGuidance(gamma=gamma, fill="delta")), kw, "reference")
+    for i in range(2):
+        torch._dynamo.reset()
+        alone_kw = pair_alone(kw, i)
+        got = cfg_loop(optimized(model, ditfx.AdaptiveGuidance(gamma=gamma, fill="delta")), alone_kw, "reference")
+        assert (got - both[i:i + 1]).abs().max() <= TOL
 
 
 def test_per_batch_switches_when_every_sample_has_reached_gamma():
@@ -206,6 +243,7 @@ def test_no_cfg_found_warns_and_changes_nothing():
 @pytest.mark.parametrize("bad, message", [
     (lambda: ditfx.AdaptiveGuidance(gamma=1.5), "cosine in"),
     (lambda: ditfx.AdaptiveGuidance(warmup=1.0), "warmup is a fraction"),
+    (lambda: ditfx.AdaptiveGuidance(fill="zero"), "fill must be 'cond'"),
     (lambda: ditfx.GuidanceWindow(start=0.6, stop=0.2), "start <= stop"),
     (lambda: ditfx.LinearAG("/nonexistent/coefficients.json"), "not found"),
     (lambda: ditfx.Config(guidance="adaptive"), "Config.guidance must be"),

@@ -45,6 +45,8 @@ class GuidanceState:
     layout: str | None = None  # "batched", "two_call", "none"
     half: int = 0  # B: samples per branch
     active: torch.Tensor | None = None  # (B,) samples still on full guidance
+    delta: torch.Tensor | None = None  # (B, ...) c - u at each sample's last full step (fill="delta")
+    delta_time: torch.Tensor | None = None  # (B,) t / t_first at that step
     cosines: list[list[float]] = field(default_factory=list)  # per full-guidance step, per sample
     first_latents: torch.Tensor | None = None
     first_timestep: float | None = None
@@ -232,7 +234,7 @@ class GuidancePolicy:
             for o in full:
                 if self._is_batch(o, 2 * h):
                     u, c = self._halves(o, h)
-                    u[plan.copy_from_cond] = c[plan.copy_from_cond]
+                    u[plan.copy_from_cond] = self._switched_uncond(state, plan.copy_from_cond, c, o is pred)
         self._after_step(state, uncond, cond, plan)
         return full
 
@@ -264,9 +266,17 @@ class GuidancePolicy:
             return
         idx = plan.copy_from_cond
         if idx is not None and len(idx):
-            for u, c in zip(uncond_full, cond_full):
+            for k, (u, c) in enumerate(zip(uncond_full, cond_full)):
                 if self._is_batch(u, state.half):
-                    u[idx] = c[idx]
+                    u[idx] = self._switched_uncond(state, idx, c, k == 0)
+
+    def _switched_uncond(self, state: GuidanceState, idx: torch.Tensor, cond: torch.Tensor, is_pred: bool):
+        """The unconditional slot of switched samples ``idx``: their conditional output, less (for the prediction,
+        with ``fill="delta"``) the guidance direction of their last full step scaled by t / t_switch."""
+        if not is_pred or state.delta is None:
+            return cond[idx]
+        scale = (1.0 - state.progress) / state.delta_time[idx].clamp_min(1e-12)  # t / t_switch
+        return cond[idx] - state.delta[idx] * scale.to(cond.dtype).view(-1, *([1] * (cond.dim() - 1)))
 
     @staticmethod
     def _is_batch(o, rows: int) -> bool:
@@ -294,7 +304,15 @@ class GuidancePolicy:
         if state.progress < self.cfg.warmup:
             return
         reached = (cos >= self.cfg.gamma) & measured
+        before = state.active.clone()
         if self.cfg.per_sample:
             state.active &= ~reached
         elif bool(reached[state.active].all()):
             state.active[:] = False
+        switched = before & ~state.active
+        if self.cfg.fill == "delta" and bool(switched.any()):
+            if state.delta is None:
+                state.delta = torch.zeros_like(cond)
+                state.delta_time = torch.ones(state.half, dtype=torch.float64)
+            state.delta[switched] = (cond - uncond)[switched]
+            state.delta_time[switched] = 1.0 - state.progress
