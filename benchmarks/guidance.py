@@ -82,7 +82,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance-scale", type=float, default=1.5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--delta", type=float, default=0.5, help="StaticCache delta of the combined settings")
+    p.add_argument("--delta", type=float, default=0.5, help="StaticCache delta of the combined settings (blocks together, linear forecast)")
     p.add_argument("--gammas", type=float, nargs="+", default=list(GAMMAS))
     p.add_argument("--compiler", default="inductor")
     p.add_argument("--json", nargs="?", const="-", help="write JSON to this path ('-': stdout)")
@@ -90,7 +90,7 @@ def main(argv=None):
     torch.manual_seed(0)
     labels = class_grid(args.per_class)
     default_gamma = ditfx.AdaptiveGuidance().gamma
-    cache = ditfx.StaticCache(args.delta, shipped_file(SCHEDULE_FILE))
+    cache = ditfx.StaticCache(args.delta, shipped_file(SCHEDULE_FILE), per_block=False, forecast="linear")
     linear = ditfx.LinearAG(shipped_file(LINEAR_AG_FILE))
 
     def config(guidance=None, with_cache=False):
