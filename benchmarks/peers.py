@@ -716,7 +716,7 @@ def run_worker(args) -> int:
 
     workdir = Path(args.workdir)
     torch.set_num_threads(args.threads)
-    baseline = torch.load(workdir / "baseline.pt", weights_only=False)
+    baseline = torch.load(workdir / "baseline.pt", weights_only=True)
     budget = Budget(args.min_psnr, args.fd_tolerance, args.fd_side)
     ctx = make_context(args)
     methods = {m.name: m for m in all_methods()}
@@ -905,7 +905,7 @@ def forwarded_args(args) -> list[str]:
 def load_baseline_summary(workdir: Path) -> dict:
     import torch
 
-    b = torch.load(workdir / "baseline.pt", weights_only=False)
+    b = torch.load(workdir / "baseline.pt", weights_only=True)
     return {k: v for k, v in b.items() if k != "images"}
 
 

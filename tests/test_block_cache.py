@@ -93,29 +93,32 @@ def test_schedule_serves_another_step_count():
     assert ditfx.stats(fast).block_evals == sum(map(sum, plan))
 
 
-def test_larger_delta_never_schedules_more_recomputes():
-    rng = random.Random(0)
-    for _ in range(20):
+DELTAS = (0, 0.01, 0.05, 0.1, 0.3, 1, 10)
+
+
+def random_schedules(seed: int, count: int = 20):
+    """Schedules of 5 blocks over 2 to 40 random decreasing times, with random change curves."""
+    rng = random.Random(seed)
+    for _ in range(count):
         steps = rng.randint(2, 40)
         times = sorted((rng.random() for _ in range(steps)), reverse=True)
         change = [[0.0] + [rng.random() * 0.3 for _ in range(steps - 1)] for _ in range(5)]
-        schedule = CacheSchedule([f"b.{i}" for i in range(5)], times, change)
-        counts = [sum(map(sum, schedule.plan(d))) for d in (0, 0.01, 0.05, 0.1, 0.3, 1, 10)]
+        yield CacheSchedule([f"b.{i}" for i in range(5)], times, change)
+
+
+def test_larger_delta_never_schedules_more_recomputes():
+    for schedule in random_schedules(0):
+        counts = [sum(map(sum, schedule.plan(d))) for d in DELTAS]
         assert counts == sorted(counts, reverse=True)
-        assert counts[0] == 5 * steps
+        assert counts[0] == 5 * schedule.steps
 
 
 def test_blocks_together_recompute_at_the_same_steps():
-    rng = random.Random(1)
-    for _ in range(20):
-        steps = rng.randint(2, 40)
-        times = sorted((rng.random() for _ in range(steps)), reverse=True)
-        change = [[0.0] + [rng.random() * 0.3 for _ in range(steps - 1)] for _ in range(5)]
-        schedule = CacheSchedule([f"b.{i}" for i in range(5)], times, change)
-        plans = [schedule.plan(d, per_block=False) for d in (0, 0.01, 0.05, 0.1, 0.3, 1, 10)]
+    for schedule in random_schedules(1):
+        plans = [schedule.plan(d, per_block=False) for d in DELTAS]
         assert all(len(set(column)) == 1 for plan in plans for column in zip(*plan))  # all blocks or none
         counts = [sum(map(sum, plan)) for plan in plans]
-        assert counts == sorted(counts, reverse=True) and counts[0] == 5 * steps
+        assert counts == sorted(counts, reverse=True) and counts[0] == 5 * schedule.steps
     model, kw = tiny_model("reference")
     schedule = calibrated(model, kw, steps=8)
     delta = sorted(v for c in schedule.change for v in c[1:])[len(schedule.change) * 4]

@@ -58,7 +58,10 @@ def step_plan(plan, config: Config, steps: int) -> dict:
         return {"kind": "none", "description": "every block runs at every step"}
     if isinstance(cache, StaticCache):
         times = [1 - k / steps for k in range(steps)]
-        grid = cache.schedule.plan(cache.delta, times, cache.per_block)
+        cacheable = plan.cacheable_blocks
+        scheduled = cache.schedule.plan(cache.delta, times, cache.per_block, cacheable)
+        grid = [[run or i not in cacheable for run in row]  # blocks without cache variants always run
+                for i, row in enumerate(scheduled)]
         return {"kind": "static", "delta": cache.delta, "per_block": cache.per_block, "forecast": cache.forecast,
                 "steps": steps, "blocks": blocks,
                 "compute": [[int(v) for v in row] for row in grid],

@@ -40,6 +40,11 @@ class Plan:
     def block_names(self) -> list[str]:
         return [b.path for b in self.structure.blocks]
 
+    @property
+    def cacheable_blocks(self) -> list[int]:
+        """Indices of the blocks the cache pass gave variants (the others always run)."""
+        return sorted(rm.region.block.index for rm in self.regions if rm.region.name in self.variants)
+
 
 def probe_region(structure: DiTStructure, cache: DynamicCache) -> str:
     n = len(structure.blocks)

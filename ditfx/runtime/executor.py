@@ -40,7 +40,7 @@ class Executor:
         self.region_inputs = [[n.name for n in rm.region.inputs] for rm in plan.regions]
         self.region_outputs = [[n.name for n in rm.region.outputs] for rm in plan.regions]
         self.release = self._release_lists()
-        cacheable = {rm.region.block.index for rm in plan.regions if rm.region.name in plan.variants}
+        cacheable = set(plan.cacheable_blocks)
         self.policy = (make_policy(config.cache, len(plan.structure.blocks), cacheable)
                        if config.cache is not None else None)
         self.guidance = GuidancePolicy(config.guidance) if config.guidance is not None else None

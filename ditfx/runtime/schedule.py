@@ -79,12 +79,14 @@ class CacheSchedule:
                 acc[i] = 0.0
         return compute
 
-    def plan(self, delta: float, times: list[float] | None = None, per_block: bool = True) -> list[list[bool]]:
-        """compute[i][k]: whether block i runs at step k of a generation over ``times`` (default: the
-        calibration grid)."""
+    def plan(self, delta: float, times: list[float] | None = None, per_block: bool = True,
+             blocks: list[int] | None = None) -> list[list[bool]]:
+        """compute[i][k]: whether block i of ``blocks`` (default: all) runs at step k of a generation over
+        ``times`` (default: the calibration grid); blocks outside ``blocks`` are left False."""
         times = self.times if times is None else times
         acc = [0.0] * len(self.blocks)
-        steps = [self.advance(acc, times[k - 1] if k else None, u, delta, per_block) for k, u in enumerate(times)]
+        steps = [self.advance(acc, times[k - 1] if k else None, u, delta, per_block, blocks)
+                 for k, u in enumerate(times)]
         return [list(row) for row in zip(*steps)]
 
     def check_model(self, blocks: list[str]) -> None:
