@@ -25,6 +25,7 @@ import torch
 import torch.fx as fx
 
 from ditfx.graph import meta
+from ditfx.graph.inline import InlineReport, inline_subgraph_calls
 
 RegionKind = Literal["prologue", "block", "glue", "epilogue"]
 
@@ -92,6 +93,7 @@ class DiTStructure:
     regions: list[Region]
     hoisted: list[str]  # names of block nodes moved to the prologue
     attention: list[tuple[str, str]]  # (node name, region name) of attention calls
+    inlined: InlineReport = field(default_factory=InlineReport)  # nested compile regions flattened first
 
     @property
     def block_regions(self) -> list[Region]:
@@ -178,7 +180,11 @@ def _is_stream_dependent(gm: fx.GraphModule, roles: InputRoles) -> set[fx.Node]:
 
 
 def analyse(gm: fx.GraphModule, weight_names: set[str] | None = None, min_blocks: int = 2) -> DiTStructure:
-    """Find the DiT structure of a captured graph, or raise :class:`StructureError` saying what is missing."""
+    """Find the DiT structure of a captured graph, or raise :class:`StructureError` saying what is missing.
+
+    Calls of nested compile regions in ``gm`` are inlined in place first (:mod:`ditfx.graph.inline`).
+    """
+    inlined = inline_subgraph_calls(gm)
     roles = input_roles(gm, weight_names)
     if not roles.tokens:
         raise StructureError(
@@ -263,7 +269,7 @@ def analyse(gm: fx.GraphModule, weight_names: set[str] | None = None, min_blocks
         for n in r.nodes
         if meta.is_attention(n)
     ]
-    return DiTStructure(gm, roles, blocks, regions, [n.name for n in hoisted], attention)
+    return DiTStructure(gm, roles, blocks, regions, [n.name for n in hoisted], attention, inlined)
 
 
 def _connect(gm: fx.GraphModule, regions: list[Region]) -> None:

@@ -77,6 +77,8 @@ def build_plan(gm: fx.GraphModule, config: Config, weight_names: set[str] | None
         hoisted=len(structure.hoisted),
         shared=shared,
     ))
+    if structure.inlined.calls:
+        plan.reports.append(structure.inlined)
     if fusion is not None:
         plan.reports.append(fusion)
     cache = config.cache

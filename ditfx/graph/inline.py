@@ -1,0 +1,104 @@
+"""Inline nested compile regions, so structure analysis always sees one flat graph.
+
+A block whose forward is wrapped in ``torch.compiler.nested_compile_region`` is traced by Dynamo once and
+stamped out for every other block of the same structure, which cuts the capture time of a deep model by the
+number of blocks. The graph then holds, per block::
+
+    %invoke_subgraph_3 = call_function[higher_order.invoke_subgraph](%subgraph_3, 'subgraph_0', %c, %w0, ..., %x)
+    %x_4 = call_function[operator.getitem](%invoke_subgraph_3, 0)
+
+This pass copies each called subgraph's nodes into the parent graph in place of the call (operands for its
+placeholders, its outputs for the ``getitem`` users) and rewrites the copied nodes' ``nn_module_stack``
+from the block the subgraph was traced in to the block that calls it, so blocks are told apart as before.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+
+@dataclass
+class InlineReport:
+    """What :func:`inline_subgraph_calls` did: calls inlined, and how many distinct subgraphs they used."""
+
+    calls: int = 0
+    subgraphs: int = 0
+
+    def summary(self) -> str:
+        return f"inlined {self.calls} nested-region calls of {self.subgraphs} traced subgraph(s)"
+
+
+def is_subgraph_call(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is torch.ops.higher_order.invoke_subgraph
+
+
+def _stack_root(stack: dict) -> str:
+    """The innermost module path of a stack: the module whose forward was called."""
+    return list(stack.values())[-1][0] if stack else ""
+
+
+def _restack(stack: dict, traced_root: str, call_stack: dict) -> dict:
+    """Re-home a subgraph node's module stack from the traced block to the calling block."""
+    call_root = _stack_root(call_stack)
+    out = dict(call_stack)
+    for key, (path, cls) in stack.items():
+        if path.startswith(traced_root + "."):  # the block itself is the call stack's innermost entry
+            out[f"{key}@{call_root}"] = (call_root + path[len(traced_root):], cls)
+    return out
+
+
+def inline_subgraph_calls(gm: fx.GraphModule) -> InlineReport:
+    """Replace every ``invoke_subgraph`` call in ``gm`` by the nodes of its subgraph (in place)."""
+    report = InlineReport()
+    traced_roots: dict[str, str] = {}  # identifier -> module path the subgraph was traced in
+    used, holders = set(), set()
+    for call in [n for n in gm.graph.nodes if is_subgraph_call(n)]:
+        holder, identifier, *operands = call.args
+        sub = getattr(gm, holder.target)
+        holders.add(holder.target)
+        call_stack = call.meta.get("nn_module_stack") or {}
+        traced_roots.setdefault(identifier, _stack_root(call_stack))
+        placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+        if len(placeholders) != len(operands):
+            raise ValueError(f"{call.name}: subgraph {identifier} takes {len(placeholders)} inputs, "
+                             f"the call passes {len(operands)}")
+        env = dict(zip(placeholders, operands))
+        with gm.graph.inserting_before(call):
+            for node in sub.graph.nodes:
+                if node.op == "placeholder":
+                    continue
+                if node.op == "output":
+                    outputs = [env[a] if isinstance(a, fx.Node) else a for a in node.args[0]]
+                    break
+                if node.op == "get_attr":  # constants of the subgraph move to the parent under a fresh name
+                    name = f"{holder.target}_{node.target}".replace(".", "_")
+                    setattr(gm, name, getattr(sub, node.target))
+                    new = gm.graph.get_attr(name)
+                else:
+                    new = gm.graph.node_copy(node, lambda n: env[n])
+                new.meta = dict(node.meta)
+                if "nn_module_stack" in node.meta:
+                    new.meta["nn_module_stack"] = _restack(
+                        node.meta["nn_module_stack"], traced_roots[identifier], call_stack)
+                env[node] = new
+        for user in list(call.users):
+            if not (user.op == "call_function" and user.target is operator.getitem):
+                raise ValueError(f"{call.name} is read by {user.format_node()}, not by getitem")
+            user.replace_all_uses_with(outputs[user.args[1]])
+            gm.graph.erase_node(user)
+        gm.graph.erase_node(call)
+        if not holder.users:
+            gm.graph.erase_node(holder)
+        used.add(identifier)
+        report.calls += 1
+    report.subgraphs = len(used)
+    if report.calls:
+        still_read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+        for name in holders - still_read:
+            delattr(gm, name)
+        gm.graph.lint()
+        gm.recompile()
+    return report
