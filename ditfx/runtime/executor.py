@@ -9,6 +9,7 @@ import warnings
 from ditfx.config import Config
 from ditfx.graph import meta
 from ditfx.graph.regions import RegionModule
+from ditfx.passes.guidance import COSINE_VARIANT, cosine_sums_variant
 from ditfx.passes.manager import Plan
 from ditfx.passes.rebatch import RebatchError, rebatch
 from ditfx.runtime.block_cache import make_policy
@@ -48,10 +49,21 @@ class Executor:
         self.output_names = []
         fx.node.map_arg(self.output, lambda n: self.output_names.append(n.name))
         self.output_meta = [meta.tensor_value(n) for n in _flat_nodes(self.output)]
+        self.cosine_output = self._cosine_output()
         self.rows = self._call_rows(example_inputs, roles)
         self.batch_flags = self._batch_flags(gm, roles)
         self._rebatched: dict[tuple[str, str, int], fx.GraphModule] = {}
         self._unsupported_rows: set[int] = set()
+
+    def _cosine_output(self) -> int | None:
+        """Which epilogue output is the prediction, when Adaptive Guidance can measure it in the epilogue."""
+        if self.guidance is None or not self.guidance.measures_cosine:
+            return None
+        last = self.plan.regions[-1]
+        outputs = self.region_outputs[-1]
+        if last.region.kind != "epilogue" or self.output_names[0] not in outputs:
+            return None  # the runtime measures after the call instead
+        return outputs.index(self.output_names[0])
 
     def _call_rows(self, example_inputs: list, roles) -> int | None:
         if self.latents_pos is None:
@@ -110,6 +122,15 @@ class Executor:
         return self.compiler.run((rm.signature, variant, rows), gm, args,
                                  compile=rm.region.kind == "block" or self.compile_edges)
 
+    def _run_measuring(self, rm: RegionModule, args: list, rows: int, pairs) -> tuple[tuple, tuple]:
+        """The epilogue with Adaptive Guidance's sums for the (uncond, cond) row ``pairs``, always compiled: the
+        sums are reductions over the prediction the compiled region writes anyway."""
+        key = (rm.signature, COSINE_VARIANT, rows)
+        if key not in self._rebatched:
+            self._rebatched[key] = cosine_sums_variant(self._graph(rm, "base", rows), self.cosine_output)
+        res = self.compiler.run(key, self._rebatched[key], [*args, *pairs], compile=True)
+        return tuple(res[:-3]), tuple(res[-3:])
+
     def _supports_rows(self, rows: int) -> bool:
         """Whether every region (and cache variant) can run on ``rows`` rows; warns once when not."""
         if rows == self.rows:
@@ -143,7 +164,7 @@ class Executor:
             stats.steps += 1
         stats.calls += 1
         if self.guidance is None:
-            outs = self._run_rows(args, step, None)
+            outs, _ = self._run_rows(args, step, None)
             stats.nfe += 1
             return self._outputs(outs)
         gstate = session.state.get(("guidance", id(self)))
@@ -154,12 +175,17 @@ class Executor:
         if rows is not None and len(rows) and not self._supports_rows(len(rows)):
             rows = None  # compute everything; completing the call still applies the plan's fills
         computed = self.rows if rows is None else len(rows)
+        call_plan = CallPlan(rows, plan.kind, plan.copy_from_cond, plan.estimate)
+        cosine = None
         if plan.kind == "none":
             outs, computed = [], 0
         else:
-            outs = self._run_rows(args, step, rows)
-        full = self.guidance.complete(gstate, step, CallPlan(rows, plan.kind, plan.copy_from_cond, plan.estimate),
-                                      outs, self._empty_outputs() if plan.kind == "none" else outs)
+            pairs = self.guidance.measured_pairs(gstate, call_plan) if self.cosine_output is not None else None
+            outs, sums = self._run_rows(args, step, rows, pairs[:2] if pairs is not None else None)
+            if sums is not None:
+                cosine = self.guidance.cosine_of(gstate, pairs[2], sums)
+        full = self.guidance.complete(gstate, step, call_plan, outs,
+                                      self._empty_outputs() if plan.kind == "none" else outs, cosine)
         branch_rows = gstate.half if gstate.layout in ("batched", "two_call") else self.rows
         stats.nfe += computed / branch_rows
         stats.nfe_skipped += (self.rows - computed) / branch_rows
@@ -180,8 +206,9 @@ class Executor:
             holder = self.session.state[key] = RowState(self.policy.new_state(), self.rows)
         return holder.view(rows)
 
-    def _run_rows(self, args: tuple, step, rows: torch.Tensor | None) -> list:
-        """Run every region on the call's ``rows`` (None: all rows); returns the graph's outputs, flat."""
+    def _run_rows(self, args: tuple, step, rows: torch.Tensor | None, pairs=None) -> tuple[list, tuple | None]:
+        """Run every region on the call's ``rows`` (None: all rows); returns the graph's outputs, flat, and with
+        ``pairs`` (uncond rows, cond rows of the computed output) Adaptive Guidance's sums from the epilogue."""
         stats = self.session.stats
         n = self.rows if rows is None else len(rows)
         if rows is not None:
@@ -191,6 +218,7 @@ class Executor:
             state = self._cache_state(step, rows)
             self.policy.begin_call(state, step)
         env = dict(zip(self.input_names, args))
+        sums = None
         for k, rm in enumerate(self.plan.regions):
             region = rm.region
             region_args = [env[name] for name in self.region_inputs[k]]
@@ -200,6 +228,8 @@ class Executor:
                     state, step, region.block.index, rm, region_args,
                     lambda variant, a, rm=rm: self._run(rm, variant, a, n),
                 )
+            elif pairs is not None and k == len(self.plan.regions) - 1:
+                (outs, sums), ran = self._run_measuring(rm, region_args, n, pairs), True
             else:
                 outs, ran = self._run(rm, "base", region_args, n), True
             if region.kind == "block":
@@ -212,7 +242,7 @@ class Executor:
             env.update(zip(self.region_outputs[k], outs))
             for name in self.release[k]:
                 del env[name]
-        return [env[name] for name in self.output_names]
+        return [env[name] for name in self.output_names], sums
 
 
 def _flat_nodes(output) -> list[fx.Node]:

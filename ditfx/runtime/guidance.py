@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ditfx.config import AdaptiveGuidance, GuidanceRecording, GuidanceWindow, LinearAG
+from ditfx.passes.guidance import cosine_from_sums
 from ditfx.runtime import linear_ag
 from ditfx.runtime.steps import StepInfo
 
@@ -76,6 +77,34 @@ class GuidancePolicy:
         self.recorded: list[GuidanceState] = []  # GuidanceRecording: finished trajectories
         self.last_state: GuidanceState | None = None  # the latest generation's, for ditfx.guidance_trace
         self._warned = False
+
+    @property
+    def measures_cosine(self) -> bool:
+        return isinstance(self.cfg, AdaptiveGuidance)
+
+    def measured_pairs(self, state: GuidanceState, plan: CallPlan):
+        """Where this call's output holds the predictions AG compares: ``(uncond rows, cond rows, samples)``
+        positions in the computed rows, for the compiled epilogue to reduce; None when nothing is measured or
+        the layout is not one batched call (two calls: the runtime compares them after the second)."""
+        if state.layout != "batched" or not bool(state.active.any()):
+            return None
+        h = state.half
+        u0, c0 = (0, h) if self.uncond_first else (h, 0)
+        if plan.rows is None:
+            samples = torch.arange(h)
+            return samples + u0, samples + c0, samples
+        computed = plan.rows[(plan.rows >= u0) & (plan.rows < u0 + h)] - u0  # samples with their uncond row
+        if not len(computed):
+            return None
+        return (torch.searchsorted(plan.rows, computed + u0), torch.searchsorted(plan.rows, computed + c0),
+                computed)
+
+    @staticmethod
+    def cosine_of(state: GuidanceState, samples: torch.Tensor, sums: tuple) -> torch.Tensor:
+        """(B,) cosines from the epilogue's sums; NaN for samples whose unconditional row was not computed."""
+        cos = torch.full((state.half,), float("nan"), dtype=torch.float64)
+        cos[samples] = cosine_from_sums(*(s.detach().cpu() for s in sums))
+        return cos
 
     def new_state(self) -> GuidanceState:
         state = self.last_state = GuidanceState()
@@ -195,10 +224,12 @@ class GuidancePolicy:
         return CallPlan(rows, "partial", copy_from_cond=(~needed).nonzero().flatten())
 
     # -------------------------------------------------------------------------------------- completion
-    def complete(self, state: GuidanceState, step: StepInfo, plan: CallPlan, outs: list, like: list) -> list:
-        """Full-size outputs of the call from the computed rows ``outs`` (``like``: example full outputs)."""
+    def complete(self, state: GuidanceState, step: StepInfo, plan: CallPlan, outs: list, like: list,
+                 cosine: torch.Tensor | None = None) -> list:
+        """Full-size outputs of the call from the computed rows ``outs`` (``like``: example full outputs);
+        ``cosine``: AG's per-sample measurement when the compiled epilogue made it."""
         if state.layout == "batched":
-            return self._complete_batched(state, plan, outs)
+            return self._complete_batched(state, plan, outs, cosine)
         if state.layout == "two_call":
             return self._complete_two_call(state, step, plan, outs, like)
         if state.layout is None and step.step == 0 and step.branch == 0:
@@ -220,7 +251,7 @@ class GuidancePolicy:
     def _halves(self, o: torch.Tensor, h: int) -> tuple[torch.Tensor, torch.Tensor]:
         return (o[:h], o[h:]) if self.uncond_first else (o[h:], o[:h])
 
-    def _complete_batched(self, state: GuidanceState, plan: CallPlan, outs: list) -> list:
+    def _complete_batched(self, state: GuidanceState, plan: CallPlan, outs: list, cosine=None) -> list:
         h = state.half
         full = self._scatter(plan, outs, 2 * h)
         pred = full[0]
@@ -235,7 +266,7 @@ class GuidancePolicy:
                 if self._is_batch(o, 2 * h):
                     u, c = self._halves(o, h)
                     u[plan.copy_from_cond] = self._switched_uncond(state, plan.copy_from_cond, c, o is pred)
-        self._after_step(state, uncond, cond, plan)
+        self._after_step(state, uncond, cond, plan, cosine)
         return full
 
     def _complete_two_call(self, state: GuidanceState, step: StepInfo, plan: CallPlan, outs: list,
@@ -288,7 +319,8 @@ class GuidancePolicy:
         cols = linear_ag.features(state.cond_history + [cond], state.uncond_history, k, self.cfg.coefficients.window)
         return linear_ag.combine(betas, cols)
 
-    def _after_step(self, state: GuidanceState, uncond: torch.Tensor, cond: torch.Tensor, plan: CallPlan) -> None:
+    def _after_step(self, state: GuidanceState, uncond: torch.Tensor, cond: torch.Tensor, plan: CallPlan,
+                    cosine: torch.Tensor | None = None) -> None:
         """Record the step's predictions where a later step needs them, and update the AG switch."""
         if isinstance(self.cfg, (LinearAG, GuidanceRecording)):
             state.cond_history.append(cond.detach().clone())
@@ -296,7 +328,8 @@ class GuidancePolicy:
             return
         if not isinstance(self.cfg, AdaptiveGuidance) or not bool(state.active.any()):
             return
-        cos = torch.cosine_similarity(cond.flatten(1).double(), uncond.flatten(1).double(), dim=1)
+        cos = cosine if cosine is not None else torch.cosine_similarity(
+            cond.flatten(1).double(), uncond.flatten(1).double(), dim=1).cpu()
         measured = state.active.clone()
         if plan.copy_from_cond is not None:
             measured[plan.copy_from_cond] = False

@@ -1,0 +1,57 @@
+"""Adaptive Guidance's measurement fused into the compiled epilogue.
+
+AG compares the conditional and unconditional predictions of each sample on every full-guidance step. Done by
+the runtime after the call, that is one more read of the whole prediction; done here, the sums are taken where
+the epilogue writes the prediction, in the same compiled region. The epilogue's graph gains two inputs (which
+output rows hold each measured sample's unconditional and conditional prediction) and three outputs::
+
+    %pred = ... (N, C, H, W)                          the epilogue's prediction output
+    %u = index_select(%pred, 0, %uncond_rows).flatten(1).double()     (M, C*H*W)
+    %c = index_select(%pred, 0, %cond_rows).flatten(1).double()       (M, C*H*W)
+    return (..., sum(u * c, 1), sum(u * u, 1), sum(c * c, 1))        3 x (M,)
+
+from which the runtime takes the cosine ``u.c / sqrt(|u|^2 |c|^2)`` (float64 sums, as ``cosine_similarity`` on
+float64 inputs). The variant is built per row count, after re-batching (:func:`cosine_sums_variant`).
+"""
+from __future__ import annotations
+
+import copy
+import operator
+
+import torch
+import torch.fx as fx
+
+COSINE_VARIANT = "cfg_cosine"
+
+
+def cosine_sums_variant(gm: fx.GraphModule, pred_index: int) -> fx.GraphModule:
+    """A copy of ``gm`` taking ``(*inputs, uncond_rows, cond_rows)`` and returning its outputs followed by the
+    per-pair sums ``u.c``, ``u.u``, ``c.c`` of output ``pred_index``."""
+    out = copy.deepcopy(gm)
+    g = out.graph
+    last_input = list(g.find_nodes(op="placeholder"))[-1]
+    with g.inserting_after(last_input):
+        uncond_rows = g.placeholder("cfg_uncond_rows")
+    with g.inserting_after(uncond_rows):
+        cond_rows = g.placeholder("cfg_cond_rows")
+    output = g.find_nodes(op="output")[0]
+    results = tuple(output.args[0])
+    pred = results[pred_index]
+    with g.inserting_before(output):
+
+        def rows_of(index: fx.Node) -> fx.Node:
+            picked = g.call_function(torch.index_select, (pred, 0, index))
+            return g.call_method("double", (g.call_method("flatten", (picked, 1)),))
+
+        u, c = rows_of(uncond_rows), rows_of(cond_rows)
+        sums = tuple(g.call_function(torch.sum, (g.call_function(operator.mul, (a, b)), 1))
+                     for a, b in ((u, c), (u, u), (c, c)))
+    output.args = (results + sums,)
+    g.lint()
+    out.recompile()
+    return out
+
+
+def cosine_from_sums(dot: torch.Tensor, uu: torch.Tensor, cc: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """``torch.cosine_similarity``'s formula from the three sums."""
+    return dot / (uu * cc).clamp_min(eps * eps).sqrt()
