@@ -184,7 +184,10 @@ def analyse(gm: fx.GraphModule, weight_names: set[str] | None = None, min_blocks
 
     Calls of nested compile regions in ``gm`` are inlined in place first (:mod:`ditfx.graph.inline`).
     """
-    inlined = inline_subgraph_calls(gm)
+    try:
+        inlined = inline_subgraph_calls(gm)
+    except ValueError as e:  # a nested region ditfx cannot flatten: fall back like any unsplittable graph
+        raise StructureError(f"cannot inline a nested compile region: {e}") from e
     roles = input_roles(gm, weight_names)
     if not roles.tokens:
         raise StructureError(

@@ -52,7 +52,7 @@ class Executor:
         self.cosine_output = self._cosine_output()
         self.rows = self._call_rows(example_inputs, roles)
         self.batch_flags = self._batch_flags(gm, roles)
-        self._rebatched: dict[tuple[str, str, int], fx.GraphModule] = {}
+        self._graphs: dict[tuple[str, str, int], fx.GraphModule] = {}  # re-batched and measuring variants
         self._unsupported_rows: set[int] = set()
 
     def _cosine_output(self) -> int | None:
@@ -111,11 +111,11 @@ class Executor:
         if rows == self.rows:
             return gm
         key = (rm.signature, variant, rows)
-        if key not in self._rebatched:
+        if key not in self._graphs:
             flags = self.batch_flags[rm.region.name]
             extra = len(list(gm.graph.find_nodes(op="placeholder"))) - len(flags)
-            self._rebatched[key] = rebatch(gm, self.rows, rows, flags + [True] * extra)  # probe's cache_ref
-        return self._rebatched[key]
+            self._graphs[key] = rebatch(gm, self.rows, rows, flags + [True] * extra)  # probe's cache_ref
+        return self._graphs[key]
 
     def _run(self, rm: RegionModule, variant: str, args: list, rows: int) -> tuple:
         gm = self._graph(rm, variant, rows)
@@ -126,9 +126,9 @@ class Executor:
         """The epilogue with Adaptive Guidance's sums for the (uncond, cond) row ``pairs``, always compiled: the
         sums are reductions over the prediction the compiled region writes anyway."""
         key = (rm.signature, COSINE_VARIANT, rows)
-        if key not in self._rebatched:
-            self._rebatched[key] = cosine_sums_variant(self._graph(rm, "base", rows), self.cosine_output)
-        res = self.compiler.run(key, self._rebatched[key], [*args, *pairs], compile=True)
+        if key not in self._graphs:
+            self._graphs[key] = cosine_sums_variant(self._graph(rm, "base", rows), self.cosine_output)
+        res = self.compiler.run(key, self._graphs[key], [*args, *pairs], compile=True)
         return tuple(res[:-3]), tuple(res[-3:])
 
     def _supports_rows(self, rows: int) -> bool:
@@ -181,7 +181,9 @@ class Executor:
             outs, computed = [], 0
         else:
             pairs = self.guidance.measured_pairs(gstate, call_plan) if self.cosine_output is not None else None
-            outs, sums = self._run_rows(args, step, rows, pairs[:2] if pairs is not None else None)
+            device = args[self.latents_pos].device
+            outs, sums = self._run_rows(args, step, rows,
+                                        [p.to(device) for p in pairs[:2]] if pairs is not None else None)
             if sums is not None:
                 cosine = self.guidance.cosine_of(gstate, pairs[2], sums)
         full = self.guidance.complete(gstate, step, call_plan, outs,

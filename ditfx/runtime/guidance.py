@@ -307,7 +307,8 @@ class GuidancePolicy:
         if not is_pred or state.delta is None:
             return cond[idx]
         scale = (1.0 - state.progress) / state.delta_time[idx].clamp_min(1e-12)  # t / t_switch
-        return cond[idx] - state.delta[idx] * scale.to(cond.dtype).view(-1, *([1] * (cond.dim() - 1)))
+        scale = scale.to(cond.device, cond.dtype).view(-1, *([1] * (cond.dim() - 1)))
+        return cond[idx] - state.delta[idx] * scale
 
     @staticmethod
     def _is_batch(o, rows: int) -> bool:
