@@ -96,3 +96,16 @@ def cfg_loop(model, kw: dict, family: str, steps: int = 8, scale: float = 3.0, t
             v = u + scale * (c - u)
         x = x - v / steps
     return x
+
+
+def function_graph(fn, *args) -> tuple[torch.fx.GraphModule, list]:
+    """Dynamo's graph of ``fn`` and its inputs in the graph's order."""
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append((gm, example_inputs))
+        return gm.forward
+
+    torch.compile(fn, backend=keep, fullgraph=True, dynamic=False)(*args)
+    torch._dynamo.reset()
+    return graphs[0]

@@ -23,11 +23,14 @@ def kernel_section(reports: list) -> dict | None:
 def format_kernels(section: dict) -> list[str]:
     total = sum(section["kernels"].values())
     lines = [f"kernels (fusion pass): {total} site(s) lowered"]
-    for region, sites in section["sites"].items():
-        for s in sites:
-            lines.append(f"  {region:<12}{s['kernel']:<46}{s['expression']:<22}{', '.join(s['nodes'])}")
+    rows = [(region, s) for region, sites in section["sites"].items() for s in sites]
+    w_region = max([len(r) for r in [*section["sites"], *section["not_lowered"]]], default=0) + 2
+    w_kernel = max([len(s["kernel"]) for _, s in rows], default=0) + 2
+    w_expr = max([len(s["expression"]) for _, s in rows], default=0) + 2
+    for region, s in rows:
+        lines.append(f"  {region:<{w_region}}{s['kernel']:<{w_kernel}}{s['expression']:<{w_expr}}{', '.join(s['nodes'])}")
     for region, reasons in section["not_lowered"].items():
-        lines.extend(f"  {region:<12}not lowered: {why}" for why in reasons)
+        lines.extend(f"  {region:<{w_region}}not lowered: {why}" for why in reasons)
     lines.append("  (symbols: x the normalised input, y full (B, T, D), m per sample, t per token, c scalar; "
                  "--kernel-source NAME prints a kernel's source)")
     return lines

@@ -7,7 +7,7 @@ graphs that call them compile and export on CPU. See ``docs/kernels.md``.
 """
 
 from .adaln_modulate import adaln_modulate
-from .cache_residual import cache_residual
+from .cache_residual import cache_residual, cache_residual_sums
 from .cfg_combine import cfg_combine
 from .fused_elementwise import fused_elementwise
 from .gated_residual import gated_residual
@@ -26,6 +26,7 @@ __all__ = [
     "KERNELS",
     "adaln_modulate",
     "cache_residual",
+    "cache_residual_sums",
     "cfg_combine",
     "fused_elementwise",
     "gated_residual",

@@ -7,7 +7,7 @@ Pattern (a block region, weights and conditioning as inputs)::
 becomes
 
     "residual":  x.., w..        ->  y.., c_0 .. c_m      c_j = y_j - x_{s(j)}   (mode "output": c_j = y_j)
-    "probe":     x.., w.., ref   ->  y.., c.., num, den   num_b = sum|c_p - ref|_b,  den_b = sum|ref|_b
+    "probe":     x.., w.., ref   ->  y.., c.., num, den   num_b = sum|c_p - ref|_b,  den_b = sum|ref|_b  (float32)
 
 where p is the primary (latent) stream and b a sample: the change metric of dynamic caching is computed in the
 same compiled region as the block, with no extra pass over memory. A skipped block is never run: the runtime
@@ -76,8 +76,10 @@ def probe_variant(gm: fx.GraphModule, streams: list[tuple[int, int]], primary: i
     ref.meta["example_value"] = meta.tensor_value(current)
     with g.inserting_before(out):
         diff = g.call_function(torch.abs, (g.call_function(torch.sub, (current, ref)),))
-        num = g.call_function(torch.sum, (g.call_function(torch.flatten, (diff, 1)), 1))
-        den = g.call_function(torch.sum, (g.call_function(torch.flatten, (g.call_function(torch.abs, (ref,)), 1)), 1))
+        # float32 sums whatever the activations' dtype: a bf16 sum over a latent loses the change.
+        num = g.call_function(torch.sum, (g.call_function(torch.flatten, (diff, 1)), 1), {"dtype": torch.float32})
+        ref_abs = g.call_function(torch.abs, (ref,))
+        den = g.call_function(torch.sum, (g.call_function(torch.flatten, (ref_abs, 1)), 1), {"dtype": torch.float32})
     out.args = (tuple(values + [num, den]),)
     gm.recompile()
     return gm

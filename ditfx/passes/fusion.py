@@ -221,8 +221,7 @@ def lower(match: Match) -> Lowering:
             fixed = None
     if fixed is not None:
         name, args = fixed
-        source = (_KERNELS_DIR / name / "triton_kernel.py").read_text()
-        return Lowering(name, getattr(torch.ops.ditfx, name).default, args, source)
+        return Lowering(name, getattr(torch.ops.ditfx, name).default, args, kernel_file_source(name))
 
     kinds = e.kinds()
     values = [meta.tensor_value(o.node) for o in e.operands]
@@ -239,6 +238,11 @@ def lower(match: Match) -> Lowering:
     source = codegen.render(expr, kinds, dtypes, out_dtype, template)
     args = (expression.to_text(expr), format_spec(kinds), [o.node for o in e.operands], match.eps)
     return Lowering(name, torch.ops.ditfx.fused_elementwise.default, args, source)
+
+
+def kernel_file_source(name: str) -> str:
+    """The Triton source of the fixed kernel ``torch.ops.ditfx.<name>``."""
+    return (_KERNELS_DIR / name / "triton_kernel.py").read_text()
 
 
 def _fixed_kernel(match: Match, expr: sympy.Expr) -> tuple[str, tuple] | None:

@@ -9,6 +9,7 @@ from ditfx.config import Config, DynamicCache, StaticCache
 from ditfx.graph import cost, regions
 from ditfx.graph.structure import DiTStructure, analyse
 from ditfx.passes.block_cache import BlockCacheReport, block_cache_pass
+from ditfx.passes.cache_bookkeeping import fuse_cache_variants
 from ditfx.passes.fusion import FusionReport, fusion_pass
 
 
@@ -89,6 +90,8 @@ def build_plan(gm: fx.GraphModule, config: Config, weight_names: set[str] | None
         elif isinstance(cache, StaticCache):
             cache.schedule.check_model(plan.block_names)
         plan.variants, report = block_cache_pass(region_modules, cache.mode, probe)
+        if fusion is not None:  # the probe's residual and change sums: one pass over memory
+            plan.variants = fuse_cache_variants(plan.variants, fusion)
         if probe is not None and probe not in report.cacheable:
             raise ValueError(f"the probe block {probe} is not cacheable: {report.not_cacheable.get(probe)}; "
                              "choose another DynamicCache.first")

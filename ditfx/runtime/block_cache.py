@@ -12,6 +12,7 @@ import torch
 
 from ditfx.config import CacheCalibration, DynamicCache, StaticCache
 from ditfx.graph.regions import RegionModule
+from ditfx.kernels.cache_residual.reference import relative_l1_from_sums
 from ditfx.runtime.schedule import CacheSchedule
 from ditfx.runtime.steps import StepInfo
 
@@ -78,12 +79,6 @@ def _per_sample(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return mask.view(-1, *([1] * (like.dim() - 1)))
 
 
-def relative_l1(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    """num / den with 0/0 = 0 and x/0 = inf: no reference change means no change only if nothing changed."""
-    ratio = num / den
-    return torch.where(den == 0, torch.where(num == 0, 0.0, float("inf")), ratio)
-
-
 @dataclass
 class _DynamicState:
     ref: torch.Tensor | None = None  # probe's cached value at the last computed step, per sample
@@ -138,7 +133,10 @@ class DynamicCachePolicy:
         result = run("probe", [*args, state.ref])
         outs, cached = split_cached(rm, result[:-2])
         num, den = result[-2], result[-1]
-        change = relative_l1(num, den) if self.cfg.per_sample else relative_l1(num.sum(), den.sum()).expand_as(num)
+        if self.cfg.per_sample:
+            change = relative_l1_from_sums(num, den)
+        else:  # one decision for the batch: the change of all samples together
+            change = relative_l1_from_sums(num.sum(), den.sum()).expand_as(num)
         skip = change < self.cfg.threshold
         if state.reuse is None:
             state.reuse = torch.zeros_like(num, dtype=torch.int64)
@@ -239,7 +237,7 @@ class CalibrationPolicy:
         if prev is not None:
             num = (current - prev).abs().flatten(1).sum(1)
             den = prev.abs().flatten(1).sum(1)
-            state.rows[-1][index] = float(relative_l1(num, den).mean())
+            state.rows[-1][index] = float(relative_l1_from_sums(num, den).mean())
         state.previous[index] = current
         return outs, True
 

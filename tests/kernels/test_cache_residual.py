@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from ditfx.kernels import cache_residual
-from ditfx.kernels.cache_residual import cache_residual_reference
+from ditfx.kernels import cache_residual, cache_residual_sums
+from ditfx.kernels.cache_residual import cache_residual_reference, cache_residual_sums_reference
 from ditfx.kernels.testing import (
     assert_close,
     assert_compiles,
@@ -79,3 +79,14 @@ def test_compile_and_export_on_cpu():
     args = make_inputs(OP, "full", 2, 5, 24, torch.float32)
     assert_compiles(_CacheStep(), args)
     assert_export_keeps_op(_CacheStep(), args, OP)
+
+
+def test_sums_are_the_op_and_change_their_ratio():
+    # The op returns the sums (a per-batch decision adds them over samples before dividing).
+    args = make_inputs(OP, "full", 3, 5, 24, torch.float32)
+    residual, num, den = cache_residual_sums(*args)
+    expected = cache_residual_sums_reference(*to_float64(args))
+    assert num.dtype == den.dtype == torch.float32 and num.shape == den.shape == (3,)
+    for got, want in zip((residual, num, den), expected, strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(cache_residual(*args)[1], num / den)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import call, cfg_loop, run_loop, tiny_model
+from conftest import call, cfg_loop, function_graph, run_loop, tiny_model
 
 import ditfx
 from ditfx.backend import DitfxBackend
@@ -81,8 +81,29 @@ def test_dynamic_cache_with_kernels_is_exact():
     for variants in plan.variants.values():
         for gm in variants.values():
             assert ditfx_ops(gm).count("ditfx::gated_residual") == 2
+    # The probe's bookkeeping (residual, change sums) is one cache_residual call; nothing else has it.
+    ops = {(region, name): ditfx_ops(gm).count("ditfx::cache_residual")
+           for region, variants in plan.variants.items() for name, gm in variants.items()}
+    assert ops.pop(("block.0", "probe")) == 1 and set(ops.values()) == {0}
+    assert [s.kernel for s in fusion_report(backend).sites["block.0/probe"]] == ["cache_residual"]
     assert backend.session.stats.block_evals_skipped == 0
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("per_sample", [True, False])
+def test_dynamic_cache_decides_alike_with_kernels(per_sample):
+    """With skipping on, the lowered bookkeeping gives the same changes, so the same blocks are skipped."""
+    model, kw = tiny_model("reference", batch=2)
+    results = []
+    for kernels in (False, True):
+        cache = ditfx.DynamicCache(threshold=1.0, per_sample=per_sample)  # skips some steps, not all
+        fast = ditfx.optimize(model, ditfx.Config(cache=cache, kernels=kernels, compiler="aot_eager"))
+        out = run_loop(fast, kw, "reference", steps=8)
+        results.append((out, ditfx.stats(fast).block_evals_skipped))
+        torch._dynamo.reset()
+    (plain, skipped), (fused, skipped_fused) = results
+    assert skipped > 0 and skipped_fused == skipped
+    assert (plain - fused).abs().max().item() <= TOL
 
 
 def test_guidance_rebatches_the_fused_regions():
@@ -111,19 +132,6 @@ def test_config_kernels_is_validated():
 B, T, D = 2, 5, 8
 
 
-def dynamo_graph(fn, *args) -> tuple[torch.fx.GraphModule, list]:
-    """Dynamo's graph of ``fn`` and its inputs in the graph's order."""
-    graphs = []
-
-    def keep(gm, example_inputs):
-        graphs.append((gm, example_inputs))
-        return gm.forward
-
-    torch.compile(fn, backend=keep, fullgraph=True, dynamic=False)(*args)
-    torch._dynamo.reset()
-    return graphs[0]
-
-
 def fuse(fn, *args) -> tuple[list[str], FusionReport]:
     """The ditfx ops of ``fn``'s fused graph; the fused graph must compute ``fn``.
 
@@ -131,7 +139,7 @@ def fuse(fn, *args) -> tuple[list[str], FusionReport]:
     every intermediate, the kernels round once, so eager itself is not the oracle there).
     """
     report = FusionReport()
-    gm, inputs = dynamo_graph(fn, *args)
+    gm, inputs = function_graph(fn, *args)
     fused = fuse_graph(gm, report)
     out = fused(*inputs)[0]
     assert out.dtype == fn(*args).dtype

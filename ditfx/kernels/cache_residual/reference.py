@@ -21,10 +21,10 @@ def relative_l1_from_sums(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return torch.where(den > 0, num / den, zero_den).to(torch.float32)
 
 
-def cache_residual_reference(
+def cache_residual_sums_reference(
     out: torch.Tensor, inp: torch.Tensor, cached: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(out - inp, change)``.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return ``(out - inp, num, den)``, the semantics of ``torch.ops.ditfx.cache_residual``.
 
     Args:
         out: ``(B, ...)`` output of the cached block range.
@@ -32,12 +32,22 @@ def cache_residual_reference(
         cached: ``(B, ...)`` the residual cached at an earlier step.
 
     Returns:
-        The residual in out's dtype, and ``change`` of shape ``(B,)`` float32:
-        ``sum|residual - cached| / sum|cached|`` over all non-batch dims, computed from the
-        float32 (not rounded) residual; see :func:`relative_l1_from_sums` for ``sum|cached| == 0``.
+        The residual in out's dtype, and per sample ``num = sum|residual - cached|`` and
+        ``den = sum|cached|`` (shape ``(B,)``, float32; float64 for float64 inputs) over all
+        non-batch dims, computed from the float32 (not rounded) residual. The sums, not their
+        ratio, so a per-batch decision can add them over samples first.
     """
     residual = upcast(out) - upcast(inp)
     cached = upcast(cached)
     num = (residual - cached).abs().flatten(1).sum(1)
     den = cached.abs().flatten(1).sum(1)
-    return residual.to(out.dtype), relative_l1_from_sums(num, den)
+    return residual.to(out.dtype), num, den
+
+
+def cache_residual_reference(
+    out: torch.Tensor, inp: torch.Tensor, cached: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(out - inp, change)`` with ``change = num / den`` (float32, ``(B,)``) of
+    :func:`cache_residual_sums_reference`; see :func:`relative_l1_from_sums` for ``den == 0``."""
+    residual, num, den = cache_residual_sums_reference(out, inp, cached)
+    return residual, relative_l1_from_sums(num, den)

@@ -1,17 +1,14 @@
 """Triton kernel for the block-cache residual: one read of each input, partial sums per chunk.
 
 Stage 1 (the kernel): program (b, c) handles ``BLOCK`` elements of sample b, writes the residual
-and the chunk's two partial L1 sums. Stage 2 (a few PyTorch ops on (B, chunks) buffers) adds the
-partials and applies the zero-denominator rule. Partial sums instead of atomics keep the result
-deterministic.
+and the chunk's two partial L1 sums. Stage 2 (one PyTorch sum per (B, chunks) buffer) adds the
+partials. Partial sums instead of atomics keep the result deterministic.
 """
 
 import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
-
-from .reference import relative_l1_from_sums
 
 
 @triton.jit
@@ -46,8 +43,8 @@ def _cache_residual_kernel(
 
 def cache_residual_launch(
     out: torch.Tensor, inp: torch.Tensor, cached: torch.Tensor, *, block: int = 4096
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch on CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(residual, num, den)`` on CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``).
 
     ``block`` is the number of elements per program; rows longer than it are split into chunks
     whose partial sums are reduced in stage 2.
@@ -74,4 +71,4 @@ def cache_residual_launch(
         BLOCK=block,
         num_warps=8 if block >= 2048 else 4,
     )
-    return residual, relative_l1_from_sums(num.sum(dim=1), den.sum(dim=1))
+    return residual, num.sum(dim=1), den.sum(dim=1)

@@ -23,7 +23,11 @@ pytest.importorskip("triton")
 
 from ditfx.kernels.adaln_modulate.reference import adaln_modulate_reference
 from ditfx.kernels.adaln_modulate.triton_kernel import adaln_modulate_launch
-from ditfx.kernels.cache_residual.reference import cache_residual_reference
+from ditfx.kernels.cache_residual.reference import (
+    cache_residual_reference,
+    cache_residual_sums_reference,
+    relative_l1_from_sums,
+)
 from ditfx.kernels.cache_residual.triton_kernel import cache_residual_launch
 from ditfx.kernels.cfg_combine.reference import cfg_combine_reference
 from ditfx.kernels.cfg_combine.triton_kernel import cfg_combine_launch
@@ -34,6 +38,13 @@ from ditfx.kernels.residual_apply.triton_kernel import residual_apply_launch
 from ditfx.kernels.testing import make_inputs
 
 MAX_ABS_ERR = 1e-5
+
+
+def cache_residual_change_launch(out, inp, cached, **kwargs):
+    """The kernel's sums as the relative change (``cache_residual``'s public result): a ratio near 1
+    compares within 1e-5, where the sums themselves are ~100 (see ``test_cache_residual_sums``)."""
+    residual, num, den = cache_residual_launch(out, inp, cached, **kwargs)
+    return residual, relative_l1_from_sums(num, den)
 
 # (op, variant, launcher, reference, launcher keyword arguments). Small blocks force several
 # programs per row and ragged last blocks, so masking and the 2-stage reductions are exercised.
@@ -54,8 +65,8 @@ CASES = [
         gated_residual_reference,
         {"block_m": 4, "block_d": 16},
     ),
-    ("cache_residual", "full", cache_residual_launch, cache_residual_reference, {"block": 32}),
-    ("cache_residual", "full", cache_residual_launch, cache_residual_reference, {}),
+    ("cache_residual", "full", cache_residual_change_launch, cache_residual_reference, {"block": 32}),
+    ("cache_residual", "full", cache_residual_change_launch, cache_residual_reference, {}),
     ("residual_apply", "plain", residual_apply_launch, residual_apply_reference, {"block": 64}),
     (
         "residual_apply",
@@ -94,11 +105,18 @@ def test_residual_apply_single_scalar():
     )
 
 
+@pytest.mark.parametrize("block", [32, 4096])
+def test_cache_residual_sums(block):
+    args = make_inputs("cache_residual", "full", 3, 7, 40, torch.float32)
+    for got, expected in zip(cache_residual_launch(*args, block=block), cache_residual_sums_reference(*args)):
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-5)
+
+
 def test_cache_residual_zero_cached():
     out, inp, _ = make_inputs("cache_residual", "full", 2, 5, 24, torch.float32)
     inp[1] = out[1]
-    _, change = cache_residual_launch(out, inp, torch.zeros_like(out), block=32)
-    assert change.tolist() == [float("inf"), 0.0]
+    _, num, den = cache_residual_launch(out, inp, torch.zeros_like(out), block=32)
+    assert relative_l1_from_sums(num, den).tolist() == [float("inf"), 0.0]
 
 
 def test_cfg_combine_zero_input():
