@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-import ditfx.kernels  # noqa: F401 - registers torch.ops.ditfx.cache_residual
 from ditfx.graph import meta
 from ditfx.graph.elementwise import KERNEL_DTYPES, arithmetic
 from ditfx.passes.fusion import FusionReport, FusionSite, kernel_file_source
