@@ -9,6 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import ditfx
 from conftest import FAMILIES, run_loop, tiny_model
 from ditfx.runtime.block_cache import CachedValues
+from ditfx.runtime.executor import row_bucket
 from ditfx.runtime.schedule import CacheSchedule
 
 EAGER = "aot_eager"
@@ -219,6 +220,32 @@ def test_batch_equals_each_sample_alone_with_per_sample_policy(forecast):
         alone_kw = {k: v[i:i + 1] for k, v in kw.items()}
         alone = run_loop(ditfx.optimize(model, config), alone_kw, "reference", steps=10)
         assert (both[i:i + 1] - alone).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("forecast", ["none", "linear"])
+def test_mixed_batch_computes_only_the_rows_that_need_the_blocks(forecast):
+    """Where samples of a batch decide differently, the middle blocks run on a re-batched graph of the computing
+    rows (padded to a bucket) and the others take their cached residuals: each sample still equals its run alone,
+    and the FLOPs count only the rows run."""
+    model, kw = tiny_model("reference", batch=4)
+    config = ditfx.Config(cache=ditfx.DynamicCache(threshold=1.5, forecast=forecast), compiler=EAGER)
+    fast = ditfx.optimize(model, config)
+    batch = run_loop(fast, kw, "reference", steps=10)
+    executor = ditfx.api._session(fast).executors[0]
+    assert ("residual", 1) in {key[1:] for key in executor._graphs}  # one computing row of four
+    s = ditfx.stats(fast)
+    full = s.flops + s.flops_skipped
+    assert full == ditfx.stats(fast).calls * sum(executor.plan.flops.values())
+    for i in range(4):
+        alone_kw = {k: v[i:i + 1] for k, v in kw.items()}
+        alone = run_loop(ditfx.optimize(model, config), alone_kw, "reference", steps=10)
+        assert (batch[i:i + 1] - alone).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("k,n,size", [(1, 4, 1), (2, 4, 2), (3, 4, None), (20, 200, 25), (26, 200, 50),
+                                      (99, 200, 100), (101, 200, None), (1, 1, None)])
+def test_row_buckets(k, n, size):
+    assert row_bucket(k, n) == size
 
 
 def test_unbatched_cfg_keeps_one_state_per_branch():

@@ -5,8 +5,8 @@ generation and per branch (the calls of one step), and per sample inside a batch
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -16,7 +16,15 @@ from ditfx.kernels.cache_residual.reference import relative_l1_from_sums
 from ditfx.runtime.schedule import CacheSchedule
 from ditfx.runtime.steps import StepInfo
 
-RunVariant = Callable[[str, list], tuple]  # (variant name, args) -> region outputs
+class RunVariant(Protocol):
+    """How a policy runs a block region: a variant on all of the call's rows, or on some of them."""
+
+    def __call__(self, variant: str, args: list) -> tuple:
+        """The variant's outputs on every row."""
+
+    def on_rows(self, variant: str, args: list, ids: torch.Tensor) -> tuple | None:
+        """The variant's outputs for rows ``ids`` only (in that order), or None when it cannot run on a subset
+        (then the policy runs every row)."""
 
 
 def split_cached(rm: RegionModule, outs: tuple) -> tuple[list, list]:
@@ -112,16 +120,27 @@ class DynamicCachePolicy:
         time = step_time(step)
         if state.skip_all:
             return reuse_outputs(rm, args, state.cached[index].at(time), self.cfg.mode), False
-        outs, cached = split_cached(rm, run("residual", args))
         entry = state.cached.get(index)
+        if entry is not None and state.skip_any:  # mixed batch: every sample keeps its own decision
+            computing = ~state.skip
+            reused = reuse_outputs(rm, args, entry.at(time), self.cfg.mode)
+            ids = computing.nonzero().flatten()
+            part = run.on_rows("residual", args, ids)
+            if part is not None:  # only the computing rows ran: scatter them over the reused ones
+                outs, cached = split_cached(rm, part)
+                outs = [r.index_copy(0, ids, o) for r, o in zip(reused, outs)]
+                cached = [v.index_copy(0, ids, c) for v, c in zip(entry.values, cached)]
+            else:
+                outs, cached = split_cached(rm, run("residual", args))
+                for o, _ in rm.region.streams:
+                    outs[o] = torch.where(_per_sample(state.skip, outs[o]), reused[o], outs[o])
+            entry.update(cached, time, computing)
+            return outs, True
+        outs, cached = split_cached(rm, run("residual", args))
         if entry is None:
             state.cached[index] = CachedValues.first(cached, time, self.cfg.forecast)
-            return outs, True
-        if state.skip_any:  # mixed batch: every sample keeps its own decision
-            reused = reuse_outputs(rm, args, entry.at(time), self.cfg.mode)
-            for o, _ in rm.region.streams:
-                outs[o] = torch.where(_per_sample(state.skip, outs[o]), reused[o], outs[o])
-        entry.update(cached, time, None if not state.skip_any else ~state.skip)
+        else:
+            entry.update(cached, time)
         return outs, True
 
     def _run_probe(self, state: _DynamicState, step: StepInfo, rm: RegionModule, args: list, run: RunVariant):

@@ -54,6 +54,7 @@ class Executor:
         self.batch_flags = self._batch_flags(gm, roles)
         self._graphs: dict[tuple[str, str, int], fx.GraphModule] = {}  # re-batched and measuring variants
         self._unsupported_rows: set[int] = set()
+        self._unsupported_subsets: set[tuple[str, str, int]] = set()
 
     def _cosine_output(self) -> int | None:
         """Which epilogue output is the prediction, when Adaptive Guidance can measure it in the epilogue."""
@@ -130,6 +131,33 @@ class Executor:
             self._graphs[key] = cosine_sums_variant(self._graph(rm, "base", rows), self.cosine_output)
         res = self.compiler.run(key, self._graphs[key], [*args, *pairs], compile=True)
         return tuple(res[:-3]), tuple(res[-3:])
+
+    def _run_on_rows(self, rm: RegionModule, variant: str, args: list, n: int,
+                     ids: torch.Tensor) -> tuple[tuple, int] | None:
+        """``variant`` on rows ``ids`` of the ``n`` in ``args`` (their outputs, in that order) and the number of rows
+        it ran on, or None when no smaller re-batched graph serves.
+
+        The rows are padded with others up to a bucket (n/8, n/4 or n/2, rounded up) so that changing subsets
+        compile at most three re-batched graphs per variant; the padding rows' outputs are discarded.
+        """
+        size = row_bucket(len(ids), n)
+        key = (rm.signature, variant, size)
+        if size is None or key in self._unsupported_subsets:
+            return None
+        try:
+            self._graph(rm, variant, size)
+        except RebatchError as e:
+            self._unsupported_subsets.add(key)
+            warnings.warn(f"ditfx cache: cannot run {rm.region.name} on {size} of its {self.rows} rows ({e}); "
+                          "mixed batches compute every row there (no saving, same result)", stacklevel=4)
+            return None
+        picked = torch.zeros(n, dtype=torch.bool, device=ids.device)
+        picked[ids] = True
+        padded = torch.cat([ids, (~picked).nonzero().flatten()[:size - len(ids)]])
+        flags = self.batch_flags[rm.region.name]
+        sub = [a.index_select(0, padded.to(a.device)) if flag else a for a, flag in zip(args, flags)]
+        outs = self._run(rm, variant, sub, size)
+        return tuple(o[:len(ids)] if isinstance(o, torch.Tensor) and o.dim() > 0 else o for o in outs), size
 
     def _supports_rows(self, rows: int) -> bool:
         """Whether every region (and cache variant) can run on ``rows`` rows; warns once when not."""
@@ -225,11 +253,11 @@ class Executor:
             region = rm.region
             region_args = [env[name] for name in self.region_inputs[k]]
             flops = self.plan.flops[region.name] * n // self.rows if self.rows else self.plan.flops[region.name]
+            ran_rows = n
             if region.kind == "block" and self.policy is not None:
-                outs, ran = self.policy.run_block(
-                    state, step, region.block.index, rm, region_args,
-                    lambda variant, a, rm=rm: self._run(rm, variant, a, n),
-                )
+                runner = _BlockRunner(self, rm, n)
+                outs, ran = self.policy.run_block(state, step, region.block.index, rm, region_args, runner)
+                ran_rows = runner.ran_rows if ran else 0
             elif pairs is not None and k == len(self.plan.regions) - 1:
                 (outs, sums), ran = self._run_measuring(rm, region_args, n, pairs), True
             else:
@@ -237,14 +265,42 @@ class Executor:
             if region.kind == "block":
                 stats.block_evals += ran
                 stats.block_evals_skipped += not ran
-            if ran:
-                stats.flops += flops
-            else:
-                stats.flops_skipped += flops
+            ran_flops = flops * ran_rows // n if n else 0
+            stats.flops += ran_flops
+            stats.flops_skipped += flops - ran_flops
             env.update(zip(self.region_outputs[k], outs))
             for name in self.release[k]:
                 del env[name]
         return [env[name] for name in self.output_names], sums
+
+
+def row_bucket(k: int, n: int) -> int | None:
+    """The fewest rows out of ``n`` (a bucket: n/8, n/4 or n/2, rounded up) that hold ``k`` rows, or None when only
+    all ``n`` do."""
+    for parts in (8, 4, 2):
+        size = -(-n // parts)
+        if k <= size < n:
+            return size
+    return None
+
+
+class _BlockRunner:
+    """Runs a block region's variants for a cache policy; records on how many rows it last ran."""
+
+    def __init__(self, executor: Executor, rm: RegionModule, n: int):
+        self.executor, self.rm, self.n = executor, rm, n
+        self.ran_rows = n
+
+    def __call__(self, variant: str, args: list) -> tuple:
+        self.ran_rows = self.n
+        return self.executor._run(self.rm, variant, args, self.n)
+
+    def on_rows(self, variant: str, args: list, ids: torch.Tensor) -> tuple | None:
+        result = self.executor._run_on_rows(self.rm, variant, args, self.n, ids)
+        if result is None:
+            return None
+        outs, self.ran_rows = result
+        return outs
 
 
 def _flat_nodes(output) -> list[fx.Node]:
