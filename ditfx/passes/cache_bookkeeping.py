@@ -15,7 +15,6 @@ residual keeps its other uses (it is the value the cache stores). Runs after the
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import operator
 from dataclasses import dataclass
@@ -114,13 +113,10 @@ def apply(graph: fx.Graph, match: BookkeepingMatch) -> None:
 
 
 def fuse_bookkeeping(gm: fx.GraphModule, report: FusionReport, region: str) -> fx.GraphModule:
-    """``gm`` with its bookkeeping lowered to ``ditfx.cache_residual`` (a copy when anything changed)."""
-    matches = find_bookkeeping(gm.graph)
-    if not matches:
-        return gm
-    gm = copy.deepcopy(gm)
-    source = kernel_file_source(KERNEL)
+    """Lower ``gm``'s bookkeeping to ``ditfx.cache_residual`` in place (the cache variants are the pass's own
+    copies); returns ``gm``."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    lowered = False
     for match in find_bookkeeping(gm.graph):
         why = unfit(match, order)
         if why is not None:
@@ -128,19 +124,21 @@ def fuse_bookkeeping(gm: fx.GraphModule, report: FusionReport, region: str) -> f
             continue
         nodes = [n.name for n in (match.residual, *match.nodes, match.num, match.den)]
         apply(gm.graph, match)
-        report.sources[KERNEL] = source
+        source = report.sources[KERNEL] = kernel_file_source(KERNEL)
         report.sites.setdefault(region, []).append(FusionSite(
             pattern="cache_bookkeeping", nodes=nodes, kernel=KERNEL, expression=EXPRESSION,
             source_hash=hashlib.sha256(source.encode()).hexdigest()[:20],
         ))
-    gm.graph.lint()
-    gm.recompile()
+        lowered = True
+    if lowered:
+        gm.graph.lint()
+        gm.recompile()
     return gm
 
 
-def fuse_cache_variants(variants: dict[str, dict[str, fx.GraphModule]],
-                        report: FusionReport) -> dict[str, dict[str, fx.GraphModule]]:
-    """The block-cache pass's variants with their bookkeeping lowered; sites go to ``report`` as
+def fuse_cache_variants(variants: dict[str, dict[str, fx.GraphModule]], report: FusionReport) -> None:
+    """Lower the bookkeeping of the block-cache pass's variants in place; sites go to ``report`` as
     ``"<region>/<variant>"``."""
-    return {region: {name: fuse_bookkeeping(gm, report, f"{region}/{name}") for name, gm in by_name.items()}
-            for region, by_name in variants.items()}
+    for region, by_name in variants.items():
+        for name, gm in by_name.items():
+            fuse_bookkeeping(gm, report, f"{region}/{name}")

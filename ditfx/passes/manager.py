@@ -91,7 +91,7 @@ def build_plan(gm: fx.GraphModule, config: Config, weight_names: set[str] | None
             cache.schedule.check_model(plan.block_names)
         plan.variants, report = block_cache_pass(region_modules, cache.mode, probe)
         if fusion is not None:  # the probe's residual and change sums: one pass over memory
-            plan.variants = fuse_cache_variants(plan.variants, fusion)
+            fuse_cache_variants(plan.variants, fusion)
         if probe is not None and probe not in report.cacheable:
             raise ValueError(f"the probe block {probe} is not cacheable: {report.not_cacheable.get(probe)}; "
                              "choose another DynamicCache.first")

@@ -53,8 +53,7 @@ class Executor:
         self.rows = self._call_rows(example_inputs, roles)
         self.batch_flags = self._batch_flags(gm, roles)
         self._graphs: dict[tuple[str, str, int], fx.GraphModule] = {}  # re-batched and measuring variants
-        self._unsupported_rows: set[int] = set()
-        self._unsupported_subsets: set[tuple[str, str, int]] = set()
+        self._not_rebatchable: set[tuple] = set()  # (rows,) for guidance, (signature, variant, rows) for the cache
 
     def _cosine_output(self) -> int | None:
         """Which epilogue output is the prediction, when Adaptive Guidance can measure it in the epilogue."""
@@ -141,15 +140,10 @@ class Executor:
         compile at most three re-batched graphs per variant; the padding rows' outputs are discarded.
         """
         size = row_bucket(len(ids), n)
-        key = (rm.signature, variant, size)
-        if size is None or key in self._unsupported_subsets:
-            return None
-        try:
-            self._graph(rm, variant, size)
-        except RebatchError as e:
-            self._unsupported_subsets.add(key)
-            warnings.warn(f"ditfx cache: cannot run {rm.region.name} on {size} of its {self.rows} rows ({e}); "
-                          "mixed batches compute every row there (no saving, same result)", stacklevel=4)
+        if size is None or not self._rebatches(
+                (rm.signature, variant, size), [(rm, variant)], size,
+                f"ditfx cache: cannot run {rm.region.name} on {size} of its {self.rows} rows ({{error}}); mixed "
+                "batches compute every row there (no saving, same result)"):
             return None
         picked = torch.zeros(n, dtype=torch.bool, device=ids.device)
         picked[ids] = True
@@ -163,16 +157,23 @@ class Executor:
         """Whether every region (and cache variant) can run on ``rows`` rows; warns once when not."""
         if rows == self.rows:
             return True
-        if rows in self._unsupported_rows:
+        graphs = [(rm, variant) for rm in self.plan.regions
+                  for variant in ["base", *self.plan.variants.get(rm.region.name, {})]]
+        return self._rebatches((rows,), graphs, rows,
+                               f"ditfx guidance: cannot run this graph on {rows} of its {self.rows} rows ({{error}}); "
+                               "those calls compute every row (no saving, same result)")
+
+    def _rebatches(self, key: tuple, graphs: list[tuple[RegionModule, str]], rows: int, warning: str) -> bool:
+        """Whether each ``(region, variant)`` re-batches to ``rows`` rows. A refusal is remembered under ``key`` and
+        warned once (``warning`` with ``{error}`` filled in)."""
+        if key in self._not_rebatchable:
             return False
         try:
-            for rm in self.plan.regions:
-                for variant in ["base", *self.plan.variants.get(rm.region.name, {})]:
-                    self._graph(rm, variant, rows)
+            for rm, variant in graphs:
+                self._graph(rm, variant, rows)
         except RebatchError as e:
-            self._unsupported_rows.add(rows)
-            warnings.warn(f"ditfx guidance: cannot run this graph on {rows} of its {self.rows} rows ({e}); "
-                          "those calls compute every row (no saving, same result)", stacklevel=3)
+            self._not_rebatchable.add(key)
+            warnings.warn(warning.format(error=e), stacklevel=4)
             return False
         return True
 
