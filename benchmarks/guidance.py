@@ -85,6 +85,8 @@ def main(argv=None):
     p.add_argument("--delta", type=float, default=0.5, help="StaticCache delta of the combined settings (blocks together, linear forecast)")
     p.add_argument("--gammas", type=float, nargs="+", default=list(GAMMAS))
     p.add_argument("--compiler", default="inductor")
+    p.add_argument("--check-only", action="store_true",
+                   help="only the issue's check: AdaptiveGuidance() as shipped, and the paper's fill at its gamma")
     p.add_argument("--json", nargs="?", const="-", help="write JSON to this path ('-': stdout)")
     args = p.parse_args(argv)
     torch.manual_seed(0)
@@ -101,9 +103,11 @@ def main(argv=None):
     base_q = digits.metrics(reference, labels)
     print(f"eager CFG: {eager_s:.1f} s, fd {base_q['fd']:.1f}, accuracy {base_q['accuracy']:.3f}", file=sys.stderr)
 
+    if args.check_only:
+        return check_only(args, labels, reference, base_q, eager_s, config)
     # full CFG through AdaptiveGuidance(gamma=1): never switches, and records the cosine curve
     settings = [("cfg", None, config(ditfx.AdaptiveGuidance(1.0)))]
-    settings += [("ag", g, config(ditfx.AdaptiveGuidance(g))) for g in args.gammas]
+    settings += [("ag", g, config(ditfx.AdaptiveGuidance(g, fill="cond"))) for g in args.gammas]
     settings += [("ag_delta", g, config(ditfx.AdaptiveGuidance(g, fill="delta"))) for g in args.gammas]
     settings += [("linear_ag", None, config(linear))]
     points = []
@@ -130,18 +134,57 @@ def main(argv=None):
               "baseline": {"method": "eager CFG", "wall_s": eager_s, **base_q},
               "machine": {"platform": platform.platform(), "torch": torch.__version__,
                           "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()},
-              "points": points, "cosine_median": [float(torch.tensor(r).nanmedian()) for r in full_trace]}
+              "points": points, "cosine_median": [float(torch.tensor(r).nanmedian()) for r in full_trace],
+              "default_check": default_check(points, base_q, args.steps)}
     print_table(report)
-    if args.json:
-        text = json.dumps(report, indent=1)
-        if args.json == "-":
-            print(text)
-        else:
-            out = Path(args.json)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(text)
-            plot_cosines(full_trace, default_gamma, out.with_suffix(".png"))
+    write_json(report, args.json)
+    if args.json and args.json != "-":
+        plot_cosines(full_trace, default_gamma, Path(args.json).with_suffix(".png"))
     return report
+
+
+def check_only(args, labels, reference, base_q, eager_s, config) -> dict:
+    """AdaptiveGuidance at the default gamma with both fills, and the check on the shipped default."""
+    gamma = ditfx.AdaptiveGuidance().gamma
+    points = []
+    for name, fill in (("ag", "cond"), ("ag_delta", "delta")):
+        images, run = run_setting(config(ditfx.AdaptiveGuidance(gamma, fill=fill)), labels, args)
+        run.pop("cosines")
+        points.append(point(name, gamma, images, run, labels, reference, eager_s))
+    report = {"benchmark": "guidance (check only)", "settings": vars(args), "default_gamma": gamma,
+              "baseline": {"method": "eager CFG", "wall_s": eager_s, **base_q}, "points": points,
+              "default_check": default_check(points, base_q, args.steps)}
+    print_table(report)
+    write_json(report, args.json)
+    return report
+
+
+def write_json(report: dict, where: str | None) -> None:
+    if not where:
+        return
+    text = json.dumps(report, indent=1)
+    if where == "-":
+        print(text)
+    else:
+        out = Path(where)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+
+
+def default_check(points: list[dict], base: dict, steps: int) -> dict | None:
+    """The issue's check on ``AdaptiveGuidance()`` as shipped: at least 20 % fewer network evaluations than
+    full CFG, digits-FD within 5 % and class accuracy within one point of eager full CFG."""
+    default = ditfx.AdaptiveGuidance()
+    method = {"cond": "ag", "delta": "ag_delta"}[default.fill]
+    q = next((q for q in points if q["method"] == method and q["knob"] == default.gamma), None)
+    if q is None:
+        return None
+    saved = 1 - q["nfe"] / (2 * steps)
+    fd_change = q["fd"] / base["fd"] - 1
+    accuracy_change = q["accuracy"] - base["accuracy"]
+    return {"setting": f"AdaptiveGuidance(gamma={default.gamma}, fill={default.fill!r})", "nfe_saved": saved,
+            "fd_change": fd_change, "accuracy_change": accuracy_change,
+            "met": saved >= 0.2 and abs(fd_change) <= 0.05 and accuracy_change >= -0.01 - 1e-9}
 
 
 def point(name, knob, images, run, labels, reference, eager_s) -> dict:
@@ -162,6 +205,11 @@ def print_table(report: dict) -> None:
         knob = "" if q["knob"] is None else f"{q['knob']:.3g}"
         print(f"{q['method']:<16}{knob:>8}{q['nfe']:>8.1f}{q['wall_s']:>8.1f}{q['speedup']:>8.2f}x{q['fd']:>8.1f}"
               f"{100 * q['accuracy']:>7.1f}{q['psnr']:>7.1f}", file=sys.stderr)
+    check = report["default_check"]
+    if check is not None:
+        print(f"\n{check['setting']}: {100 * check['nfe_saved']:.1f} % fewer evaluations, digits-FD "
+              f"{100 * check['fd_change']:+.1f} %, accuracy {100 * check['accuracy_change']:+.1f} points: "
+              f"{'met' if check['met'] else 'NOT met'} (>= 20 %, within 5 %, within one point)", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -59,13 +59,15 @@ def _swap(value, half: int, batch: int):
 
 @torch.no_grad()
 def cfg_loop(model, kw: dict, family: str, steps: int = 8, scale: float = 3.0, two_calls: bool = False,
-             uncond_first: bool = True, cfg_steps: int | None = None) -> torch.Tensor:
+             uncond_first: bool = True, cfg_steps: int | None = None, fill: str = "cond") -> torch.Tensor:
     """Classifier-free guidance over a zoo model's inputs at batch 2B: rows [:B] of every per-sample input
     condition the unconditional branch, rows [B:] the conditional one; the latents x (B samples) are shared.
 
     Batched (one call of 2B rows, the unconditional half first unless ``uncond_first=False``) or two calls per
     step. ``cfg_steps``: guidance on the first so many steps only, conditional-only after (the expected result
-    of guidance skipping); None: every step.
+    of guidance skipping); None: every step. ``fill="delta"``: after the guided steps the conditional prediction
+    plus the last guided step's ``(scale - 1) * (c_k - u_k)``, fading with ``t / t_k`` (AdaptiveGuidance's
+    default fill).
     """
     latents, timestep, scale_t, diffusers = _driving(family)
     batch = kw[latents].shape[0]
@@ -79,11 +81,17 @@ def cfg_loop(model, kw: dict, family: str, steps: int = 8, scale: float = 3.0, t
                                latents, timestep, scale_t, diffusers)
         return named()[:, : x.shape[1]]
 
+    last_guided = None  # (c_k - u_k, t_k) of the last guided step
     for k in range(steps):
         t = (1 - k / steps) * scale_t
         if cfg_steps is not None and k >= cfg_steps:
             v = run(cond, x, t)
-        elif two_calls:
+            if fill == "delta":
+                direction, t_k = last_guided
+                v = v + (scale - 1) * direction * (t / t_k)
+            x = x - v / steps
+            continue
+        if two_calls:
             first, second = (uncond, cond) if uncond_first else (cond, uncond)
             a, b = run(first, x, t), run(second, x, t)
             u, c = (a, b) if uncond_first else (b, a)
@@ -94,6 +102,7 @@ def cfg_loop(model, kw: dict, family: str, steps: int = 8, scale: float = 3.0, t
             out = run(both, torch.cat([x, x]), t)
             u, c = (out[:half], out[half:]) if uncond_first else (out[half:], out[:half])
             v = u + scale * (c - u)
+        last_guided = (c - u, t)
         x = x - v / steps
     return x
 

@@ -37,7 +37,7 @@ def test_gamma_one_is_cfg_and_gamma_minus_one_is_one_cfg_step(family):
     assert (cfg_loop(fast, kw, family) - cfg_loop(model, kw, family)).abs().max() <= TOL
     assert ditfx.stats(fast).nfe == 2 * STEPS
     torch._dynamo.reset()
-    fast = optimized(model, ditfx.AdaptiveGuidance(gamma=-1.0))
+    fast = optimized(model, ditfx.AdaptiveGuidance(gamma=-1.0, fill="cond"))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         got = cfg_loop(fast, kw, family)
@@ -52,12 +52,27 @@ def test_gamma_one_is_cfg_and_gamma_minus_one_is_one_cfg_step(family):
     assert s.graph_breaks == 0 and s.recompiles == 0
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_default_fill_keeps_a_fading_guidance_on_every_family(family):
+    """The default fill ("delta"), gamma = -1: one CFG step, then the conditional branch only, whose prediction
+    gets the first step's guidance direction back, fading with t (cfg_loop's fill="delta")."""
+    assert ditfx.AdaptiveGuidance().fill == "delta"
+    model, kw = tiny_model(family, batch=4)
+    fast = optimized(model, ditfx.AdaptiveGuidance(gamma=-1.0))
+    got = cfg_loop(fast, kw, family)
+    expected = cfg_loop(model, kw, family, cfg_steps=1, fill="delta")
+    assert (got - expected).abs().max() <= TOL
+    s = ditfx.stats(fast)
+    assert s.nfe == (2 * STEPS if family in NOT_REBATCHABLE else 2 * 1 + (STEPS - 1))
+    assert s.graph_breaks == 0 and s.recompiles == 0
+
+
 @pytest.mark.parametrize("uncond_first", [True, False])
 @pytest.mark.parametrize("two_calls", [False, True])
 def test_layouts(two_calls, uncond_first):
     """Batched and two-call CFG, either branch first: gamma = -1 gives one CFG step then conditional only."""
     model, kw = tiny_model("dit", batch=4)
-    fast = optimized(model, ditfx.AdaptiveGuidance(gamma=-1.0, uncond_first=uncond_first))
+    fast = optimized(model, ditfx.AdaptiveGuidance(gamma=-1.0, uncond_first=uncond_first, fill="cond"))
     got = cfg_loop(fast, kw, "dit", two_calls=two_calls, uncond_first=uncond_first)
     expected = cfg_loop(model, kw, "dit", uncond_first=uncond_first, cfg_steps=1)
     assert (got - expected).abs().max() <= TOL
@@ -112,7 +127,7 @@ def test_nfe_counts_cfg_steps_and_per_sample_switching_equals_each_sample_alone(
     gamma = next(g for g in candidates if len(set(switch_steps(trace, g))) == 2 and max(switch_steps(trace, g)) < STEPS)
     expected_k = switch_steps(trace, gamma)
 
-    fast = optimized(model, ditfx.AdaptiveGuidance(gamma=gamma))
+    fast = optimized(model, ditfx.AdaptiveGuidance(gamma=gamma, fill="cond"))
     both = cfg_loop(fast, kw, "reference")
     s = ditfx.stats(fast)
     # per sample NFE = 2k + (T - k); the batch's nfe is their mean
@@ -120,7 +135,7 @@ def test_nfe_counts_cfg_steps_and_per_sample_switching_equals_each_sample_alone(
     for i in range(2):
         torch._dynamo.reset()
         alone_kw = pair_alone(kw, i)
-        alone = optimized(model, ditfx.AdaptiveGuidance(gamma=gamma))
+        alone = optimized(model, ditfx.AdaptiveGuidance(gamma=gamma, fill="cond"))
         got = cfg_loop(alone, alone_kw, "reference")
         assert (got - both[i:i + 1]).abs().max() <= TOL
         assert cfg_loop(model, alone_kw, "reference", cfg_steps=expected_k[i]).sub(got).abs().max() <= TOL
@@ -142,7 +157,7 @@ def test_per_batch_switches_when_every_sample_has_reached_gamma():
     gamma = sorted(min(row) for row in trace)[STEPS // 2]
     k = switch_steps([[min(row)] for row in trace], gamma)[0]
     torch._dynamo.reset()
-    fast = optimized(model, ditfx.AdaptiveGuidance(gamma=gamma, per_sample=False))
+    fast = optimized(model, ditfx.AdaptiveGuidance(gamma=gamma, per_sample=False, fill="cond"))
     got = cfg_loop(fast, kw, "reference")
     assert (got - cfg_loop(model, kw, "reference", cfg_steps=k)).abs().max() <= TOL
     assert ditfx.stats(fast).nfe == 2 * k + STEPS - k
@@ -151,7 +166,7 @@ def test_per_batch_switches_when_every_sample_has_reached_gamma():
 def test_warmup_keeps_guidance_until_its_fraction_of_the_generation():
     """With warmup 0.5 no sample switches before progress 1/2 (step 4 of 8): gamma = -1 switches there."""
     model, kw = tiny_model("dit", batch=4)
-    fast = optimized(model, ditfx.AdaptiveGuidance(gamma=-1.0, warmup=0.5))
+    fast = optimized(model, ditfx.AdaptiveGuidance(gamma=-1.0, warmup=0.5, fill="cond"))
     got = cfg_loop(fast, kw, "dit")
     assert (got - cfg_loop(model, kw, "dit", cfg_steps=STEPS // 2 + 1)).abs().max() <= TOL
     assert ditfx.stats(fast).nfe == 2 * (STEPS // 2 + 1) + STEPS // 2 - 1
@@ -159,10 +174,10 @@ def test_warmup_keeps_guidance_until_its_fraction_of_the_generation():
 
 def test_with_caching_at_its_exact_limit_equals_guidance_alone():
     model, kw = tiny_model("dit", batch=4)
-    alone = cfg_loop(optimized(model, ditfx.AdaptiveGuidance(gamma=-1.0)), kw, "dit")
+    alone = cfg_loop(optimized(model, ditfx.AdaptiveGuidance(gamma=-1.0, fill="cond")), kw, "dit")
     torch._dynamo.reset()
     for cache in (ditfx.DynamicCache(threshold=0.0), ditfx.DynamicCache(threshold=0.0, per_sample=False)):
-        fast = optimized(model, ditfx.AdaptiveGuidance(gamma=-1.0), cache)
+        fast = optimized(model, ditfx.AdaptiveGuidance(gamma=-1.0, fill="cond"), cache)
         assert (cfg_loop(fast, kw, "dit") - alone).abs().max() <= TOL
         assert ditfx.stats(fast).block_evals_skipped == 0
         torch._dynamo.reset()
