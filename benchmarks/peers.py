@@ -619,8 +619,8 @@ def ditfx_methods() -> list[Method]:
         ditfx_method("StaticCache together+linear + AdaptiveGuidance", "delta", together_deltas,
                      lambda v, ctx: config(together(v, ctx), ctx, ditfx.AdaptiveGuidance(AG_GAMMA, fill="cond")),
                      prepare=prepare_ditfx_schedule, prepared_as=SCHEDULE,
-                     notes=f"the cache above with Adaptive Guidance (gamma {AG_GAMMA}, per sample, the paper's fill='cond'): "
-                           "each sample's guidance ends once its two predictions agree."),
+                     notes=f"the cache above with Adaptive Guidance (gamma {AG_GAMMA}, per sample, the paper's "
+                           "fill='cond'): each sample's guidance ends once its two predictions agree."),
         ditfx_method("StaticCache together+linear + AdaptiveGuidance fill=delta", "delta", together_deltas,
                      lambda v, ctx: config(together(v, ctx), ctx, ditfx.AdaptiveGuidance(fill="delta")),
                      prepare=prepare_ditfx_schedule, prepared_as=SCHEDULE,

@@ -174,10 +174,10 @@ def test_warmup_keeps_guidance_until_its_fraction_of_the_generation():
 
 def test_with_caching_at_its_exact_limit_equals_guidance_alone():
     model, kw = tiny_model("dit", batch=4)
-    alone = cfg_loop(optimized(model, ditfx.AdaptiveGuidance(gamma=-1.0, fill="cond")), kw, "dit")
+    alone = cfg_loop(optimized(model, ditfx.AdaptiveGuidance(gamma=-1.0)), kw, "dit")
     torch._dynamo.reset()
     for cache in (ditfx.DynamicCache(threshold=0.0), ditfx.DynamicCache(threshold=0.0, per_sample=False)):
-        fast = optimized(model, ditfx.AdaptiveGuidance(gamma=-1.0, fill="cond"), cache)
+        fast = optimized(model, ditfx.AdaptiveGuidance(gamma=-1.0), cache)
         assert (cfg_loop(fast, kw, "dit") - alone).abs().max() <= TOL
         assert ditfx.stats(fast).block_evals_skipped == 0
         torch._dynamo.reset()

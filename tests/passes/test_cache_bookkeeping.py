@@ -81,8 +81,8 @@ def test_guidance_rebatches_the_lowered_probe():
     to the conditional rows after the first step, and the result is plain CFG for one step then cond only."""
     model, kw = tiny_model("reference", batch=4)
     expected = cfg_loop(model, kw, "reference", cfg_steps=1)
-    config = ditfx.Config(guidance=ditfx.AdaptiveGuidance(gamma=-1.0, fill="cond"), cache=ditfx.DynamicCache(threshold=0.0),
-                          kernels=True, compiler="aot_eager")
+    config = ditfx.Config(guidance=ditfx.AdaptiveGuidance(gamma=-1.0, fill="cond"),
+                          cache=ditfx.DynamicCache(threshold=0.0), kernels=True, compiler="aot_eager")
     fast = ditfx.optimize(model, config)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a refused re-batched variant would warn and fall back

@@ -113,7 +113,8 @@ def test_guidance_rebatches_the_fused_regions():
 
     model, kw = tiny_model("reference", batch=4)
     expected = cfg_loop(model, kw, "reference", cfg_steps=1)
-    config = ditfx.Config(guidance=ditfx.AdaptiveGuidance(gamma=-1.0, fill="cond"), kernels=True, compiler="aot_eager")
+    config = ditfx.Config(guidance=ditfx.AdaptiveGuidance(gamma=-1.0, fill="cond"), kernels=True,
+                          compiler="aot_eager")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a refused re-batched variant would warn and fall back
         got = cfg_loop(ditfx.optimize(model, config), kw, "reference")
