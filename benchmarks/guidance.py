@@ -76,12 +76,17 @@ def plot_cosines(trace: list[list[float]], gamma: float, path: Path) -> Path:
     return path
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    """The digits generation every guidance benchmark samples: samples per class, steps, scale, seed."""
     p.add_argument("--per-class", type=int, default=10)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance-scale", type=float, default=1.5)
     p.add_argument("--seed", type=int, default=0)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_sampling_arguments(p)
     p.add_argument("--delta", type=float, default=0.5, help="StaticCache delta of the combined settings (blocks together, linear forecast)")
     p.add_argument("--gammas", type=float, nargs="+", default=list(GAMMAS))
     p.add_argument("--compiler", default="inductor")

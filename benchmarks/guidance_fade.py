@@ -11,15 +11,14 @@ assumes this is ``t / t_k``. Reported: the median projection over samples in bin
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 import torch
 
 import ditfx
 from ditfx.models import digits
 from ditfx.models.digits.sampling import class_grid, generate
+from guidance import add_sampling_arguments, write_json  # benchmarks/guidance.py, beside this script
 
 BINS = (1.0, 0.8, 0.6, 0.4, 0.2, 0.0)  # t / t_k, high to low
 
@@ -60,10 +59,7 @@ def fade_points(t: torch.Tensor, u: torch.Tensor, c: torch.Tensor, gamma: float)
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--per-class", type=int, default=10)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance-scale", type=float, default=1.5)
-    p.add_argument("--seed", type=int, default=0)
+    add_sampling_arguments(p)
     p.add_argument("--gamma", type=float, default=ditfx.AdaptiveGuidance().gamma)
     p.add_argument("--json", nargs="?", const="-", help="write JSON to this path ('-': stdout)")
     args = p.parse_args(argv)
@@ -82,12 +78,7 @@ def main(argv=None):
     switched = sum(r == 1.0 for r, _ in points)  # one point at t = t_k per switched sample
     report = {"benchmark": "guidance_fade", "settings": vars(args), "samples": u.shape[1], "switched": switched,
               "bins": bins}
-    if args.json == "-":
-        print(json.dumps(report, indent=1))
-    elif args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=1))
+    write_json(report, args.json)
     return report
 
 

@@ -1,5 +1,6 @@
 """benchmarks/guidance_fade.py's measurement on synthetic trajectories with a known decay."""
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,9 +11,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def fade():
-    spec = importlib.util.spec_from_file_location("bench_guidance_fade", REPO / "benchmarks" / "guidance_fade.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(REPO / "benchmarks"))  # as when run as a script: it imports guidance.py beside it
+    try:
+        spec = importlib.util.spec_from_file_location("bench_guidance_fade", REPO / "benchmarks" / "guidance_fade.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
     return module
 
 
