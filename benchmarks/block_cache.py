@@ -6,6 +6,7 @@ first call's time), FLOPs from ditfx's cost model (which matches torch.utils.flo
 tests/graph/test_cost.py), and the realized speed-up over the FLOPs ratio.
 
     python benchmarks/block_cache.py --json out/block_cache.json
+    python benchmarks/block_cache.py --first-call-only --model DiT-XL/2 --json out/first_call_xl.json
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -66,8 +68,12 @@ def main(argv=None):
     p.add_argument("--skip", type=float, default=0.5, help="fraction of block evaluations to skip")
     p.add_argument("--rounds", type=int, default=3,
                    help="interleaved first-call rounds of regional compilation and ditfx (medians compared)")
+    p.add_argument("--first-call-only", action="store_true",
+                   help="only the first-call rounds (no loops): compares compile time on deeper models quickly")
     p.add_argument("--json", nargs="?", const="-", help="write JSON to this path ('-': stdout)")
     args = p.parse_args(argv)
+    if args.first_call_only:
+        return first_call_only(args)
 
     # Cold compiles for every variant: no Inductor/AOT cache hits from an earlier variant or run.
     torch._inductor.config.fx_graph_cache = False
@@ -117,17 +123,7 @@ def main(argv=None):
     print(f"{'ditfx+static_cache':<22} {args.steps}-step loop {wall:7.2f} s  "
           f"({s.block_evals_skipped}/{s.block_evals + s.block_evals_skipped} blocks skipped)", file=sys.stderr)
 
-    # First calls vary by tens of percent run to run on a shared CPU: compare medians of interleaved rounds, each a
-    # cold compile (fresh Dynamo state, Inductor caches off) in a process that has compiled before.
-    builders = {"regional torch.compile": lambda: build_regional(named.model),
-                "ditfx": lambda: ditfx.optimize(named.model, ditfx.Config())}
-    rounds = {name: [] for name in builders}
-    for _ in range(args.rounds):
-        for name, build in builders.items():
-            torch._dynamo.reset()
-            rounds[name].append(round(first_call(named, build()), 3))
-    medians = {name: statistics.median(times) for name, times in rounds.items()}
-    print(f"first calls over {args.rounds} rounds: {rounds}", file=sys.stderr)
+    rounds, first = first_call_rounds(named, args.rounds)
 
     base = results["ditfx"]
     flops_ratio = base["flops_per_loop"] / s.flops
@@ -141,22 +137,76 @@ def main(argv=None):
         "first_call_ditfx_over_torch_compile": round(base["first_call_s"] / results["torch.compile"]["first_call_s"], 3),
         "ditfx_all_regions_vs_torch_compile": round(
             results["torch.compile"]["loop_s"] / results["ditfx compile_regions=all"]["loop_s"], 3),
-        "first_call_ditfx_over_regional_compile": round(medians["ditfx"] / medians["regional torch.compile"], 3),
+        **first,
     }
     report = {"benchmark": "block_cache", "model": args.model, "batch": args.batch, "steps": args.steps,
               "tokens": (named.model.config.input_size // named.model.config.patch_size) ** 2,
-              "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(),
-                          "torch": torch.__version__, "cuda": torch.cuda.is_available()},
+              "machine": machine(),
               "results": results, "first_call_rounds": rounds, "summary": summary}
-    print(json.dumps(summary, indent=1), file=sys.stderr)
-    if args.json:
+    return write_report(report, args.json)
+
+
+def first_call_rounds(named, n_rounds: int) -> tuple[dict, dict]:
+    """First calls of regional compilation and of ditfx in ``n_rounds`` interleaved rounds, each followed by one
+    steady call: the first call minus it is the compile overhead (the first call also runs the model once).
+
+    First calls vary by tens of percent run to run on a shared CPU, so medians are compared; each round is a
+    cold compile (fresh Dynamo state, Inductor caches off) after an untimed one.
+    """
+    builders = {"regional torch.compile": lambda: build_regional(named.model),
+                "ditfx": lambda: ditfx.optimize(named.model, ditfx.Config())}
+    rounds = {name: {"first_call_s": [], "steady_call_s": []} for name in builders}
+    for timed in [False] + [True] * n_rounds:  # an untimed round first: a fresh process pays one-time costs
+        for name, build in builders.items():
+            torch._dynamo.reset()
+            model = build()
+            first, steady = first_call(named, model), first_call(named, model)
+            if timed:
+                rounds[name]["first_call_s"].append(round(first, 3))
+                rounds[name]["steady_call_s"].append(round(steady, 3))
+    print(f"first and steady calls over {n_rounds} rounds: {rounds}", file=sys.stderr)
+
+    def median(name, key):
+        return statistics.median(rounds[name][key])
+
+    def overhead(name):
+        return statistics.median(f - s for f, s in zip(rounds[name]["first_call_s"], rounds[name]["steady_call_s"]))
+
+    regional, ours = "regional torch.compile", "ditfx"
+    return rounds, {
+        "first_call_ditfx_over_regional_compile": round(
+            median(ours, "first_call_s") / median(regional, "first_call_s"), 3),
+        "compile_overhead_ditfx_over_regional_compile": round(overhead(ours) / overhead(regional), 3),
+        "compile_overhead_s": {name: round(overhead(name), 3) for name in builders},
+    }
+
+
+def first_call_only(args):
+    """Only the interleaved first-call rounds (any model size: no 50-step loops)."""
+    torch._inductor.config.fx_graph_cache = False
+    torch._functorch.config.enable_autograd_cache = False
+    named = zoo.load(args.model, batch=args.batch)
+    zoo.randomize(named.model, std=0.02)
+    rounds, summary = first_call_rounds(named, args.rounds)
+    return write_report({"benchmark": "block_cache first call", "model": args.model, "batch": args.batch,
+                         "blocks": len(named.model.blocks), "machine": machine(), "first_call_rounds": rounds,
+                         "summary": summary}, args.json)
+
+
+def machine() -> dict:
+    return {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__,
+            "cuda": torch.cuda.is_available()}
+
+
+def write_report(report: dict, path: str | None) -> dict:
+    print(json.dumps(report["summary"], indent=1), file=sys.stderr)
+    if path:
         text = json.dumps(report, indent=1)
-        if args.json == "-":
+        if path == "-":
             print(text)
         else:
-            from pathlib import Path
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(text)
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(text)
     return report
 
 

@@ -92,6 +92,8 @@ def block_cache_pass(regions: list[RegionModule], mode: str, probe: str | None) 
     """
     report = BlockCacheReport(mode)
     variants: dict[str, dict[str, fx.GraphModule]] = {}
+    # blocks of one structure share one variant, as they share one compiled artifact
+    residuals: dict[tuple, fx.GraphModule] = {}
     for rm in regions:
         r = rm.region
         if r.kind != "block":
@@ -104,7 +106,10 @@ def block_cache_pass(regions: list[RegionModule], mode: str, probe: str | None) 
             )
             continue
         report.cacheable.append(r.name)
-        variants[r.name] = {"residual": residual_variant(rm.gm, r.streams, mode)}
+        key = (rm.signature, tuple(r.streams))
+        if key not in residuals:
+            residuals[key] = residual_variant(rm.gm, r.streams, mode)
+        variants[r.name] = {"residual": residuals[key]}
         if r.name == probe:
             variants[r.name]["probe"] = probe_variant(rm.gm, r.streams, r.primary_stream, mode)
     report.variants = sorted({v for d in variants.values() for v in d})

@@ -15,6 +15,7 @@ residual keeps its other uses (it is the value the cache stores). Runs after the
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import operator
 from dataclasses import dataclass
@@ -138,7 +139,15 @@ def fuse_bookkeeping(gm: fx.GraphModule, report: FusionReport, region: str) -> f
 
 def fuse_cache_variants(variants: dict[str, dict[str, fx.GraphModule]], report: FusionReport) -> None:
     """Lower the bookkeeping of the block-cache pass's variants in place; sites go to ``report`` as
-    ``"<region>/<variant>"``."""
+    ``"<region>/<variant>"``. A variant that several blocks share is lowered once and reported for each."""
+    first_label: dict[int, str] = {}
     for region, by_name in variants.items():
         for name, gm in by_name.items():
-            fuse_bookkeeping(gm, report, f"{region}/{name}")
+            label = f"{region}/{name}"
+            first = first_label.setdefault(id(gm), label)
+            if first == label:
+                fuse_bookkeeping(gm, report, label)
+                continue
+            for found in (report.sites, report.not_lowered):
+                if first in found:
+                    found[label] = copy.deepcopy(found[first])

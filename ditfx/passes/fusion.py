@@ -315,7 +315,7 @@ def fuse_region(rm: RegionModule, report: FusionReport) -> RegionModule:
     """The region with its matches lowered, and its new signature."""
     gm = fuse_graph(rm.gm, report, rm.region.name)
     # The signature changes with the graph; blocks rewritten alike still share one artifact.
-    return RegionModule(rm.region, gm, regions.signature(gm))
+    return RegionModule.of_graph(rm.region, gm)
 
 
 def fusion_pass(region_modules: list[RegionModule]) -> tuple[list[RegionModule], FusionReport]:

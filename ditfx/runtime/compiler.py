@@ -34,8 +34,9 @@ class RegionCompiler:
         self.compiles = 0
         self.compile_seconds = 0.0
 
-    def run(self, key: tuple, gm: fx.GraphModule, args: list, compile: bool = True):
-        """Run ``gm`` compiled (once per key), or as the captured FX graph when ``compile`` is False."""
+    def run(self, key: tuple, graph: Callable[[], fx.GraphModule], args: list, compile: bool = True):
+        """Run the key's graph compiled (once per key), or as the captured FX graph when ``compile`` is False.
+        ``graph()`` is called only for a key's first run: regions that share a key never build their own."""
         fn, compiled = self._compiled.get(key, (None, compile and self.backend != "eager"))
         if compiled:
             # One artifact serves every region with this signature, and Inductor specialises on input strides:
@@ -44,11 +45,11 @@ class RegionCompiler:
         if fn is None:
             if compiled:
                 start = time.perf_counter()
-                fn = compile_region(gm, args, self.backend)
+                fn = compile_region(graph(), args, self.backend)
                 self.compiles += 1
                 self.compile_seconds += time.perf_counter() - start
             else:
-                fn = gm
+                fn = graph()
             self._compiled[key] = (fn, compiled)
         self.calls[key] = self.calls.get(key, 0) + 1
         return fn(*args)

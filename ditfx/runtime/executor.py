@@ -107,19 +107,18 @@ class Executor:
         return release
 
     def _graph(self, rm: RegionModule, variant: str, rows: int) -> fx.GraphModule:
-        gm = rm.gm if variant == "base" else self.plan.variants[rm.region.name][variant]
         if rows == self.rows:
-            return gm
+            return rm.gm if variant == "base" else self.plan.variants[rm.region.name][variant]
         key = (rm.signature, variant, rows)
         if key not in self._graphs:
+            gm = self._graph(rm, variant, self.rows)
             flags = self.batch_flags[rm.region.name]
             extra = len(list(gm.graph.find_nodes(op="placeholder"))) - len(flags)
             self._graphs[key] = rebatch(gm, self.rows, rows, flags + [True] * extra)  # probe's cache_ref
         return self._graphs[key]
 
     def _run(self, rm: RegionModule, variant: str, args: list, rows: int) -> tuple:
-        gm = self._graph(rm, variant, rows)
-        return self.compiler.run((rm.signature, variant, rows), gm, args,
+        return self.compiler.run((rm.signature, variant, rows), lambda: self._graph(rm, variant, rows), args,
                                  compile=rm.region.kind == "block" or self.compile_edges)
 
     def _run_measuring(self, rm: RegionModule, args: list, rows: int, pairs) -> tuple[tuple, tuple]:
@@ -128,7 +127,7 @@ class Executor:
         key = (rm.signature, COSINE_VARIANT, rows)
         if key not in self._graphs:
             self._graphs[key] = cosine_sums_variant(self._graph(rm, "base", rows), self.cosine_output)
-        res = self.compiler.run(key, self._graphs[key], [*args, *pairs], compile=True)
+        res = self.compiler.run(key, lambda: self._graphs[key], [*args, *pairs], compile=True)
         return tuple(res[:-3]), tuple(res[-3:])
 
     def _run_on_rows(self, rm: RegionModule, variant: str, args: list, n: int,
