@@ -16,12 +16,12 @@ import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 import ditfx
 from ditfx.models import zoo
+from reporting import write_json  # benchmarks/reporting.py, beside this script
 
 
 def timed_loop(named, model, steps):
@@ -200,15 +200,8 @@ def machine() -> dict:
 
 def write_report(report: dict, path: str | None) -> dict:
     print(json.dumps(report["summary"], indent=1), file=sys.stderr)
-    if path:
-        text = json.dumps(report, indent=1)
-        if path == "-":
-            print(text)
-        else:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            Path(path).write_text(text)
+    write_json(report, path)
     return report
-
 
 if __name__ == "__main__":
     main()

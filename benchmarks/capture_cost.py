@@ -25,6 +25,7 @@ import torch.nn as nn
 from torch._dynamo.utils import compilation_time_metrics
 
 from ditfx.models import zoo
+from reporting import write_json  # benchmarks/reporting.py, beside this script
 
 _BLOCKS: list[nn.Module] = []  # what the opaque op runs; set by main
 
@@ -104,16 +105,7 @@ def main(argv=None):
     report = {"benchmark": "capture_cost", "torch": torch.__version__, **measure(args.model, args.rounds)}
     report["wall_s"] = round(time.perf_counter() - start, 1)
     print(report["median_s"], file=sys.stderr)
-    if args.json:
-        import json
-        from pathlib import Path
-
-        text = json.dumps(report, indent=1)
-        if args.json == "-":
-            print(text)
-        else:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(text)
+    write_json(report, args.json)
     return report
 
 

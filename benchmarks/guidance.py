@@ -11,7 +11,6 @@ per-step cosine of the conditional and unconditional predictions (a PNG next to 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -23,6 +22,7 @@ import ditfx
 from ditfx.models import digits
 from ditfx.models.digits.calibrate import LINEAR_AG_FILE, SCHEDULE_FILE, shipped_file
 from ditfx.models.digits.sampling import class_grid, generate
+from reporting import write_json  # benchmarks/reporting.py, beside this script
 
 GAMMAS = (0.99, 0.995, 0.997)
 
@@ -162,18 +162,6 @@ def check_only(args, labels, reference, base_q, eager_s, config) -> dict:
     print_table(report)
     write_json(report, args.json)
     return report
-
-
-def write_json(report: dict, where: str | None) -> None:
-    if not where:
-        return
-    text = json.dumps(report, indent=1)
-    if where == "-":
-        print(text)
-    else:
-        out = Path(where)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
 
 
 def default_check(points: list[dict], base: dict, steps: int) -> dict | None:
