@@ -18,6 +18,7 @@ def bench():
     try:
         spec = importlib.util.spec_from_file_location("bench_capture_cost", REPO / "benchmarks" / "capture_cost.py")
         module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # Dynamo looks the opaque block's module up by name
         spec.loader.exec_module(module)
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
