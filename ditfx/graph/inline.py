@@ -10,6 +10,11 @@ number of blocks. The graph then holds, per block::
 This pass copies each called subgraph's nodes into the parent graph in place of the call (operands for its
 placeholders, its outputs for the ``getitem`` users) and rewrites the copied nodes' ``nn_module_stack``
 from the block the subgraph was traced in to the block that calls it, so blocks are told apart as before.
+
+A region with a ``reuse_hash_fn`` is stamped out wherever its key matches, without Dynamo comparing the
+operands to those it was traced with; a key that misses a difference (another width, another dtype) would
+reuse the wrong subgraph. So every call's tensor operands are checked against the subgraph's placeholders
+first, and a mismatch is a ``ValueError`` raised before the graph is changed.
 """
 from __future__ import annotations
 
@@ -18,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+
+from ditfx.graph import meta
 
 
 @dataclass
@@ -50,22 +57,49 @@ def _restack(stack: dict, traced_root: str, call_stack: dict) -> dict:
     return out
 
 
+def _tensor_kind(node) -> tuple | None:
+    """Shape, dtype and device of a tensor-valued node; None for other nodes and for symbolic shapes (comparing
+    symbols would add guards)."""
+    val = meta.tensor_value(node)
+    if val is None or not all(isinstance(d, int) for d in val.shape):
+        return None
+    return tuple(val.shape), val.dtype, val.device
+
+
+def _check_operands(call: fx.Node, identifier: str, placeholders: list[fx.Node], operands: list) -> None:
+    """The call passes what the subgraph was traced for: as many operands, tensors of the same shape, dtype
+    and device."""
+    if len(placeholders) != len(operands):
+        raise ValueError(f"{call.name}: subgraph {identifier} takes {len(placeholders)} inputs, "
+                         f"the call passes {len(operands)}")
+    for i, (placeholder, operand) in enumerate(zip(placeholders, operands)):
+        traced, passed = _tensor_kind(placeholder), _tensor_kind(operand)
+        if traced and passed and traced != passed:
+            raise ValueError(
+                f"{call.name} reuses subgraph {identifier}, traced for input {i} {placeholder.name} of shape, "
+                f"dtype and device {traced}, but passes {passed} ({operand.name}); the region's reuse key "
+                f"does not tell these calls apart: make its reuse_hash_fn include what differs")
+
+
 def inline_subgraph_calls(gm: fx.GraphModule) -> InlineReport:
     """Replace every ``invoke_subgraph`` call in ``gm`` by the nodes of its subgraph (in place)."""
     report = InlineReport()
     traced_roots: dict[str, str] = {}  # identifier -> module path the subgraph was traced in
     used, holders = set(), set()
-    for call in [n for n in gm.graph.nodes if is_subgraph_call(n)]:
+    calls = [n for n in gm.graph.nodes if is_subgraph_call(n)]
+    placeholders_of = {}
+    for call in calls:  # every call is checked before the graph changes
+        holder, identifier, *operands = call.args
+        sub = getattr(gm, holder.target)
+        placeholders_of[call] = [n for n in sub.graph.nodes if n.op == "placeholder"]
+        _check_operands(call, identifier, placeholders_of[call], operands)
+    for call in calls:
         holder, identifier, *operands = call.args
         sub = getattr(gm, holder.target)
         holders.add(holder.target)
         call_stack = call.meta.get("nn_module_stack") or {}
         traced_roots.setdefault(identifier, _stack_root(call_stack))
-        placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
-        if len(placeholders) != len(operands):
-            raise ValueError(f"{call.name}: subgraph {identifier} takes {len(placeholders)} inputs, "
-                             f"the call passes {len(operands)}")
-        env = dict(zip(placeholders, operands))
+        env = dict(zip(placeholders_of[call], operands))
         with gm.graph.inserting_before(call):
             for node in sub.graph.nodes:
                 if node.op == "placeholder":

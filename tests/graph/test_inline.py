@@ -1,11 +1,14 @@
 """Inlining nested compile regions: the flat graph equals an unmarked capture, block by block."""
+import inspect
+
+import pytest
 import torch
 from torch import nn
 
 from conftest import call, tiny_model
 from ditfx.graph import meta
 from ditfx.graph.inline import inline_subgraph_calls, is_subgraph_call
-from ditfx.graph.structure import analyse
+from ditfx.graph.structure import StructureError, analyse
 
 
 class PlainBlock(nn.Module):
@@ -97,3 +100,67 @@ def test_reference_dit_blocks_are_traced_once():
     s = analyse(gm)
     assert (s.inlined.calls, s.inlined.subgraphs) == (len(s.blocks), 1)
     assert [b.path for b in s.blocks] == [f"blocks.{i}" for i in range(len(s.blocks))]
+
+
+REUSE_KEYS = "reuse_hash_fn" in inspect.signature(torch.compiler.nested_compile_region).parameters
+
+
+class WrongKeyBlock(nn.Module):
+    """Blocks of different inner widths under one constant reuse key: Dynamo stamps out the first block's
+    subgraph for all of them."""
+
+    def __init__(self, width: int, inner: int):
+        super().__init__()
+        self.up, self.down = nn.Linear(width, inner), nn.Linear(inner, width)
+
+    if REUSE_KEYS:
+        @torch.compiler.nested_compile_region(reuse_hash_fn=lambda self, x, c: 0)
+        def forward(self, x, c):
+            return x + self.down(torch.tanh(self.up(x))) * c[:, None]
+
+
+class WrongKeyStack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(WrongKeyBlock(8, inner) for inner in (4, 16, 4))
+
+    def forward(self, x, c):
+        for block in self.blocks:
+            x = block(x, c)
+        return x * 2
+
+
+@pytest.mark.skipif(not REUSE_KEYS, reason="this torch has no nested_compile_region(reuse_hash_fn=...)")
+def test_a_reuse_key_that_misses_a_difference_is_caught_before_inlining():
+    gm, _ = capture(WrongKeyStack(), torch.randn(2, 5, 8), torch.randn(2, 8))
+    before = [n.format_node() for n in gm.graph.nodes]
+    with pytest.raises(ValueError, match=r"reuses subgraph .* traced for input .*\(16, 8\).*reuse_hash_fn"):
+        inline_subgraph_calls(gm)
+    assert [n.format_node() for n in gm.graph.nodes] == before  # nothing inlined
+    with pytest.raises(StructureError, match="cannot inline a nested compile region"):
+        analyse(gm)
+
+
+@pytest.mark.skipif(not REUSE_KEYS, reason="this torch has no nested_compile_region(reuse_hash_fn=...)")
+def test_a_wrongly_keyed_region_is_named_and_never_run():
+    """Dynamo's graph is wrong itself (the stamped-out subgraph does not fit block 1), so no backend can run it:
+    ditfx names the cause in its fall-back warning, and the inner backend then fails instead of computing."""
+    import ditfx
+
+    fast = ditfx.optimize(WrongKeyStack(), ditfx.Config(compiler="aot_eager"))
+    with pytest.warns(UserWarning, match="reuses subgraph"), pytest.raises(Exception), torch.no_grad():
+        fast(torch.randn(2, 5, 8), torch.randn(2, 8))
+    torch._dynamo.reset()
+
+
+def test_reference_dit_blocks_share_a_reuse_key_per_structure():
+    from ditfx.models.dit import DiTBlock, _block_reuse_key
+
+    x, c = torch.randn(2, 4, 16), torch.randn(2, 16)
+    key = _block_reuse_key(DiTBlock(16, 2, 64), x, c)
+    assert _block_reuse_key(DiTBlock(16, 2, 64), x, c) == key
+    changed_later = DiTBlock(16, 2, 64)
+    changed_later.norm2.eps = 1e-5  # read live, not from the constructor's arguments
+    others = [_block_reuse_key(DiTBlock(16, 4, 64), x, c), _block_reuse_key(changed_later, x, c),
+              _block_reuse_key(DiTBlock(16, 2, 64), x.double(), c.double())]
+    assert key not in others and len(set(others)) == len(others)
