@@ -40,7 +40,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 import ditfx.kernels
-from ditfx.graph import meta, regions
+from ditfx.graph import meta
 from ditfx.graph.elementwise import (
     Expression,
     NotElementwise,
