@@ -86,20 +86,20 @@ def inline_subgraph_calls(gm: fx.GraphModule) -> InlineReport:
     report = InlineReport()
     traced_roots: dict[str, str] = {}  # identifier -> module path the subgraph was traced in
     used, holders = set(), set()
-    calls = [n for n in gm.graph.nodes if is_subgraph_call(n)]
-    placeholders_of = {}
-    for call in calls:  # every call is checked before the graph changes
+    calls = []
+    for call in [n for n in gm.graph.nodes if is_subgraph_call(n)]:  # every call is checked before any change
+        holder, identifier, *operands = call.args
+        placeholders = [n for n in getattr(gm, holder.target).graph.nodes if n.op == "placeholder"]
+        _check_operands(call, identifier, placeholders, operands)
+        calls.append((call, placeholders))
+    for call, placeholders in calls:
+        # read again: an operand that was an earlier call's output is that call's inlined output by now
         holder, identifier, *operands = call.args
         sub = getattr(gm, holder.target)
-        placeholders_of[call] = [n for n in sub.graph.nodes if n.op == "placeholder"]
-        _check_operands(call, identifier, placeholders_of[call], operands)
-    for call in calls:
-        holder, identifier, *operands = call.args
-        sub = getattr(gm, holder.target)
+        env = dict(zip(placeholders, operands))
         holders.add(holder.target)
         call_stack = call.meta.get("nn_module_stack") or {}
         traced_roots.setdefault(identifier, _stack_root(call_stack))
-        env = dict(zip(placeholders_of[call], operands))
         with gm.graph.inserting_before(call):
             for node in sub.graph.nodes:
                 if node.op == "placeholder":

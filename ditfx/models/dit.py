@@ -242,16 +242,20 @@ def _block_reuse_key(block: DiTBlock, x: Tensor, c: Tensor) -> int:
     graph (fixed at construction) and the inputs' dtypes; Dynamo traces this to a constant. Weights are reached
     through the block, so they are the calling block's own. Shapes are left out: hashing them would specialise a
     dynamic batch (torch.export), and every block of a DiT sees the same shapes; ditfx checks every stamped-out
-    call's operands against the traced ones (ditfx/graph/inline.py). One attribute read: each module attribute
-    Dynamo reads here costs about 1.5 ms a block."""
+    call's operands against the traced ones (ditfx/graph/inline.py). One attribute read: every module attribute
+    Dynamo reads here is traced again for every block."""
     return hash((block.structure, x.dtype, c.dtype))
+
+
+# torch >= 2.13 (2.11 has no such argument) lets a nested compile region name a reuse key
+REGION_REUSE_KEYS = "reuse_hash_fn" in inspect.signature(torch.compiler.nested_compile_region).parameters
 
 
 def _traced_once(forward):
     """``nested_compile_region``, keyed by ``_block_reuse_key`` where torch supports a key (>= 2.13): a block
     whose key matches an earlier one is stamped out without re-checking its inputs against the first block's
-    guards, which took about 15 ms a block of capture time."""
-    if "reuse_hash_fn" in inspect.signature(torch.compiler.nested_compile_region).parameters:
+    guards (docs/block_cache.md has the capture times)."""
+    if REGION_REUSE_KEYS:
         return torch.compiler.nested_compile_region(forward, reuse_hash_fn=_block_reuse_key)
     return torch.compiler.nested_compile_region(forward)
 

@@ -1,6 +1,4 @@
 """Inlining nested compile regions: the flat graph equals an unmarked capture, block by block."""
-import inspect
-
 import pytest
 import torch
 from torch import nn
@@ -9,6 +7,7 @@ from conftest import call, tiny_model
 from ditfx.graph import meta
 from ditfx.graph.inline import inline_subgraph_calls, is_subgraph_call
 from ditfx.graph.structure import StructureError, analyse
+from ditfx.models.dit import REGION_REUSE_KEYS
 
 
 class PlainBlock(nn.Module):
@@ -102,7 +101,7 @@ def test_reference_dit_blocks_are_traced_once():
     assert [b.path for b in s.blocks] == [f"blocks.{i}" for i in range(len(s.blocks))]
 
 
-REUSE_KEYS = "reuse_hash_fn" in inspect.signature(torch.compiler.nested_compile_region).parameters
+NO_REUSE_KEYS = "torch.compiler.nested_compile_region has no reuse_hash_fn argument in this torch (2.11 lacks it)"
 
 
 class WrongKeyBlock(nn.Module):
@@ -113,7 +112,7 @@ class WrongKeyBlock(nn.Module):
         super().__init__()
         self.up, self.down = nn.Linear(width, inner), nn.Linear(inner, width)
 
-    if REUSE_KEYS:
+    if REGION_REUSE_KEYS:
         @torch.compiler.nested_compile_region(reuse_hash_fn=lambda self, x, c: 0)
         def forward(self, x, c):
             return x + self.down(torch.tanh(self.up(x))) * c[:, None]
@@ -130,7 +129,7 @@ class WrongKeyStack(nn.Module):
         return x * 2
 
 
-@pytest.mark.skipif(not REUSE_KEYS, reason="this torch has no nested_compile_region(reuse_hash_fn=...)")
+@pytest.mark.skipif(not REGION_REUSE_KEYS, reason=NO_REUSE_KEYS)
 def test_a_reuse_key_that_misses_a_difference_is_caught_before_inlining():
     gm, _ = capture(WrongKeyStack(), torch.randn(2, 5, 8), torch.randn(2, 8))
     before = [n.format_node() for n in gm.graph.nodes]
@@ -141,14 +140,16 @@ def test_a_reuse_key_that_misses_a_difference_is_caught_before_inlining():
         analyse(gm)
 
 
-@pytest.mark.skipif(not REUSE_KEYS, reason="this torch has no nested_compile_region(reuse_hash_fn=...)")
+@pytest.mark.skipif(not REGION_REUSE_KEYS, reason=NO_REUSE_KEYS)
 def test_a_wrongly_keyed_region_is_named_and_never_run():
     """Dynamo's graph is wrong itself (the stamped-out subgraph does not fit block 1), so no backend can run it:
     ditfx names the cause in its fall-back warning, and the inner backend then fails instead of computing."""
     import ditfx
+    from torch._dynamo.exc import BackendCompilerFailed
 
     fast = ditfx.optimize(WrongKeyStack(), ditfx.Config(compiler="aot_eager"))
-    with pytest.warns(UserWarning, match="reuses subgraph"), pytest.raises(Exception), torch.no_grad():
+    with pytest.warns(UserWarning, match="reuses subgraph"), pytest.raises(BackendCompilerFailed), \
+            torch.no_grad():
         fast(torch.randn(2, 5, 8), torch.randn(2, 8))
     torch._dynamo.reset()
 
