@@ -1,27 +1,14 @@
 """benchmarks/block_cache.py: its diffusers model for first-call comparisons, and what it refuses."""
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from ditfx.api import repeated_blocks
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
-def bench():
-    sys.path.insert(0, str(REPO / "benchmarks"))  # as when run as a script: it imports reporting.py beside it
-    try:
-        spec = importlib.util.spec_from_file_location("bench_block_cache", REPO / "benchmarks" / "block_cache.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
-    return module
+def bench(load_benchmark):
+    return load_benchmark("block_cache")
 
 
 def test_flux_s_is_a_diffusers_flux_with_dit_s_width_and_depth(bench):

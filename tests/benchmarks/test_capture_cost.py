@@ -1,28 +1,15 @@
 """benchmarks/capture_cost.py: the opaque-block copy computes the model's output, and Dynamo sees one opaque call
 per block instead of the blocks' ops."""
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from ditfx.models import zoo
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
-def bench():
-    sys.path.insert(0, str(REPO / "benchmarks"))  # as when run as a script: it imports reporting.py beside it
-    try:
-        spec = importlib.util.spec_from_file_location("bench_capture_cost", REPO / "benchmarks" / "capture_cost.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # Dynamo looks the opaque block's module up by name
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
-    return module
+def bench(load_benchmark):
+    return load_benchmark("capture_cost")
 
 
 def test_opaque_blocks_compute_the_model_and_hide_the_blocks_from_dynamo(bench):

@@ -1,24 +1,12 @@
 """benchmarks/guidance_fade.py's measurement on synthetic trajectories with a known decay."""
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
-def fade():
-    sys.path.insert(0, str(REPO / "benchmarks"))  # as when run as a script: it imports guidance.py beside it
-    try:
-        spec = importlib.util.spec_from_file_location("bench_guidance_fade", REPO / "benchmarks" / "guidance_fade.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
-    return module
+def fade(load_benchmark):
+    return load_benchmark("guidance_fade")
 
 
 def test_projection_follows_a_known_decay_from_each_samples_switch_step(fade):

@@ -1,23 +1,14 @@
 """The pure parts of benchmarks/peers.py: the quality budget, Pareto fronts, sweep narrowing, the method table."""
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
-def peers():
-    spec = importlib.util.spec_from_file_location("bench_peers", REPO / "benchmarks" / "peers.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+def peers(load_benchmark):
+    return load_benchmark("peers")
 
 
 def point(knob, speedup, psnr, fd, **kw):
