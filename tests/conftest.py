@@ -1,12 +1,18 @@
 """Tiny models of every supported family (from ditfx.models.zoo), and the loops the tests drive them with.
 
 The zoo is the one source of truth: which families exist, their inputs, and how a loop drives them (which input
-holds the latents and the timestep, and the timestep's scale).
+holds the latents and the timestep, and the timestep's scale). Also: the ``load_benchmark`` fixture, which loads a
+script of benchmarks/ for the tests of its pure parts.
 """
 from __future__ import annotations
 
 import functools
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
 
+import pytest
 import torch
 
 from ditfx.models import zoo
@@ -118,3 +124,28 @@ def function_graph(fn, *args) -> tuple[torch.fx.GraphModule, list]:
     torch.compile(fn, backend=keep, fullgraph=True, dynamic=False)(*args)
     torch._dynamo.reset()
     return graphs[0]
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load_benchmark(script: str) -> ModuleType:
+    """A script of benchmarks/ as a module, as running it would: with benchmarks/ on the import path (the scripts
+    import reporting.py and each other from beside them) and registered under its name (dataclasses and Dynamo
+    look a function's module up by name)."""
+    name = f"bench_{script}"
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{script}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return module
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """``load_benchmark("peers")``: benchmarks/peers.py as a module."""
+    return _load_benchmark
