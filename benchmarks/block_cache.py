@@ -238,8 +238,8 @@ def first_call_only(args):
     zoo.randomize(named.model, std=0.02)
     rounds, summary = first_call_rounds(named, args.rounds)
     return write_report({"benchmark": "block_cache first call", "model": args.model, "batch": args.batch,
-                         "blocks": len(repeated_blocks(named.model)), "machine": machine(), "first_call_rounds": rounds,
-                         "summary": summary}, args.json)
+                         "blocks": len(repeated_blocks(named.model)), "machine": machine(),
+                         "first_call_rounds": rounds, "summary": summary}, args.json)
 
 
 def machine() -> dict:
