@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ditfx.runtime.schedule import CacheSchedule
+from ditfx.validation import WrongType, check_bool, check_choice, check_float, check_int
 
 INNER_BACKENDS = ("inductor", "aot_eager", "eager")
 COMPILED_REGIONS = ("blocks", "all")
@@ -19,15 +20,21 @@ def _check(ok: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
-def _check_mode(mode: str) -> None:
-    _check(mode in ("residual", "output"),
-           f"cache mode must be 'residual' (reuse out - in, the DiT default) or 'output', got {mode!r}")
+def _set(obj, name: str, value) -> None:
+    """Store a checked (normalised) value on a frozen dataclass."""
+    object.__setattr__(obj, name, value)
 
 
-def _check_forecast(forecast: str) -> None:
-    _check(forecast in ("none", "linear"),
-           f"cache forecast must be 'none' (reuse the cached value as it is) or 'linear' (extrapolate it from "
-           f"the block's last two computed steps), got {forecast!r}")
+def _check_mode(owner: str, mode: str) -> None:
+    check_choice(owner, "mode", mode, ("residual", "output"),
+                 f"{owner}.mode: cache mode must be 'residual' (reuse out - in, the DiT default) or 'output', "
+                 f"got {mode!r}")
+
+
+def _check_forecast(owner: str, forecast: str) -> None:
+    check_choice(owner, "forecast", forecast, ("none", "linear"),
+                 f"{owner}.forecast: cache forecast must be 'none' (reuse the cached value as it is) or 'linear' "
+                 f"(extrapolate it from the block's last two computed steps), got {forecast!r}")
 
 
 @dataclass(frozen=True)
@@ -53,14 +60,16 @@ class DynamicCache:
     forecast: Forecast = "none"
 
     def __post_init__(self):
-        _check(self.threshold >= 0, f"DynamicCache.threshold must be >= 0 (0 never reuses), got {self.threshold}")
-        _check(self.first >= 1, f"DynamicCache.first must be >= 1: block first-1 is the probe, got {self.first}")
-        _check(self.last >= 0, f"DynamicCache.last must be >= 0, got {self.last}")
-        _check(self.warmup >= 0, f"DynamicCache.warmup must be >= 0 steps, got {self.warmup}")
-        _check(self.max_reuse is None or self.max_reuse >= 1,
-               f"DynamicCache.max_reuse must be None or >= 1, got {self.max_reuse}")
-        _check_mode(self.mode)
-        _check_forecast(self.forecast)
+        o = "DynamicCache"
+        _set(self, "threshold", check_float(o, "threshold", self.threshold, 0, hint=" (0 never reuses)"))
+        _set(self, "first", check_int(o, "first", self.first, 1, hint=" (block first-1 is the probe)"))
+        _set(self, "last", check_int(o, "last", self.last, 0, hint=" (the number of last blocks that always run)"))
+        _set(self, "warmup", check_int(o, "warmup", self.warmup, 0, hint=" (initial steps that always compute)"))
+        _set(self, "max_reuse", check_int(o, "max_reuse", self.max_reuse, 1, none_ok=True,
+                                          hint=" (consecutive reused steps; None: no limit)"))
+        check_bool(o, "per_sample", self.per_sample)
+        _check_mode(o, self.mode)
+        _check_forecast(o, self.forecast)
 
 
 @dataclass(frozen=True)
@@ -81,20 +90,22 @@ class StaticCache:
     forecast: Forecast = "none"
 
     def __post_init__(self):
-        _check(self.delta >= 0, f"StaticCache.delta must be >= 0 (0 recomputes every step), got {self.delta}")
+        o = "StaticCache"
+        _set(self, "delta", check_float(o, "delta", self.delta, 0, hint=" (0 recomputes every step)"))
+        if self.mode is not None:
+            _check_mode(o, self.mode)
+        check_bool(o, "per_block", self.per_block)
+        _check_forecast(o, self.forecast)
         if isinstance(self.schedule, (str, Path)):
-            object.__setattr__(self, "schedule", CacheSchedule.load(self.schedule))
-        _check(isinstance(self.schedule, CacheSchedule),
-               "StaticCache.schedule must be a CacheSchedule or the path of a schedule JSON written by "
-               f"'ditfx calibrate', got {type(self.schedule).__name__}")
+            _set(self, "schedule", CacheSchedule.load(self.schedule))
+        if not isinstance(self.schedule, CacheSchedule):
+            raise WrongType("StaticCache.schedule must be a CacheSchedule or the path of a schedule JSON written by "
+                            f"'ditfx calibrate', got {type(self.schedule).__name__}")
         if self.mode is None:
-            object.__setattr__(self, "mode", self.schedule.mode)
-        _check_mode(self.mode)
+            _set(self, "mode", self.schedule.mode)
         _check(self.mode == self.schedule.mode,
                f"StaticCache.mode {self.mode!r} differs from the schedule's calibration mode "
                f"{self.schedule.mode!r}: calibrate again with --mode {self.mode}")
-        _check(isinstance(self.per_block, bool), f"StaticCache.per_block must be True or False, got {self.per_block!r}")
-        _check_forecast(self.forecast)
 
 
 @dataclass(frozen=True)
@@ -105,14 +116,15 @@ class CacheCalibration:
     mode: CacheMode = "residual"
 
     def __post_init__(self):
-        _check_mode(self.mode)
+        _check_mode("CacheCalibration", self.mode)
 
 
 CACHE_KINDS = (DynamicCache, StaticCache, CacheCalibration)
 
 
-def _check_layout(uncond_first: bool) -> None:
-    _check(isinstance(uncond_first, bool), f"uncond_first must be True or False, got {uncond_first!r}")
+def _check_layout(owner: str, uncond_first: bool | None) -> None:
+    check_bool(owner, "uncond_first", uncond_first, none_ok=True,
+               hint=" (None: determine the layout automatically)")
 
 
 @dataclass(frozen=True)
@@ -124,8 +136,10 @@ class AdaptiveGuidance:
     evaluated for the rest of the generation and its slot is filled from the conditional prediction (``fill``),
     so an unchanged pipeline's ``u + s * (c - u)`` still works. ``gamma = 1`` never switches (exact CFG);
     ``gamma = -1`` switches after the first step. ``per_sample=False`` switches a batch when every sample has
-    reached gamma. ``uncond_first`` gives the layout of batched calls (diffusers pipelines put the unconditional
-    half first) and the order of two-call steps. ``warmup``: the fraction of the generation (progress
+    reached gamma. ``uncond_first`` gives the layout of batched calls (where the unconditional half is) and the
+    order of two-call steps: ``None`` (the default) determines it from the pipeline's ``cache_context`` names,
+    the model's null class, or the data; ``True`` / ``False`` states it (unconditional first, or second).
+    ``warmup``: the fraction of the generation (progress
     ``1 - t / t_first``) during which no sample switches; 0 is the paper's rule. At high noise the two
     predictions of some samples already agree before guidance has shaped them, which a warm-up ignores.
     ``fill``: what a switched sample's unconditional slot holds: ``"delta"`` (the default), the conditional
@@ -138,33 +152,46 @@ class AdaptiveGuidance:
 
     gamma: float = 0.99
     per_sample: bool = True
-    uncond_first: bool = True
+    uncond_first: bool | None = None
     warmup: float = 0.0
     fill: Literal["cond", "delta"] = "delta"
 
     def __post_init__(self):
+        o = "AdaptiveGuidance"
+        _set(self, "gamma", check_float(o, "gamma", self.gamma))
         _check(-1.0 <= self.gamma <= 1.0, f"AdaptiveGuidance.gamma is a cosine in [-1, 1], got {self.gamma}")
+        check_bool(o, "per_sample", self.per_sample)
+        _check_layout(o, self.uncond_first)
+        _set(self, "warmup", check_float(o, "warmup", self.warmup))
         _check(0.0 <= self.warmup < 1.0, f"AdaptiveGuidance.warmup is a fraction of the generation in [0, 1), "
                                          f"got {self.warmup}")
-        _check(self.fill in ("cond", "delta"),
-               f"AdaptiveGuidance.fill must be 'cond' (guidance ends) or 'delta' (the last measured guidance "
-               f"direction, fading to zero at t = 0), got {self.fill!r}")
-        _check_layout(self.uncond_first)
+        check_choice(o, "fill", self.fill, ("cond", "delta"),
+                     f"AdaptiveGuidance.fill must be 'cond' (guidance ends) or 'delta' (the last measured guidance "
+                     f"direction, fading to zero at t = 0), got {self.fill!r}")
 
 
 @dataclass(frozen=True)
 class GuidanceWindow:
     """Classifier-free guidance only while the generation's progress ``1 - t / t_first`` is in [start, stop):
-    diffusers' guiders' static window. Outside it the unconditional branch is not evaluated."""
+    diffusers' guiders' static window. Outside it the unconditional branch is not evaluated.
+
+    ``uncond_first``: the layout of the two guidance branches (in a batched call, whether the unconditional half
+    comes first; with two calls per step, whether the unconditional call comes first). ``None`` (the default):
+    determined from the pipeline's ``cache_context`` names, the model's null class, or the data; ``True`` /
+    ``False``: the caller states it.
+    """
 
     start: float = 0.0
     stop: float = 1.0
-    uncond_first: bool = True
+    uncond_first: bool | None = None
 
     def __post_init__(self):
+        o = "GuidanceWindow"
+        _set(self, "start", check_float(o, "start", self.start))
+        _set(self, "stop", check_float(o, "stop", self.stop))
         _check(0.0 <= self.start <= self.stop <= 1.0,
                f"GuidanceWindow needs 0 <= start <= stop <= 1, got start={self.start}, stop={self.stop}")
-        _check_layout(self.uncond_first)
+        _check_layout(o, self.uncond_first)
 
 
 @dataclass(frozen=True)
@@ -174,30 +201,75 @@ class LinearAG:
     ``ditfx calibrate-guidance``); the second half is conditional only.
 
     ``coefficients`` is a :class:`~ditfx.runtime.linear_ag.LinearAGCoefficients` or the path of its JSON.
+    ``uncond_first``: the layout of the two guidance branches; ``None`` (the default): determined from the
+    pipeline's ``cache_context`` names, the model's null class, or the data; ``True`` / ``False``: the caller
+    states it (the unconditional half or call comes first, or second).
     """
 
     coefficients: Any = field(repr=False)
-    uncond_first: bool = True
+    uncond_first: bool | None = None
 
     def __post_init__(self):
         from ditfx.runtime.linear_ag import LinearAGCoefficients
 
+        _check_layout("LinearAG", self.uncond_first)
         if isinstance(self.coefficients, (str, Path)):
-            object.__setattr__(self, "coefficients", LinearAGCoefficients.load(self.coefficients))
-        _check(isinstance(self.coefficients, LinearAGCoefficients),
-               "LinearAG.coefficients must be LinearAGCoefficients or the path of a JSON written by "
-               f"'ditfx calibrate-guidance', got {type(self.coefficients).__name__}")
-        _check_layout(self.uncond_first)
+            _set(self, "coefficients", LinearAGCoefficients.load(self.coefficients))
+        if not isinstance(self.coefficients, LinearAGCoefficients):
+            raise WrongType("LinearAG.coefficients must be LinearAGCoefficients or the path of a JSON written by "
+                            f"'ditfx calibrate-guidance', got {type(self.coefficients).__name__}")
 
 
 @dataclass(frozen=True)
 class GuidanceRecording:
-    """Used by :func:`ditfx.calibrate_guidance`: run full guidance and record both predictions per step."""
+    """Used by :func:`ditfx.calibrate_guidance`: run full guidance and record both predictions per step.
 
-    uncond_first: bool = True
+    ``uncond_first``: the layout of the two guidance branches; ``None`` (the default): determined from the
+    pipeline's ``cache_context`` names, the model's null class, or the data; ``True`` / ``False``: the caller
+    states it.
+    """
+
+    uncond_first: bool | None = None
+
+    def __post_init__(self):
+        _check_layout("GuidanceRecording", self.uncond_first)
 
 
 GUIDANCE_KINDS = (AdaptiveGuidance, GuidanceWindow, LinearAG, GuidanceRecording)
+
+# the "kind" of a dict-form cache or guidance in torch.compile options
+CACHE_OPTION_KINDS = {"dynamic": DynamicCache, "static": StaticCache}
+GUIDANCE_OPTION_KINDS = {"adaptive": AdaptiveGuidance, "window": GuidanceWindow, "linear": LinearAG}
+_OPTION_EXAMPLES = {
+    "dynamic": "{'kind': 'dynamic', 'threshold': 0.1}",
+    "static": "{'kind': 'static', 'delta': 0.1, 'schedule': 'schedule.json'}",
+    "adaptive": "{'kind': 'adaptive', 'gamma': 0.99}",
+    "window": "{'kind': 'window', 'start': 0.0, 'stop': 0.5}",
+    "linear": "{'kind': 'linear', 'coefficients': 'linear_ag.json'}",
+}
+
+
+def _from_option_dict(name: str, spec: dict, kinds: dict[str, type], default: str):
+    """A cache or guidance config from its dict form in torch.compile options: ``{"kind": ..., **fields}``."""
+    spec = dict(spec)
+    kind = spec.pop("kind", default)
+    names = " or ".join(repr(k) for k in kinds) if len(kinds) == 2 else "one of " + ", ".join(map(repr, kinds))
+    if not isinstance(kind, str) or kind not in kinds:
+        raise ValueError(f"options[{name!r}]: {name} kind must be {names}, got {kind!r} "
+                         f"(e.g. {_OPTION_EXAMPLES[default]})")
+    cls = kinds[kind]
+    fields = dataclasses.fields(cls)
+    known = [f.name for f in fields]
+    unknown = sorted(map(str, set(spec) - set(known)))
+    if unknown:
+        raise ValueError(f"options[{name!r}] of kind {kind!r} ({cls.__name__}) has unknown key(s) {unknown}; "
+                         f"known: {['kind', *known]}")
+    missing = [f.name for f in fields if f.name not in spec
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ValueError(f"options[{name!r}] of kind {kind!r} ({cls.__name__}) needs {missing}, "
+                         f"e.g. {_OPTION_EXAMPLES[kind]}")
+    return cls(**spec)
 
 
 @dataclass(frozen=True)
@@ -217,24 +289,35 @@ class Config:
     kernels: bool = False  # lower adaLN / gated-residual patterns to torch.ops.ditfx kernels (passes/fusion.py)
 
     def __post_init__(self):
-        _check(isinstance(self.kernels, bool), f"Config.kernels must be True or False, got {self.kernels!r}")
-        _check(self.compiler in INNER_BACKENDS,
-               f"unknown inner backend {self.compiler!r}: use one of {', '.join(INNER_BACKENDS)}")
-        _check(self.compile_regions in COMPILED_REGIONS,
-               f"Config.compile_regions must be one of {COMPILED_REGIONS}, got {self.compile_regions!r}")
-        _check(self.cache is None or isinstance(self.cache, CACHE_KINDS),
-               f"Config.cache must be ditfx.DynamicCache, ditfx.StaticCache or None, got {self.cache!r}")
-        _check(self.guidance is None or isinstance(self.guidance, GUIDANCE_KINDS),
-               "Config.guidance must be ditfx.AdaptiveGuidance, ditfx.LinearAG, ditfx.GuidanceWindow or None, "
-               f"got {self.guidance!r}")
+        check_bool("Config", "kernels", self.kernels,
+                   hint=" (lower adaLN / gated-residual patterns to ditfx kernels)")
+        check_choice("Config", "compiler", self.compiler, INNER_BACKENDS,
+                     f"unknown inner backend {self.compiler!r}: use one of {', '.join(INNER_BACKENDS)}")
+        check_choice("Config", "compile_regions", self.compile_regions, COMPILED_REGIONS,
+                     f"Config.compile_regions must be one of {COMPILED_REGIONS}, got {self.compile_regions!r}")
+        if not (self.cache is None or isinstance(self.cache, CACHE_KINDS)):
+            raise WrongType(f"Config.cache must be ditfx.DynamicCache, ditfx.StaticCache or None, got "
+                            f"{self.cache!r} ({type(self.cache).__name__}): build one, e.g. "
+                            f"ditfx.DynamicCache(threshold=0.1) (torch.compile options take a dict, "
+                            f"{_OPTION_EXAMPLES['dynamic']})")
+        if not (self.guidance is None or isinstance(self.guidance, GUIDANCE_KINDS)):
+            raise WrongType("Config.guidance must be ditfx.AdaptiveGuidance, ditfx.LinearAG, ditfx.GuidanceWindow or "
+                            f"None, got {self.guidance!r} ({type(self.guidance).__name__}): build one, e.g. "
+                            f"ditfx.AdaptiveGuidance() (torch.compile options take a dict, "
+                            f"{_OPTION_EXAMPLES['adaptive']})")
 
     @classmethod
     def from_options(cls, options: dict[str, Any] | None) -> Config:
         """Build from ``torch.compile(..., backend="ditfx", options={...})``.
 
         Accepts ``{"config": Config}`` or plain fields: ``{"compiler": "aot_eager",
-        "cache": {"kind": "dynamic", "threshold": 0.1}}``.
+        "cache": {"kind": "dynamic", "threshold": 0.1}}``. A dict-form ``cache`` has ``kind`` ``"dynamic"``
+        (the default) or ``"static"``; a dict-form ``guidance`` ``"adaptive"`` (the default), ``"window"`` or
+        ``"linear"``; the other keys are the fields of that class.
         """
+        if options is not None and not isinstance(options, dict):
+            raise WrongType(f"ditfx options must be a dict, got {type(options).__name__}: pass e.g. "
+                            "options={'compiler': 'inductor', 'cache': {'kind': 'dynamic', 'threshold': 0.1}}")
         options = dict(options or {})
         if "config" in options:
             config = options.pop("config")
@@ -243,18 +326,10 @@ class Config:
             return config
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(options) - known
-        _check(not unknown, f"unknown ditfx option(s) {sorted(unknown)}; known: {sorted(known)}")
-        cache = options.get("cache")
-        if isinstance(cache, dict):
-            cache = dict(cache)
-            kind = cache.pop("kind", "dynamic")
-            _check(kind in ("dynamic", "static"), f"cache kind must be 'dynamic' or 'static', got {kind!r}")
-            options["cache"] = (DynamicCache if kind == "dynamic" else StaticCache)(**cache)
-        guidance = options.get("guidance")
-        if isinstance(guidance, dict):
-            guidance = dict(guidance)
-            kinds = {"adaptive": AdaptiveGuidance, "window": GuidanceWindow, "linear": LinearAG}
-            kind = guidance.pop("kind", "adaptive")
-            _check(kind in kinds, f"guidance kind must be one of {sorted(kinds)}, got {kind!r}")
-            options["guidance"] = kinds[kind](**guidance)
+        _check(not unknown, f"unknown ditfx option(s) {sorted(map(str, unknown))}; known: {sorted(known)}")
+        if isinstance(options.get("cache"), dict):
+            options["cache"] = _from_option_dict("cache", options["cache"], CACHE_OPTION_KINDS, "dynamic")
+        if isinstance(options.get("guidance"), dict):
+            options["guidance"] = _from_option_dict("guidance", options["guidance"], GUIDANCE_OPTION_KINDS,
+                                                    "adaptive")
         return cls(**options)

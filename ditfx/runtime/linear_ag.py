@@ -17,7 +17,11 @@ from pathlib import Path
 
 import torch
 
+from ditfx.validation import (WrongType, build_from_file, check_float, check_floats, check_int, check_list,
+                              check_strictly_decreasing, read_json_file)
+
 FORMAT = "ditfx.linear_ag/1"
+_REMEDY = "fit the coefficients again with 'ditfx calibrate-guidance' or ditfx.calibrate_guidance()"
 WINDOW = 2  # past steps used by the estimate
 
 
@@ -37,6 +41,11 @@ def features(cond: list[torch.Tensor], uncond: list[torch.Tensor], k: int, windo
     return cols
 
 
+def feature_count(k: int, window: int = WINDOW) -> int:
+    """Number of regressors of step ``k`` (:func:`features`): c_k, then c_{k-j} and u_{k-j} for each past step."""
+    return 1 + 2 * min(window, k)
+
+
 def combine(betas: list[float], cols: list[torch.Tensor]) -> torch.Tensor:
     """sum_i betas[i] * cols[i] + betas[-1] (the intercept)."""
     out = torch.full_like(cols[0], betas[-1])
@@ -53,6 +62,40 @@ class LinearAGCoefficients:
     window: int = WINDOW
     meta: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        o = "LinearAGCoefficients"
+        self.window = check_int(o, "window", self.window, 0, hint=" (past steps used by the estimate)")
+        self.times = check_floats(o, "times", self.times)
+        if not self.times:
+            raise ValueError(f"{o}.times is empty: coefficients cover at least one step")
+        check_strictly_decreasing(o, "times", self.times)
+        steps = len(self.times)
+        betas = check_list(o, "betas", self.betas, what="list with one entry per step (None or a list of numbers)")
+        errors = check_list(o, "fit_error", self.fit_error,
+                            what="list with one entry per step (None or a number)")
+        for name, values in (("betas", betas), ("fit_error", errors)):
+            if len(values) != steps:
+                raise ValueError(f"{o}.{name} has {len(values)} entries for {steps} steps (times): one per step")
+        self.betas = []
+        for k, b in enumerate(betas):
+            if b is None:
+                self.betas.append(None)
+                continue
+            b = check_floats(o, f"betas[{k}]", b)
+            want = feature_count(k, self.window) + 1
+            if len(b) != want:
+                raise ValueError(f"{o}.betas[{k}] has {len(b)} coefficients; step {k} with window {self.window} "
+                                 f"needs {want} ({want - 1} features, then the intercept)")
+            self.betas.append(b)
+        for k in range(steps):
+            if step_kind(k, steps) == "estimate" and self.betas[k] is None:
+                raise ValueError(f"{o}.betas[{k}] is None, but step {k} of {steps} is an estimated step: it needs "
+                                 f"{feature_count(k, self.window) + 1} coefficients")
+        self.fit_error = [None if e is None else check_float(o, f"fit_error[{k}]", e, 0)
+                          for k, e in enumerate(errors)]
+        if not isinstance(self.meta, dict):
+            raise WrongType(f"{o}.meta must be a dict, got {type(self.meta).__name__}")
+
     @property
     def steps(self) -> int:
         return len(self.times)
@@ -65,14 +108,10 @@ class LinearAGCoefficients:
 
     @classmethod
     def load(cls, path: str | Path) -> LinearAGCoefficients:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"LinearAG coefficients {path} not found: write them with "
-                                    "'ditfx calibrate-guidance' or ditfx.calibrate_guidance()")
-        data = json.loads(path.read_text())
-        if data.pop("format", None) != FORMAT:
-            raise ValueError(f"{path} is not a LinearAG coefficient file ({FORMAT})")
-        return cls(**data)
+        """Read coefficients written by :meth:`save`; every error names the file and the field."""
+        data = read_json_file(path, "LinearAG coefficient file", FORMAT,
+                              "write them with 'ditfx calibrate-guidance' or ditfx.calibrate_guidance()", _REMEDY)
+        return build_from_file(path, "LinearAG coefficient file", cls, data, _REMEDY)
 
 
 def fit(cond: list[list[torch.Tensor]], uncond: list[list[torch.Tensor]], times: list[float],

@@ -10,14 +10,50 @@ The rule, per block: accumulate the change since the last recompute; recompute a
 exceeds delta (the first step of a generation always computes; delta = 0 recomputes every step). Not per block,
 the blocks share one sum, of their mean change, and recompute together: a step then either runs every block or
 none, so reused values never meet fresh ones computed from them.
+
+A schedule holds the paths of the blocks it was calibrated on and, optionally (``fingerprint``), a hash of each
+block's parameter names and shapes (:func:`block_fingerprint`), so that a schedule is refused on a model with
+the same block paths but other widths. Schedules without a fingerprint (older files) are checked by paths only.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ditfx.validation import (WrongType, build_from_file, check_choice, check_float, check_floats, check_int,
+                              check_list, check_strictly_decreasing, read_json_file)
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 FORMAT = "ditfx.cache_schedule/1"
+MODES = ("residual", "output")
+_REMEDY = "write the schedule again with 'ditfx calibrate'"
+
+
+def block_fingerprint(module: torch.nn.Module, paths: list[str]) -> dict[str, str]:
+    """Per block path, a short description of the block's weights: ``"<parameter count>:<hash>"``, the hash
+    (sha256, 16 hex digits) of the sorted (name, shape) pairs of its parameters. Dtypes and devices are left
+    out: a model cast to bfloat16 or moved to a GPU keeps its fingerprint, a wider or deeper one does not."""
+    out = {}
+    for path in paths:
+        try:
+            block = module.get_submodule(path)
+        except AttributeError:
+            raise ValueError(f"block_fingerprint: the model has no submodule {path!r}") from None
+        shapes = sorted((name, tuple(int(d) for d in p.shape)) for name, p in block.named_parameters())
+        digest = hashlib.sha256(repr(shapes).encode()).hexdigest()[:16]
+        count = 0
+        for _, shape in shapes:
+            n = 1
+            for d in shape:
+                n *= d
+            count += n
+        out[path] = f"{count}:{digest}"
+    return out
 
 
 @dataclass
@@ -29,14 +65,50 @@ class CacheSchedule:
     time_scale: float = 1000.0  # u = timestep / time_scale
     generations: int = 1
     meta: dict = field(default_factory=dict)
+    fingerprint: dict | None = None  # block path -> block_fingerprint(); None: check the paths only
 
     def __post_init__(self):
-        if len(self.change) != len(self.blocks):
-            raise ValueError(f"schedule has {len(self.change)} change curves for {len(self.blocks)} blocks")
-        if any(len(c) != len(self.times) for c in self.change):
-            raise ValueError("every change curve needs one value per calibration step")
+        o = "CacheSchedule"
+        self.blocks = check_list(o, "blocks", self.blocks, what="list of block module paths")
+        for i, b in enumerate(self.blocks):
+            if not isinstance(b, str):
+                raise WrongType(f"{o}.blocks[{i}] must be a block module path (str), got {b!r}")
+        if not self.blocks:
+            raise ValueError(f"{o}.blocks is empty: a schedule covers at least one block")
+        if len(set(self.blocks)) != len(self.blocks):
+            twice = sorted({b for b in self.blocks if self.blocks.count(b) > 1})
+            raise ValueError(f"{o}.blocks names a block more than once: {twice}")
+        self.times = check_floats(o, "times", self.times)
         if len(self.times) < 2:
-            raise ValueError("a schedule needs at least two calibration steps")
+            raise ValueError(f"{o}.times: a schedule needs at least two calibration steps, got {len(self.times)}")
+        check_strictly_decreasing(o, "times", self.times)
+        curves = check_list(o, "change", self.change, what="list of change curves (one list per block)")
+        if len(curves) != len(self.blocks):
+            raise ValueError(f"{o}.change has {len(curves)} change curves for {len(self.blocks)} blocks: "
+                             "one per block")
+        self.change = [check_floats(o, f"change[{i}]", c, minimum=0) for i, c in enumerate(curves)]
+        for i, c in enumerate(self.change):
+            if len(c) != len(self.times):
+                raise ValueError(f"{o}.change[{i}] has {len(c)} values for {len(self.times)} calibration steps: "
+                                 "every change curve needs one value per calibration step")
+        check_choice(o, "mode", self.mode, MODES)
+        self.time_scale = check_float(o, "time_scale", self.time_scale)
+        if self.time_scale <= 0:
+            raise ValueError(f"{o}.time_scale must be > 0 (u = timestep / time_scale), got {self.time_scale}")
+        self.generations = check_int(o, "generations", self.generations, 1, hint=" (calibration generations)")
+        if not isinstance(self.meta, dict):
+            raise WrongType(f"{o}.meta must be a dict, got {type(self.meta).__name__}")
+        if self.fingerprint is not None:
+            if not isinstance(self.fingerprint, dict):
+                raise WrongType(f"{o}.fingerprint must be None or a dict of block path -> block_fingerprint(), "
+                                f"got {type(self.fingerprint).__name__}")
+            bad = [k for k, v in self.fingerprint.items() if not isinstance(k, str) or not isinstance(v, str)]
+            if bad:
+                raise WrongType(f"{o}.fingerprint maps block paths to strings, got {bad[0]!r}: "
+                                f"{self.fingerprint[bad[0]]!r}")
+            extra = sorted(set(self.fingerprint) - set(self.blocks))
+            if extra:
+                raise ValueError(f"{o}.fingerprint names blocks the schedule does not have: {extra[:3]}")
 
     @property
     def steps(self) -> int:
@@ -89,12 +161,27 @@ class CacheSchedule:
                  for k, u in enumerate(times)]
         return [list(row) for row in zip(*steps)]
 
-    def check_model(self, blocks: list[str]) -> None:
-        """Raise if this schedule was calibrated on a model with other blocks."""
+    def check_model(self, blocks: list[str], module: torch.nn.Module | None = None) -> None:
+        """Raise ValueError if this schedule was calibrated on a model with other blocks: other block paths,
+        or, given the model ``module`` and a schedule with a fingerprint, blocks whose weights have other
+        shapes (another width, depth of a block, ...)."""
         if list(blocks) != list(self.blocks):
             raise ValueError(
                 f"this cache schedule was calibrated for a model with {len(self.blocks)} blocks "
                 f"({_head(self.blocks)}), but the model has {len(blocks)} ({_head(blocks)}): "
+                "run 'ditfx calibrate' on this model"
+            )
+        if module is None or not self.fingerprint:
+            return
+        paths = [b for b in self.blocks if b in self.fingerprint]
+        here = block_fingerprint(module, paths)
+        differ = [b for b in paths if here[b] != self.fingerprint[b]]
+        if differ:
+            first = differ[0]
+            raise ValueError(
+                f"this cache schedule was calibrated for a model whose blocks have other weights' shapes: "
+                f"{len(differ)} of {len(paths)} blocks differ ({_head(differ)}; {first}: calibrated "
+                f"{self.fingerprint[first]}, this model {here[first]}, as parameter count:shape hash): "
                 "run 'ditfx calibrate' on this model"
             )
 
@@ -108,13 +195,9 @@ class CacheSchedule:
 
     @classmethod
     def load(cls, path: str | Path) -> CacheSchedule:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no cache schedule at {path}: write one with 'ditfx calibrate'")
-        data = json.loads(path.read_text())
-        if data.pop("format", None) != FORMAT:
-            raise ValueError(f"{path} is not a ditfx cache schedule ({FORMAT})")
-        return cls(**data)
+        """Read a schedule written by :meth:`save`; every error names the file and the field."""
+        data = read_json_file(path, "cache schedule", FORMAT, "write one with 'ditfx calibrate'", _REMEDY)
+        return build_from_file(path, "cache schedule", cls, data, _REMEDY)
 
     def heatmap(self, path: str | Path, delta: float, per_block: bool = True) -> Path:
         """PNG: block x step, coloured by change, with a dot where the block is recomputed."""

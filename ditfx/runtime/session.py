@@ -1,6 +1,7 @@
 """A session: the step tracker, per-generation state and statistics of one optimized model."""
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -9,8 +10,11 @@ from ditfx.runtime.steps import StepTracker
 
 
 @dataclass
-class Stats:
+class Stats(Mapping):
     """What ran. Block evaluations count (call, block) pairs; FLOPs come from the regions' cost model.
+
+    A dataclass (``stats.nfe``) and a read-only mapping of its field names to their values (``stats["nfe"]``,
+    ``"nfe" in stats``, ``stats.get("nfe")``, ``dict(stats)``, ``stats.items()``), in field order.
 
     ``nfe`` counts network evaluations per sample: a call of 2B rows on B samples (batched guidance) counts 2,
     a call computing B + k of them 1 + k/B. Without a guidance config the layout is not analysed and each call
@@ -33,13 +37,24 @@ class Stats:
     compile_seconds: float = 0.0
 
     def __getitem__(self, key: str):
+        if key not in _STATS_FIELDS:
+            raise KeyError(key)
         return getattr(self, key)
 
-    def keys(self):
-        return [f.name for f in fields(self)]
+    def __iter__(self) -> Iterator[str]:
+        return iter(_STATS_FIELDS)
+
+    def __len__(self) -> int:
+        return len(_STATS_FIELDS)
+
+    def __contains__(self, key) -> bool:
+        return isinstance(key, str) and key in _STATS_FIELDS
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+_STATS_FIELDS: dict[str, None] = dict.fromkeys(f.name for f in fields(Stats))  # ordered, hashed lookups
 
 
 def _dynamo_counts() -> tuple[int, int]:
