@@ -10,14 +10,18 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn as nn
 
-from ditfx.backend import DitfxBackend, backend_sessions
-from ditfx.config import CacheCalibration, Config, GuidanceRecording, StaticCache
-from ditfx.runtime import linear_ag
+from ditfx import validation
+from ditfx.backend import DitfxBackend, backend_runtimes
+from ditfx.config import CacheCalibration, Config, GuidanceRecording
+from ditfx.passes.manager import ModelFacts
+from ditfx.runtime import diffusers_hook, linear_ag
 from ditfx.runtime.block_cache import CalibrationPolicy
-from ditfx.runtime.schedule import CacheSchedule
-from ditfx.runtime.session import Session, Stats
+from ditfx.runtime.guidance import RECORDING, TRACE
+from ditfx.runtime.schedule import CacheSchedule, block_fingerprint
+from ditfx.runtime.session import Stats
+from ditfx.runtime.state import ModelRuntime
 
-_SESSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_RUNTIMES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _denoiser(obj) -> tuple[nn.Module, bool]:
@@ -48,39 +52,56 @@ def repeated_blocks(module: nn.Module) -> list[str]:
     return [p for p in blocks if not any(p.startswith(q + ".") for q in blocks)]
 
 
+def null_class(module: nn.Module) -> int | None:
+    """The class label of the unconditional branch of a class-conditional model: its label embedder's extra
+    row (facebookresearch/DiT's and diffusers' ``LabelEmbedding``: ``num_classes`` rows plus the null one)."""
+    for m in module.modules():
+        table, n = getattr(m, "embedding_table", None), getattr(m, "num_classes", None)
+        if isinstance(table, nn.Embedding) and isinstance(n, int) and table.num_embeddings == n + 1:
+            return n
+    return None
+
+
 def optimize(model_or_pipeline, config: Config | None = None):
     """Compile a DiT denoiser (or a pipeline's ``transformer``) with ditfx.
 
     Returns an object with the same call signature: for a module, a compiled module; for a pipeline, the
-    same pipeline, its transformer compiled in place (``nn.Module.compile``). Configuration errors are raised
-    here, before anything is compiled.
+    same pipeline, its transformer compiled in place (``nn.Module.compile``). Configuration errors, including
+    those that depend on the model, are raised here, before anything is compiled.
+
+    A diffusers model gets one stateful hook in its hook registry, through which the pipeline states where
+    generations end and which branch a call is (``cache_context``); a pipeline's scheduler counts the steps.
     """
     config = config or Config()
     if not isinstance(config, Config):
         raise TypeError(f"config must be a ditfx.Config, got {type(config).__name__}")
     module, is_pipeline = _denoiser(model_or_pipeline)
-    if isinstance(config.cache, StaticCache):
-        config.cache.schedule.check_model(repeated_blocks(module))
-    session = Session()
-    backend = DitfxBackend(config, session)
+    validation.check_model(config, module)
+    runtime = ModelRuntime()
+    facts = ModelFacts(null_class=null_class(module), blocks=tuple(repeated_blocks(module)))
+    backend = DitfxBackend(config, runtime, facts)
+    hooked = diffusers_hook.install(module, runtime.lifecycle)
     if is_pipeline:
+        runtime.lifecycle.pipeline_signals = hooked
+        pipe = weakref.ref(model_or_pipeline)
+        runtime.lifecycle.scheduler_of = lambda: getattr(pipe(), "scheduler", None)
         module.compile(backend=backend, dynamic=False)
         result = model_or_pipeline
-        _SESSIONS[module] = session
+        _RUNTIMES[module] = runtime
     else:
         result = torch.compile(module, backend=backend, dynamic=False)
-    _SESSIONS[result] = session
+    _RUNTIMES[result] = runtime
     return result
 
 
-def _session(obj) -> Session:
-    session = _SESSIONS.get(obj) if _weakrefable(obj) else None
-    if session is not None:
-        return session
+def _runtime(obj) -> ModelRuntime:
+    runtime = _RUNTIMES.get(obj) if _weakrefable(obj) else None
+    if runtime is not None:
+        return runtime
     params = {id(p) for p in _parameters(obj)}
-    for s in backend_sessions():
-        if params & s.parameters():
-            return s
+    for r in backend_runtimes():
+        if params & r.parameters():
+            return r
     raise ValueError(
         f"{type(obj).__name__} was not optimized by ditfx: pass what ditfx.optimize returned, or a module "
         "compiled with torch.compile(..., backend='ditfx') that has been called at least once"
@@ -102,23 +123,25 @@ def _parameters(obj):
 
 def stats(optimized) -> Stats:
     """Counters of everything the optimized model ran (see :class:`~ditfx.runtime.session.Stats`)."""
-    return _session(optimized).snapshot()
+    return _runtime(optimized).snapshot()
 
 
 def reset_stats(optimized) -> None:
-    session = _session(optimized)
-    session.stats = Stats(graphs=session.stats.graphs)
+    runtime = _runtime(optimized)
+    runtime.stats = Stats(graphs=runtime.stats.graphs)
 
 
 @contextlib.contextmanager
 def generation(optimized) -> Iterator[None]:
-    """Mark one generation explicitly: state starts fresh on entry and is freed on exit."""
-    session = _session(optimized)
-    session.end_generation()
+    """Mark one generation explicitly (in this thread): state starts fresh on entry and is freed on exit."""
+    runtime = _runtime(optimized)
+    runtime.store().clear()
+    runtime.lifecycle.enter_generation()
     try:
         yield
     finally:
-        session.end_generation()
+        runtime.lifecycle.exit_generation()
+        runtime.store().clear()
 
 
 def calibrate(model: nn.Module, run: Callable[[nn.Module], object], generations: int = 4,
@@ -131,33 +154,36 @@ def calibrate(model: nn.Module, run: Callable[[nn.Module], object], generations:
     if generations < 1:
         raise ValueError(f"calibrate needs at least one generation, got {generations}")
     compiled = optimize(model, Config(cache=CacheCalibration(mode), compiler=compiler))
-    session = _session(compiled)
+    runtime = _runtime(compiled)
     for g in range(generations):
         with generation(compiled):
             run(compiled)
         if progress is not None:
             progress(g + 1)
-    policies = [ex.policy for ex in session.executors if isinstance(ex.policy, CalibrationPolicy)]
-    if not policies:
+    runs = [r for r in runtime.records.get(CalibrationPolicy.RECORD, []) if r.rows]
+    if not runs:
         raise RuntimeError("calibration recorded nothing: did run() call the model?")
-    runs = [s for p in policies for s in p.finished if s.rows]
     steps = len(runs[0].times)
     if any(len(s.times) != steps for s in runs):
         raise ValueError("every calibration generation must use the same number of steps (and branches)")
-    structure = session.executors[0].plan.structure
+    structure = runtime.executors[0].plan.structure
     n = len(structure.blocks)
     change = [[sum(s.rows[k][i] for s in runs) / len(runs) for k in range(steps)] for i in range(n)]
     time_scale = max(abs(t) for s in runs for t in s.times) or 1.0
     times = [t / time_scale for t in runs[0].times]
+    blocks = [b.path for b in structure.blocks]
+    try:
+        fingerprint = block_fingerprint(model, blocks)
+    except ValueError:  # the graph's block paths are not the module's (a wrapper): paths only
+        fingerprint = None
     return CacheSchedule(
-        blocks=[b.path for b in structure.blocks], times=times, change=change, mode=mode,
-        time_scale=time_scale, generations=generations,
-        meta={"model": type(model).__name__, "branches": len(runs) // generations},
+        blocks=blocks, times=times, change=change, mode=mode, time_scale=time_scale, generations=generations,
+        meta={"model": type(model).__name__, "branches": len(runs) // generations}, fingerprint=fingerprint,
     )
 
 
 def calibrate_guidance(model: nn.Module, run: Callable[[nn.Module], object], generations: int = 4,
-                       uncond_first: bool = True, compiler: str = "eager",
+                       uncond_first: bool | None = None, compiler: str = "eager",
                        progress: Callable[[int], None] | None = None) -> linear_ag.LinearAGCoefficients:
     """Record full-guidance trajectories over ``generations`` runs and fit LinearAG's per-step coefficients.
 
@@ -167,14 +193,13 @@ def calibrate_guidance(model: nn.Module, run: Callable[[nn.Module], object], gen
     if generations < 1:
         raise ValueError(f"calibrate_guidance needs at least one generation, got {generations}")
     compiled = optimize(model, Config(guidance=GuidanceRecording(uncond_first), compiler=compiler))
-    session = _session(compiled)
+    runtime = _runtime(compiled)
     for g in range(generations):
         with generation(compiled):
             run(compiled)
         if progress is not None:
             progress(g + 1)
-    recorded = [s for ex in session.executors if ex.guidance is not None for s in ex.guidance.recorded
-                if s.cond_history]
+    recorded = [s for s in runtime.records.get(RECORDING, []) if s.cond_history]
     if not recorded:
         raise RuntimeError("no classifier-free guidance was recorded: does run() sample with guidance > 1?")
     steps = len(recorded[0].cond_history)
@@ -188,8 +213,7 @@ def calibrate_guidance(model: nn.Module, run: Callable[[nn.Module], object], gen
 
 def guidance_trace(optimized) -> list[list[float]]:
     """Adaptive Guidance's per-step, per-sample cosine of the last generation (NaN where not measured)."""
-    states = [ex.guidance.last_state for ex in _session(optimized).executors
-              if ex.guidance is not None and ex.guidance.last_state is not None]
-    if not states:
+    traces = _runtime(optimized).records.get(TRACE)
+    if not traces:
         raise ValueError("no guidance state: optimize with ditfx.AdaptiveGuidance and run a generation first")
-    return states[-1].cosines
+    return traces[-1]

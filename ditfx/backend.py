@@ -1,61 +1,109 @@
 """The torch.compile backend ``"ditfx"``: capture -> analyse -> passes -> Plan -> executor.
 
 Registered through the ``torch_dynamo_backends`` entry point, so ``torch.compile(model, backend="ditfx",
-options={...})`` works once ditfx is installed. Graphs without a DiT structure fall back to the inner backend
-with a warning; they are never run wrongly.
+options={...})`` works once ditfx is installed. Graphs ditfx cannot run (no DiT structure, dynamic shapes, a
+graph break that splits the model's blocks, an error in a pass) fall back to the inner backend with a warning
+that says what was turned off; they are never run wrongly.
 """
 from __future__ import annotations
 
+import threading
 import warnings
 import weakref
 
+import torch
 import torch.fx as fx
 
 from ditfx.config import Config
 from ditfx.graph import meta
-from ditfx.graph.structure import StructureError
-from ditfx.passes.manager import build_plan
-from ditfx.runtime.compiler import compile_region
+from ditfx.passes.manager import ModelFacts, build_plan
+from ditfx.runtime.compiler import RegionCompiler, compile_region
 from ditfx.runtime.executor import Executor
-from ditfx.runtime.session import Session
+from ditfx.runtime.state import ModelRuntime
 
-# sessions made by backend="ditfx" (no handle to return them through): found later by their weights
-_BACKEND_SESSIONS: list[weakref.ref] = []
+# runtimes made by backend="ditfx" (no handle to return them through): found later by their weights
+_BACKEND_RUNTIMES: list[weakref.ref] = []
+_GRAPHS = 0  # graphs ditfx has compiled in this process
+_GRAPHS_LOCK = threading.Lock()
+HEADROOM = 8  # Dynamo's default recompile_limit: new graphs ditfx leaves room for
 
 
 class DitfxBackend:
-    """A backend bound to one config and one session (what :func:`ditfx.optimize` installs)."""
+    """A backend bound to one config and one model's runtime (what :func:`ditfx.optimize` installs)."""
 
-    def __init__(self, config: Config, session: Session | None = None):
+    def __init__(self, config: Config, runtime: ModelRuntime | None = None, facts: ModelFacts | None = None):
         self.config = config
-        self.session = session or Session()
+        self.runtime = runtime or ModelRuntime()
+        self.facts = facts or ModelFacts()
+        if self.runtime.compiler is None:
+            self.runtime.compiler = RegionCompiler(config.compiler)
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list):
-        self.session.stats.graphs += 1
+        self.runtime.add(graphs=1)
+        _keep_dynamo_compiling()
         if meta.has_symbolic_inputs(gm):
-            return self._fallback(gm, example_inputs, "the graph has dynamic shapes; compile with dynamic=False")
+            return self._fallback(gm, example_inputs, "Dynamo captured this graph with dynamic shapes (torch.compile "
+                                  "without dynamic=False recompiles a second batch size dynamically); pass "
+                                  "dynamic=False to torch.compile, or use ditfx.optimize")
         try:
-            plan = build_plan(gm, self.config)
-        except StructureError as e:
-            return self._fallback(gm, example_inputs, str(e))
-        executor = Executor(plan, self.config, self.session, example_inputs)
-        self.session.executors.append(executor)
+            plan = build_plan(gm, self.config, facts=self.facts)
+            if plan.policies and len(plan.block_names) < len(self.facts.blocks):
+                return self._fallback(gm, example_inputs, (
+                    f"this graph holds {len(plan.block_names)} of the model's {len(self.facts.blocks)} blocks "
+                    "(a graph break splits the model), and ditfx's techniques need every block in one graph"))
+            executor = Executor(plan, self.runtime, example_inputs, self.config.compile_regions == "all")
+        except Exception as e:  # noqa: BLE001 - any failure to plan means this graph runs without ditfx
+            return self._fallback(gm, example_inputs, f"{type(e).__name__}: {e}")
+        self.runtime.executors.append(executor)
         return executor
 
+    def __deepcopy__(self, memo):
+        """A copy of an optimized model gets its own runtime (its own state and stats), compiled anew."""
+        copy = DitfxBackend(self.config, facts=self.facts)
+        _BACKEND_RUNTIMES.append(weakref.ref(copy.runtime))
+        return copy
+
     def _fallback(self, gm: fx.GraphModule, example_inputs: list, why: str):
-        warnings.warn(f"ditfx: {why}. Compiling this graph with {self.config.compiler!r} without ditfx passes.",
-                      stacklevel=2)
+        self.runtime.fallbacks.append(why)
+        techniques = [name for name in ("cache", "guidance") if getattr(self.config, name) is not None]
+        off = f": {' and '.join(techniques)} off" if techniques else ""
+        warnings.warn(f"ditfx: {why}. This graph is compiled with {self.config.compiler!r} without ditfx "
+                      f"passes{off}.", stacklevel=2)
         return compile_region(gm, example_inputs, self.config.compiler)
 
 
+def _keep_dynamo_compiling() -> None:
+    """Leave Dynamo room for more graphs of ditfx's models: every optimized model (and batch size) is a cache
+    entry of the same code object, and past ``recompile_limit`` Dynamo runs the model uncompiled."""
+    global _GRAPHS
+    with _GRAPHS_LOCK:
+        _GRAPHS += 1
+        config = torch._dynamo.config
+        config.recompile_limit = max(config.recompile_limit, _GRAPHS + HEADROOM)
+        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 32 * (_GRAPHS + HEADROOM))
+
+
+# one runtime per torch.compile(..., options=...) call: Dynamo hands every graph of it the same options dict
+_BY_OPTIONS: dict[int, tuple[dict | None, DitfxBackend]] = {}
+
+
 def ditfx_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None = None):
-    """Entry point of ``backend="ditfx"``; ``options`` are :class:`ditfx.Config` fields or ``{"config": cfg}``."""
-    backend = DitfxBackend(Config.from_options(options))
-    _BACKEND_SESSIONS.append(weakref.ref(backend.session))
+    """Entry point of ``backend="ditfx"``; ``options`` are :class:`ditfx.Config` fields or ``{"config": cfg}``.
+
+    The graphs of one ``torch.compile`` call (recompiles for new shapes) share one runtime: one lifecycle, one
+    state, one set of stats."""
+    known = _BY_OPTIONS.get(id(options)) if options is not None else None
+    if known is not None and known[0] is options and known[1].runtime is not None:
+        backend = known[1]
+    else:
+        backend = DitfxBackend(Config.from_options(options))
+        _BACKEND_RUNTIMES.append(weakref.ref(backend.runtime))
+        if options is not None:
+            _BY_OPTIONS[id(options)] = (options, backend)
     return backend(gm, example_inputs)
 
 
-def backend_sessions() -> list[Session]:
-    alive = [s for ref in _BACKEND_SESSIONS if (s := ref()) is not None]
-    _BACKEND_SESSIONS[:] = [weakref.ref(s) for s in alive]
+def backend_runtimes() -> list[ModelRuntime]:
+    alive = [r for ref in _BACKEND_RUNTIMES if (r := ref()) is not None]
+    _BACKEND_RUNTIMES[:] = [weakref.ref(r) for r in alive]
     return alive

@@ -15,6 +15,7 @@ from types import ModuleType
 import pytest
 import torch
 
+from ditfx.api import null_class
 from ditfx.models import zoo
 
 FAMILIES = ("reference",) + zoo.TINY_FAMILIES
@@ -55,6 +56,15 @@ def _rows(value, rows: slice, batch: int):
     return value
 
 
+def _cat(a, b):
+    if isinstance(a, dict):
+        return {k: _cat(a[k], b[k]) for k in a}
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() > 0 and a.shape[1:] == b.shape[1:] \
+            and a is not b:
+        return torch.cat([a, b])
+    return a
+
+
 def _swap(value, half: int, batch: int):
     if isinstance(value, dict):
         return {k: _swap(v, half, batch) for k, v in value.items()}
@@ -80,6 +90,11 @@ def cfg_loop(model, kw: dict, family: str, steps: int = 8, scale: float = 3.0, t
     half = batch // 2
     uncond = {k: _rows(v, slice(0, half), batch) for k, v in kw.items()}
     cond = {k: _rows(v, slice(half, batch), batch) for k, v in kw.items()}
+    null = null_class(model)
+    for k, v in uncond.items():  # a class-conditional model's unconditional branch is its null class
+        if null is not None and isinstance(v, torch.Tensor) and v.dim() == 1 and not v.is_floating_point():
+            uncond[k] = torch.full_like(v, null)
+    kw = {k: _cat(uncond[k], cond[k]) for k in kw}
     x = kw[latents][half:].clone()
 
     def run(inputs, x, t):

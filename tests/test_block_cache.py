@@ -36,11 +36,11 @@ def test_dynamic_cache_skips_and_skipped_blocks_are_not_computed():
     assert s.block_evals_skipped > 0
     assert s.block_evals + s.block_evals_skipped == 10 * 4
     # the compiled block function ran exactly block_evals times: a skipped block is not run and discarded
-    executor = ditfx.api._session(fast).executors[0]
+    runtime = ditfx.api._runtime(fast)
+    executor = runtime.executors[0]
     block_sigs = {rm.signature for rm in executor.plan.regions if rm.region.kind == "block"}
-    # compiler keys are (signature, variant, rows): rows is the re-batched row count of guidance skipping
-    block_calls = sum(n for (sig, variant, *_), n in executor.compiler.calls.items()
-                      if variant in ("residual", "probe", "base") and sig in block_sigs)
+    # compiler keys are VariantKeys: (signature, transforms, rows)
+    block_calls = sum(n for key, n in runtime.compiler.calls.items() if key.signature in block_sigs)
     assert block_calls == s.block_evals
     # FLOPs: the flop counter's per-block counts of one eager call, minus what was skipped
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
@@ -180,15 +180,15 @@ def test_fifty_steps_no_graph_breaks_no_recompiles():
 
 
 def test_steps_are_found_from_the_timestep():
-    from ditfx.runtime.steps import StepTracker
+    """The fallback: a timestep that goes up starts a generation; a repeat with the same latents is the other
+    branch of two-call guidance."""
+    from ditfx.runtime.lifecycle import Lifecycle
 
-    tracker = StepTracker()
-    seen = [tracker.observe(t) for t in (1000, 1000, 800, 800, 600, 600, 1000, 1000, 800)]
+    lifecycle = Lifecycle()
+    x = {t: torch.full((1,), float(t)) for t in (1000, 800, 600)}
+    seen = [lifecycle.observe(t, x[t]) for t in (1000, 1000, 800, 800, 600, 600, 1000, 1000, 800)]
     assert [(s.generation, s.step, s.branch) for s in seen] == [
         (0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1), (0, 2, 0), (0, 2, 1), (1, 0, 0), (1, 0, 1), (1, 1, 0)]
-    tracker = StepTracker()
-    seen = [tracker.observe(t) for t in (1000, 500, 1000, 500, 500)]
-    assert [(s.generation, s.step) for s in seen] == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0)]
 
 
 def test_two_generations_equal_two_fresh_runs():
@@ -206,9 +206,9 @@ def test_generation_context_frees_state():
     fast = ditfx.optimize(model, ditfx.Config(cache=ditfx.DynamicCache(threshold=SKIPPY), compiler=EAGER))
     with ditfx.generation(fast):
         run_loop(fast, kw, "reference", steps=4)
-        session = ditfx.api._session(fast)
-        assert session.state
-    assert not session.state
+        store = ditfx.api._runtime(fast).store()
+        assert store._values
+    assert not store._values
 
 
 @pytest.mark.parametrize("forecast", ["none", "linear"])
@@ -231,8 +231,8 @@ def test_mixed_batch_computes_only_the_rows_that_need_the_blocks(forecast):
     config = ditfx.Config(cache=ditfx.DynamicCache(threshold=1.5, forecast=forecast), compiler=EAGER)
     fast = ditfx.optimize(model, config)
     batch = run_loop(fast, kw, "reference", steps=10)
-    executor = ditfx.api._session(fast).executors[0]
-    assert ("residual", 1) in {key[1:] for key in executor._graphs}  # one computing row of four
+    executor = ditfx.api._runtime(fast).executors[0]
+    assert (("cache.residual",), 1) in {(key.transforms, key.rows) for key in executor.plan.built()}  # 1 row of 4
     s = ditfx.stats(fast)
     full = s.flops + s.flops_skipped
     assert full == ditfx.stats(fast).calls * sum(executor.plan.flops.values())
@@ -248,19 +248,25 @@ def test_row_buckets(k, n, size):
     assert row_bucket(k, n) == size
 
 
-def test_unbatched_cfg_keeps_one_state_per_branch():
-    """Two calls per step (cond then uncond) each keep their own caches: same as two separate runs."""
-    model, kw = tiny_model("reference", batch=1)
-    other = {**kw, "y": torch.tensor([3])}
+def test_named_branches_keep_one_state_each():
+    """Two calls per step that a pipeline names (``cache_context("cond")`` / ``("uncond")``) each keep their own
+    caches, even when their latents differ: the same as two separate runs."""
+    model, kw = tiny_model("flux", batch=1)
+    _, other = tiny_model("flux", batch=1, seed=1)
+    other = {**kw, "hidden_states": other["hidden_states"]}
     config = ditfx.Config(cache=ditfx.DynamicCache(threshold=SKIPPY), compiler=EAGER)
     fast = ditfx.optimize(model, config)
-    x1, x2 = kw["x"], other["x"]
-    with torch.no_grad():
+    scale = 1.0  # flux's timestep is a sigma in [0, 1]
+    x1, x2 = kw["hidden_states"], other["hidden_states"]
+    with torch.no_grad(), ditfx.generation(fast):
         for k in range(6):
-            t = torch.full((1,), 1000.0 * (1 - k / 6))
-            x1 = x1 - fast(x1, t, kw["y"])[:, :4] / 6
-            x2 = x2 - fast(x2, t, other["y"])[:, :4] / 6
-    assert ditfx.stats(fast).steps == 6 and ditfx.stats(fast).calls == 12
+            t = torch.full((1,), scale * (1 - k / 6))
+            with fast.cache_context("cond"):
+                x1 = x1 - fast(**{**kw, "hidden_states": x1, "timestep": t}, return_dict=False)[0] / 6
+            with fast.cache_context("uncond"):
+                x2 = x2 - fast(**{**other, "hidden_states": x2, "timestep": t}, return_dict=False)[0] / 6
+    s = ditfx.stats(fast)
+    assert (s.steps, s.calls, s.generations) == (6, 12, 1) and s.block_evals_skipped > 0
     torch._dynamo.reset()
-    alone = run_loop(ditfx.optimize(model, config), other, "reference", steps=6)
+    alone = run_loop(ditfx.optimize(model, config), other, "flux", steps=6)
     assert (x2 - alone).abs().max() <= 1e-5

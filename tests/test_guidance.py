@@ -278,8 +278,7 @@ def test_cosine_is_measured_by_the_compiled_epilogue():
     """Batched CFG: AG's cosine comes from the sums the compiled epilogue returns next to the prediction (one
     epilogue call per full step, no pass of the runtime over the outputs); it equals the runtime's measurement of
     the same model called as two calls per step."""
-    from ditfx.api import _session
-    from ditfx.passes.guidance import COSINE_VARIANT
+    from ditfx.api import _runtime
 
     model, kw = tiny_model("reference", batch=4)
     traces, measured_in_epilogue = [], []
@@ -288,8 +287,8 @@ def test_cosine_is_measured_by_the_compiled_epilogue():
         fast = optimized(model, ditfx.AdaptiveGuidance(gamma=1.0))
         cfg_loop(fast, kw, "reference", two_calls=two_calls)
         traces.append(torch.tensor(ditfx.guidance_trace(fast)))
-        calls = _session(fast).executors[0].compiler.calls
-        measured_in_epilogue.append(sum(n for key, n in calls.items() if key[1] == COSINE_VARIANT))
+        calls = _runtime(fast).compiler.calls
+        measured_in_epilogue.append(sum(n for key, n in calls.items() if key.transforms == ("guidance.cosine",)))
     assert measured_in_epilogue == [STEPS, 0]
     assert traces[0].shape == (STEPS, 2)
     torch.testing.assert_close(traces[0], traces[1], rtol=0, atol=1e-6)

@@ -83,6 +83,7 @@ class Region:
     streams: list[tuple[int, int]] = field(default_factory=list)
     # index into ``streams`` of the stream whose change decides dynamic caching
     primary_stream: int | None = None
+    latent_stream: bool = False  # the primary stream carries the latents (not text tokens only)
 
 
 @dataclass
@@ -128,7 +129,33 @@ def input_roles(gm: fx.GraphModule, weight_names: set[str] | None = None) -> Inp
             conditions.append(n.name)
             if timestep is None and v.dim() <= 1 and meta.user_input_name(n).lower() in _TIMESTEP_NAMES:
                 timestep = n.name
+    if timestep is None:
+        timestep = _sinusoidal_input(gm, conditions)
     return InputRoles(latents, timestep, tokens, conditions, weights)
+
+
+_SINUSOIDS = {torch.sin, torch.cos, "sin", "cos", torch.ops.aten.sin.default, torch.ops.aten.cos.default}
+
+
+def _sinusoidal_input(gm: fx.GraphModule, conditions: list[str]) -> str | None:
+    """The timestep by data flow, whatever its name (``noise_level``): the one floating-point input of rank <= 1
+    that feeds a sinusoidal embedding (sin/cos of the input times frequencies)."""
+    found = []
+    for n in gm.graph.find_nodes(op="placeholder"):
+        v = meta.tensor_value(n)
+        if n.name not in conditions or v is None or v.dim() > 1 or not v.is_floating_point():
+            continue
+        seen, queue = {n}, [n]
+        while queue:
+            node = queue.pop()
+            if node.op in ("call_function", "call_method") and node.target in _SINUSOIDS:
+                found.append(n.name)
+                break
+            for u in node.users:
+                if u not in seen:
+                    seen.add(u)
+                    queue.append(u)
+    return found[0] if len(found) == 1 else None
 
 
 # --------------------------------------------------------------------------------------------- blocks
@@ -364,6 +391,7 @@ def _pair_streams(regions: list[Region], roles: InputRoles, gm: fx.GraphModule,
             if best_key is None or key > best_key:
                 best, best_key = s, key
         r.primary_stream = best
+        r.latent_stream = bool(best_key and best_key[0])
 
 
 def _same_tensor_type(a: fx.Node, b: fx.Node) -> bool:

@@ -3,7 +3,8 @@
 Names: any reference config (``DiT-S/2``, ``DiT-XL/2``, ``DiT-T/2``, ...), or ``tiny:<family>``, a random
 diffusers model of a few blocks, with family one of ``dit`` (DiTTransformer2DModel), ``pixart`` (PixArt-alpha/
 sigma), ``sd3`` (SD3 MMDiT), ``flux``, ``wan`` (Wan 2.1 video), ``sana``, ``auraflow``, ``cogview4``,
-``qwenimage`` (Qwen-Image), ``chroma``, ``hunyuan`` (HunyuanDiT) or ``ltx`` (LTX-Video). Nothing downloads.
+``qwenimage`` (Qwen-Image), ``chroma``, ``hunyuan`` (HunyuanDiT), ``ltx`` (LTX-Video) or ``lumina2`` (Lumina-Image
+2.0). Nothing downloads.
 """
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def load(name: str, batch: int = 2, seed: int = 0) -> NamedModel:
         x = r(batch, cfg.in_channels, cfg.input_size, cfg.input_size)
         return NamedModel(m, dict(x=x, t=t, y=torch.arange(batch) % cfg.num_classes), "x", "t", 1000.0, False)
     family = name.removeprefix("tiny:")
-    if family not in TINY_FAMILIES:
+    if family not in _TINY:
         raise ValueError(f"unknown model {name!r}: use one of {', '.join(names())}")
     torch.manual_seed(seed)
     m, kw, time_scale = _TINY[family](r, t, batch)
@@ -207,10 +208,29 @@ def _tiny_ltx(r, t, batch):
     return m, kw, 1000.0
 
 
+def _tiny_lumina2(r, t, batch):
+    from diffusers import Lumina2Transformer2DModel
+
+    # two context-refiner blocks (caption only), two noise-refiner blocks (image only), three joint layers.
+    # The pipeline passes 1 - sigma (t = 0 is noise, the reverse of the other families); the zoo's loop drives
+    # it downward like the rest, which a random model does not mind. Its forward has a graph break (the caption
+    # lengths, attention_mask.sum(dim=1).tolist()), so Dynamo captures it as more than one graph.
+    m = Lumina2Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, hidden_size=16, num_layers=3,
+                                  num_refiner_layers=2, num_attention_heads=2, num_kv_heads=1, multiple_of=16,
+                                  axes_dim_rope=(2, 2, 4), axes_lens=(32, 16, 16), cap_feat_dim=12)
+    kw = dict(hidden_states=r(batch, 4, 8, 8), timestep=t / 1000, encoder_hidden_states=r(batch, 5, 12),
+              encoder_attention_mask=torch.ones(batch, 5, dtype=torch.bool))
+    return m, kw, 1.0
+
+
 _TINY = {"dit": _tiny_dit, "pixart": _tiny_pixart, "sd3": _tiny_sd3, "flux": _tiny_flux, "wan": _tiny_wan,
          "sana": _tiny_sana, "auraflow": _tiny_auraflow, "cogview4": _tiny_cogview4, "qwenimage": _tiny_qwenimage,
-         "chroma": _tiny_chroma, "hunyuan": _tiny_hunyuan, "ltx": _tiny_ltx}
-TINY_FAMILIES = tuple(_TINY)
+         "chroma": _tiny_chroma, "hunyuan": _tiny_hunyuan, "ltx": _tiny_ltx, "lumina2": _tiny_lumina2}
+# Loadable (``tiny:lumina2``) but not yet in TINY_FAMILIES, which parametrizes the test suite and is documented in
+# the CLI help and the README: ditfx does not handle Lumina2's graph break yet (one Executor for the graph after
+# the break, whose blocks see ``temb`` rather than the timestep; the others fall back).
+_PENDING = ("lumina2",)
+TINY_FAMILIES = tuple(f for f in _TINY if f not in _PENDING)
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ adds the cached ``c`` to the block's current inputs (or returns ``c`` in output 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +24,7 @@ import torch.fx as fx
 
 from ditfx.graph import meta
 from ditfx.graph.regions import RegionModule
+from ditfx.plan import Plan, Transform
 
 
 @dataclass
@@ -85,16 +87,28 @@ def probe_variant(gm: fx.GraphModule, streams: list[tuple[int, int]], primary: i
     return gm
 
 
-def block_cache_pass(regions: list[RegionModule], mode: str, probe: str | None) -> tuple[dict, BlockCacheReport]:
-    """Make the cache variants of each block region; ``probe`` names the region whose change decides.
+RESIDUAL, PROBE = "cache.residual", "cache.probe"
 
-    Returns ``{region name: {variant name: GraphModule}}`` and the report.
-    """
+
+def block_cache_pass(plan: Plan, mode: str, probe: str | None,
+                     lower: Callable[[fx.GraphModule, str], fx.GraphModule] | None = None) -> BlockCacheReport:
+    """Offer the cache variants on each cacheable block region of ``plan``; ``probe`` names the region whose
+    change decides (it also offers ``cache.probe``). ``lower(gm, label)``: a lowering applied to each variant
+    when it is built (the cache bookkeeping kernel). Blocks of one structure share one variant graph, as they
+    share one compiled artifact."""
     report = BlockCacheReport(mode)
-    variants: dict[str, dict[str, fx.GraphModule]] = {}
-    # blocks of one structure share one variant, as they share one compiled artifact
-    residuals: dict[tuple, fx.GraphModule] = {}
-    for rm in regions:
+
+    def residual(rm: RegionModule, gm: fx.GraphModule) -> fx.GraphModule:
+        out = residual_variant(gm, rm.region.streams, mode)
+        return lower(out, f"{rm.region.name}/residual") if lower else out
+
+    def probing(rm: RegionModule, gm: fx.GraphModule) -> fx.GraphModule:
+        out = probe_variant(gm, rm.region.streams, rm.region.primary_stream, mode)
+        return lower(out, f"{rm.region.name}/probe") if lower else out
+
+    plan.transforms[RESIDUAL] = Transform(RESIDUAL, residual)
+    plan.transforms[PROBE] = Transform(PROBE, probing)
+    for rm in plan.regions:
         r = rm.region
         if r.kind != "block":
             continue
@@ -106,11 +120,8 @@ def block_cache_pass(regions: list[RegionModule], mode: str, probe: str | None) 
             )
             continue
         report.cacheable.append(r.name)
-        key = (rm.signature, tuple(r.streams))
-        if key not in residuals:
-            residuals[key] = residual_variant(rm.gm, r.streams, mode)
-        variants[r.name] = {"residual": residuals[key]}
+        plan.offers.setdefault(r.name, set()).add(RESIDUAL)
         if r.name == probe:
-            variants[r.name]["probe"] = probe_variant(rm.gm, r.streams, r.primary_stream, mode)
-    report.variants = sorted({v for d in variants.values() for v in d})
-    return variants, report
+            plan.offers[r.name].add(PROBE)
+    report.variants = sorted({v for offered in plan.offers.values() for v in offered if v in (RESIDUAL, PROBE)})
+    return report

@@ -11,17 +11,21 @@ output rows hold each measured sample's unconditional and conditional prediction
     return (..., sum(u * c, 1), sum(u * u, 1), sum(c * c, 1))        3 x (M,)
 
 from which the runtime takes the cosine ``u.c / sqrt(|u|^2 |c|^2)`` (float64 sums, as ``cosine_similarity`` on
-float64 inputs). The variant is built per row count, after re-batching (:func:`cosine_sums_variant`).
+float64 inputs). The variant is built per row count, after re-batching: the pass registers it in the plan as
+the ``guidance.cosine`` transform (:func:`guidance_pass`).
 """
 from __future__ import annotations
 
 import copy
 import operator
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
-COSINE_VARIANT = "cfg_cosine"
+from ditfx.plan import Plan, Transform
+
+TRANSFORM = "guidance.cosine"
 
 
 def cosine_sums_variant(gm: fx.GraphModule, pred_index: int) -> fx.GraphModule:
@@ -52,6 +56,25 @@ def cosine_sums_variant(gm: fx.GraphModule, pred_index: int) -> fx.GraphModule:
     return out
 
 
-def cosine_from_sums(dot: torch.Tensor, uu: torch.Tensor, cc: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """``torch.cosine_similarity``'s formula from the three sums."""
-    return dot / (uu * cc).clamp_min(eps * eps).sqrt()
+@dataclass
+class GuidanceReport:
+    """Where Adaptive Guidance measures: in the compiled epilogue, or after the call."""
+
+    epilogue: str | None
+
+    def summary(self) -> str:
+        if self.epilogue is None:
+            return "guidance: the cosine of the two predictions is measured after the call (no epilogue output)"
+        return f"guidance: the cosine of the two predictions is summed in {self.epilogue} (compiled)"
+
+
+def guidance_pass(plan: Plan) -> GuidanceReport:
+    """Offer ``guidance.cosine`` on the epilogue when it returns the call's prediction."""
+    last = plan.regions[-1]
+    outputs = plan.io.region_outputs[-1]
+    if last.region.kind != "epilogue" or plan.io.output_names[0] not in outputs:
+        return GuidanceReport(None)
+    pred = outputs.index(plan.io.output_names[0])
+    plan.transforms[TRANSFORM] = Transform(TRANSFORM, lambda rm, gm: cosine_sums_variant(gm, pred), after_rows=True)
+    plan.offers.setdefault(last.region.name, set()).add(TRANSFORM)
+    return GuidanceReport(last.region.name)

@@ -1,16 +1,27 @@
-"""The pass manager: analyse a captured graph, split it into regions, run the configured passes, make a Plan."""
+"""The pass manager: analyse a captured graph, split it into regions, run the passes the config asks for, and
+return the :class:`~ditfx.plan.Plan` the runtime runs.
+
+The passes run in a fixed order from a table (``PASSES``): kernel lowering first (so the cache variants are
+built from the fused regions), then the block-cache and guidance passes, each only when its config is set. Each
+returns a report (``summary()``); the plan keeps them in order.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
+import torch
 import torch.fx as fx
 
 from ditfx.config import Config, DynamicCache, StaticCache
-from ditfx.graph import cost, regions
+from ditfx.graph import cost, meta, regions
 from ditfx.graph.structure import DiTStructure, analyse
+from ditfx.passes import guidance as guidance_passes
 from ditfx.passes.block_cache import BlockCacheReport, block_cache_pass
-from ditfx.passes.cache_bookkeeping import fuse_cache_variants
+from ditfx.passes.cache_bookkeeping import fuse_bookkeeping
 from ditfx.passes.fusion import FusionReport, fusion_pass
+from ditfx.passes.rebatch import rebatch
+from ditfx.plan import IOSpec, Plan
 
 
 @dataclass
@@ -27,24 +38,18 @@ class RegionReport:
                 f"artifacts), {self.hoisted} conditioning node(s) hoisted out of blocks to the prologue")
 
 
+@dataclass(frozen=True)
+class ModelFacts:
+    """What :func:`ditfx.optimize` knows of the model that the graph does not show."""
+
+    null_class: int | None = None  # the class label of the unconditional branch, for class-conditional models
+    blocks: tuple[str, ...] = ()  # the model's repeated blocks (module paths), to tell a partial graph
+
+
 @dataclass
-class Plan:
-    """Everything the runtime needs: regions in order, their variants, costs, and what each pass did."""
-
-    structure: DiTStructure
-    regions: list[regions.RegionModule]
-    variants: dict[str, dict[str, fx.GraphModule]] = field(default_factory=dict)
-    flops: dict[str, int] = field(default_factory=dict)
-    reports: list = field(default_factory=list)
-
-    @property
-    def block_names(self) -> list[str]:
-        return [b.path for b in self.structure.blocks]
-
-    @property
-    def cacheable_blocks(self) -> list[int]:
-        """Indices of the blocks the cache pass gave variants (the others always run)."""
-        return sorted(rm.region.block.index for rm in self.regions if rm.region.name in self.variants)
+class _Context:
+    config: Config
+    fusion: FusionReport | None = None
 
 
 def probe_region(structure: DiTStructure, cache: DynamicCache) -> str:
@@ -54,25 +59,69 @@ def probe_region(structure: DiTStructure, cache: DynamicCache) -> str:
             f"DynamicCache(first={cache.first}, last={cache.last}) leaves no middle blocks to skip in a model "
             f"with {n} blocks: use first + last < {n}"
         )
-    return f"block.{cache.first - 1}"
+    region = structure.region(f"block.{cache.first - 1}")
+    if not region.latent_stream:
+        raise ValueError(
+            f"DynamicCache's probe block {region.block.path} (block first-1 = {cache.first - 1}) does not carry the "
+            "latents (its residual stream holds other tokens only, so its change says nothing about the image); "
+            "choose a DynamicCache.first whose block first-1 reads the latents"
+        )
+    return region.name
 
 
-def build_plan(gm: fx.GraphModule, config: Config, weight_names: set[str] | None = None) -> Plan:
+def _cache_pass(plan: Plan, ctx: _Context):
+    cache = ctx.config.cache
+    probe = None
+    if isinstance(cache, DynamicCache):
+        probe = probe_region(plan.structure, cache)
+    elif isinstance(cache, StaticCache):
+        cache.schedule.check_model(plan.block_names)
+    fusion = ctx.fusion
+    lower = (lambda gm, label: fuse_bookkeeping(gm, fusion, label)) if fusion is not None else None
+    report = block_cache_pass(plan, cache.mode, probe, lower)
+    if probe is not None and probe not in report.cacheable:
+        raise ValueError(f"the probe block {probe} is not cacheable: {report.not_cacheable.get(probe)}; "
+                         "choose another DynamicCache.first")
+    # the variants are built now, one per block structure, so the reports are complete before the first call
+    built: set[tuple] = set()
+    for rm in plan.regions:
+        for transform in sorted(plan.offers.get(rm.region.name, ())):
+            if (rm.signature, transform) not in built and not plan.transforms[transform].after_rows:
+                built.add((rm.signature, transform))
+                plan.graph(rm, plan.key(rm, (transform,)))
+    return report
+
+
+def _guidance_pass(plan: Plan, ctx: _Context):
+    return guidance_passes.guidance_pass(plan)
+
+
+# (config field, pass): run in this order, each when its config field is set; the policies chain in this order
+PASSES: list[tuple[str, Callable[[Plan, _Context], object]]] = [
+    ("guidance", _guidance_pass),
+    ("cache", _cache_pass),
+]
+
+
+def build_plan(gm: fx.GraphModule, config: Config, weight_names: set[str] | None = None,
+               facts: ModelFacts | None = None) -> Plan:
     """Raises :class:`~ditfx.graph.structure.StructureError` when the graph has no DiT structure."""
+    facts = facts or ModelFacts()
     structure = analyse(gm, weight_names)
     region_modules = [regions.extract(gm, r) for r in structure.regions]
-    fusion = None
+    ctx = _Context(config)
     if config.kernels:  # before the cache pass, so its variants are built from the fused regions
-        region_modules, fusion = fusion_pass(region_modules)
-    plan = Plan(structure, region_modules)
-    plan.flops = {rm.region.name: int(cost.graph_flops(rm.region.nodes)) for rm in region_modules}
+        region_modules, ctx.fusion = fusion_pass(region_modules)
+    flops = {rm.region.name: int(cost.graph_flops(rm.region.nodes)) for rm in region_modules}
+    plan = Plan(structure, io_spec(structure, region_modules), region_modules, flops, rebatch=rebatch,
+                null_class=facts.null_class)
     shared: dict[str, list[str]] = {}
     for rm in region_modules:
         shared.setdefault(rm.signature, []).append(rm.region.name)
     plan.reports.append(RegionReport(
         regions=[{"name": rm.region.name, "kind": rm.region.kind, "nodes": len(rm.region.nodes),
                   "inputs": len(rm.region.inputs), "outputs": len(rm.region.outputs),
-                  "signature": rm.signature, "flops": plan.flops[rm.region.name],
+                  "signature": rm.signature, "flops": flops[rm.region.name],
                   "module": rm.region.block.path if rm.region.block else None}
                  for rm in region_modules],
         hoisted=len(structure.hoisted),
@@ -80,23 +129,78 @@ def build_plan(gm: fx.GraphModule, config: Config, weight_names: set[str] | None
     ))
     if structure.inlined.calls:
         plan.reports.append(structure.inlined)
-    if fusion is not None:
-        plan.reports.append(fusion)
-    cache = config.cache
-    if cache is not None:
-        probe = None
-        if isinstance(cache, DynamicCache):
-            probe = probe_region(structure, cache)
-        elif isinstance(cache, StaticCache):
-            cache.schedule.check_model(plan.block_names)
-        plan.variants, report = block_cache_pass(region_modules, cache.mode, probe)
-        if fusion is not None:  # the probe's residual and change sums: one pass over memory
-            fuse_cache_variants(plan.variants, fusion)
-        if probe is not None and probe not in report.cacheable:
-            raise ValueError(f"the probe block {probe} is not cacheable: {report.not_cacheable.get(probe)}; "
-                             "choose another DynamicCache.first")
-        plan.reports.append(report)
+    if ctx.fusion is not None:
+        plan.reports.append(ctx.fusion)
+    for name, run in PASSES:
+        technique = getattr(config, name)
+        if technique is not None:
+            plan.reports.append(run(plan, ctx))
+            plan.policies.append(technique)
     return plan
 
 
-__all__ = ["Plan", "RegionReport", "BlockCacheReport", "FusionReport", "build_plan"]
+def io_spec(structure: DiTStructure, region_modules: list[regions.RegionModule]) -> IOSpec:
+    """The call's interface: inputs and roles, batch-carrying values, the output structure, release lists."""
+    gm, roles = structure.gm, structure.roles
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    names = [p.name for p in placeholders]
+    role_of = {p.name: roles.role_of(p.name) for p in placeholders}
+    for p in placeholders:  # class labels: the integer per-sample condition (its null class is the uncond one)
+        v = meta.tensor_value(p)
+        if (role_of[p.name] == "condition" and v is not None and v.dim() == 1 and not v.is_floating_point()
+                and "labels" not in role_of.values()):
+            role_of[p.name] = "labels"
+    latents = meta.tensor_value(next(p for p in placeholders if p.name == roles.latents)) if roles.latents else None
+    rows = latents.shape[0] if latents is not None and latents.dim() > 0 else None
+    output = gm.graph.find_nodes(op="output")[0].args[0]
+    flat: list[fx.Node] = []
+    fx.node.map_arg(output, flat.append)
+    carrying = _batch_carrying(gm, roles.weights, rows)
+    region_inputs = [[n.name for n in rm.region.inputs] for rm in region_modules]
+    return IOSpec(
+        input_names=names,
+        input_roles=role_of,
+        rows=rows,
+        input_batch=[name in carrying for name in names],
+        region_inputs=region_inputs,
+        region_outputs=[[n.name for n in rm.region.outputs] for rm in region_modules],
+        region_batch=[[i.name in carrying for i in rm.region.inputs] for rm in region_modules],
+        release=_release_lists(region_inputs, set(names), {n.name for n in flat}),
+        output_names=[n.name for n in flat],
+        output_tree=fx.node.map_arg(output, lambda n: n.name),
+        output_meta=[(tuple(v.shape), v.dtype, str(v.device)) if (v := meta.tensor_value(n)) is not None else None
+                     for n in flat],
+    )
+
+
+def _batch_carrying(gm: fx.GraphModule, weights: list[str], rows: int | None) -> set[str]:
+    """Batch-sized tensors computed from the batch-sized non-weight inputs (through any op, tuples included)."""
+
+    def sized(n: fx.Node) -> bool:
+        v = meta.tensor_value(n)
+        return isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == rows
+
+    derived: set[str] = set()
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            if sized(n) and n.name not in weights:
+                derived.add(n.name)
+        elif any(a.name in derived for a in n.all_input_nodes):
+            derived.add(n.name)
+    return {n.name for n in gm.graph.nodes if n.name in derived and sized(n)}
+
+
+def _release_lists(region_inputs: list[list[str]], placeholders: set[str], kept: set[str]) -> list[list[str]]:
+    """Values no later region reads are dropped after their last reader, so memory stays flat."""
+    last: dict[str, int] = {}
+    for k, names in enumerate(region_inputs):
+        for name in names:
+            last[name] = k
+    release: list[list[str]] = [[] for _ in region_inputs]
+    for name, k in last.items():
+        if name not in kept and name not in placeholders:
+            release[k].append(name)
+    return release
+
+
+__all__ = ["ModelFacts", "Plan", "RegionReport", "BlockCacheReport", "FusionReport", "build_plan", "io_spec"]

@@ -7,7 +7,13 @@ literal in the leading position of size arguments::
     view(x, 14, -1, 4, 32)          ->  view(x, 9, -1, 4, 32)       (x: (14, T, D) -> (9, T, D))
     reshape(x, (14, 16, 3, 4, 16))  ->  reshape(x, (9, 16, 3, 4, 16))
 
-Only a leading literal equal to ``rows`` of a node whose value has ``rows`` leading rows is rewritten. The result
+Only a leading literal equal to ``rows`` of a node whose value has ``rows`` leading rows is rewritten; and the
+``output_size`` of a ``repeat_interleave`` along the batch (dim 0, or flattened), which is the node's captured
+size there and a multiple of ``rows`` (diffusers' attention mask, repeated per head)::
+
+    repeat_interleave(mask, 2, dim=0, output_size=28)  ->  repeat_interleave(mask, 2, dim=0, output_size=18)
+
+The result
 is then checked by shape propagation with fake tensors: each value's shape may differ from the captured one in at
 most one dimension (the batch, wherever permutes moved it or flattens merged it), by the factor new/old rows.
 Literals are only rewritten in nodes computed from the batch inputs or read by them, so a position table that
@@ -60,8 +66,30 @@ def _rewrite_constant_rows(node: fx.Node, rows: int, new_rows: int) -> None:
             node.args = (type(values)([values[0]] * new_rows), *node.args[1:])
 
 
+def _is_repeat_interleave(node: fx.Node) -> bool:
+    return ((node.op == "call_method" and node.target == "repeat_interleave")
+            or (node.op == "call_function" and node.target in (torch.repeat_interleave, torch.Tensor.repeat_interleave)))
+
+
+def _rewrite_output_size(node: fx.Node, rows: int, new_rows: int) -> None:
+    """``x.repeat_interleave(heads, dim=0, output_size=rows * heads)``: ``output_size`` is the output's size along
+    ``dim``, which Dynamo folded to a literal; along the batch it scales with the rows."""
+    if not _is_repeat_interleave(node):
+        return
+    size = node.kwargs.get("output_size")
+    value = meta.tensor_value(node)
+    if not isinstance(size, int) or isinstance(size, bool) or value is None or value.dim() == 0:
+        return
+    dim = node.kwargs["dim"] if "dim" in node.kwargs else (node.args[2] if len(node.args) > 2 else None)
+    if dim not in (0, None):  # flattened (dim None): a 1-d output whose leading size is every element
+        return
+    if size == value.shape[0] and size % rows == 0:
+        node.update_kwarg("output_size", size // rows * new_rows)
+
+
 def _rewrite_sizes(node: fx.Node, rows: int, new_rows: int) -> None:
     _rewrite_constant_rows(node, rows, new_rows)
+    _rewrite_output_size(node, rows, new_rows)
     pos = _sizes_position(node)
     if pos is None or _leading_rows(node) != rows:
         return

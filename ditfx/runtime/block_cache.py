@@ -1,31 +1,25 @@
 """Block caching at run time: per-step policies (dynamic, static, calibration) and their per-branch state.
 
 Each policy decides, block by block, whether a block runs or reuses what it cached; state lives per
-generation and per branch (the calls of one step), and per sample inside a batch.
+generation and per branch (the calls of one step), and per sample inside a batch. The block-cache pass offers
+the variants they run: ``cache.residual`` (the block, also returning what is cached) and ``cache.probe`` (also
+the change sums of the probe block).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 
 from ditfx.config import CacheCalibration, DynamicCache, StaticCache
 from ditfx.graph.regions import RegionModule
 from ditfx.kernels.cache_residual.reference import relative_l1_from_sums
+from ditfx.runtime.lifecycle import CallInfo
+from ditfx.runtime.policy import CallContext, Policy, RegionCall, StateSlot, register_policy
 from ditfx.runtime.schedule import CacheSchedule
-from ditfx.runtime.steps import StepInfo
 
-class RunVariant(Protocol):
-    """How a policy runs a block region: a variant on all of the call's rows, or on some of them."""
-
-    def __call__(self, variant: str, args: list) -> tuple:
-        """The variant's outputs on every row."""
-
-    def on_rows(self, variant: str, args: list, ids: torch.Tensor) -> tuple | None:
-        """The variant's outputs for rows ``ids`` only (in that order), or None when it cannot run on a subset
-        (then the policy runs every row)."""
-
+RESIDUAL = ("cache.residual",)
+PROBE = ("cache.probe",)
 
 def split_cached(rm: RegionModule, outs: tuple) -> tuple[list, list]:
     """Split a residual variant's outputs into the block outputs and the cached values (one per stream)."""
@@ -70,9 +64,9 @@ def _where(mask: torch.Tensor | None, new: torch.Tensor, old: torch.Tensor) -> t
     return new if mask is None else torch.where(_per_sample(mask, new), new, old)
 
 
-def step_time(step: StepInfo) -> float:
+def step_time(info: CallInfo) -> float:
     """The time a forecast extrapolates along: the denoiser's timestep, or the step index without one."""
-    return float(step.step) if step.timestep is None else step.timestep
+    return float(info.step) if info.timestep is None else info.timestep
 
 
 def reuse_outputs(rm: RegionModule, args: list, cached: list, mode: str) -> list:
@@ -92,79 +86,109 @@ class _DynamicState:
     ref: torch.Tensor | None = None  # probe's cached value at the last computed step, per sample
     cached: dict[int, CachedValues] = field(default_factory=dict)
     reuse: torch.Tensor | None = None  # consecutive reuses per sample
-    skip: torch.Tensor | None = None  # this call's decision per sample
+
+
+@dataclass
+class _Decision:
+    """This call's decision, made after the probe block."""
+
+    skip: torch.Tensor | None = None  # per sample of the computed rows
     skip_all: bool = False
     skip_any: bool = False
 
 
-class DynamicCachePolicy:
+class _CachePolicy(Policy):
+    """What the block-cache policies share: the blocks they may skip, and the block loop around them."""
+
+    name = "cache"
+
+    def __init__(self, cfg, plan):
+        super().__init__(cfg, plan)
+        self.cacheable = set(plan.blocks_offering("cache.residual"))
+
+    def run_region(self, ctx: CallContext, call: RegionCall, proceed) -> list:
+        region = call.region
+        if region.kind != "block":
+            return proceed(call)
+        return self.run_block(ctx, call, region.block.index, proceed)
+
+    def run_block(self, ctx: CallContext, call: RegionCall, index: int, proceed) -> list:
+        raise NotImplementedError
+
+
+@register_policy(DynamicCache)
+class DynamicCachePolicy(_CachePolicy):
     """First-block-cache style: block ``first-1``'s change decides whether the middle blocks run."""
 
-    def __init__(self, cfg: DynamicCache, n_blocks: int, cacheable: set[int]):
+    slots = (StateSlot("cache", lambda ctx: _DynamicState(), scope="branch", per_row=True),)
+
+    def __init__(self, cfg: DynamicCache, plan):
+        super().__init__(cfg, plan)
         self.cfg = cfg
+        n_blocks = len(plan.structure.blocks)
         self.probe = cfg.first - 1
-        self.middle = {i for i in range(cfg.first, n_blocks - cfg.last) if i in cacheable}
+        self.middle = {i for i in range(cfg.first, n_blocks - cfg.last) if i in self.cacheable}
 
-    def new_state(self) -> _DynamicState:
-        return _DynamicState()
+    def begin_call(self, ctx: CallContext) -> None:
+        ctx.scratch[self.name] = _Decision()
 
-    def begin_call(self, state: _DynamicState, step: StepInfo) -> None:
-        state.skip, state.skip_all, state.skip_any = None, False, False
-
-    def run_block(self, state: _DynamicState, step: StepInfo, index: int, rm: RegionModule, args: list,
-                  run: RunVariant) -> tuple[list, bool]:
+    def run_block(self, ctx: CallContext, call: RegionCall, index: int, proceed) -> list:
         if index == self.probe:
-            return self._run_probe(state, step, rm, args, run), True
+            return self._run_probe(ctx, call)
         if index not in self.middle:
-            return list(run("base", args)), True
-        time = step_time(step)
-        if state.skip_all:
-            return reuse_outputs(rm, args, state.cached[index].at(time), self.cfg.mode), False
+            return proceed(call)
+        state, decision = ctx.state(self, "cache"), ctx.scratch[self.name]
+        rm, args, mode = call.rm, call.args, self.cfg.mode
+        time = step_time(ctx.info)
+        if decision.skip_all:
+            return call.reuse(reuse_outputs(rm, args, state.cached[index].at(time), mode))
         entry = state.cached.get(index)
-        if entry is not None and state.skip_any:  # mixed batch: every sample keeps its own decision
-            computing = ~state.skip
-            reused = reuse_outputs(rm, args, entry.at(time), self.cfg.mode)
+        if entry is not None and decision.skip_any:  # mixed batch: every sample keeps its own decision
+            computing = ~decision.skip
+            reused = reuse_outputs(rm, args, entry.at(time), mode)
             ids = computing.nonzero().flatten()
-            part = run.on_rows("residual", args, ids)
+            part = call.run_on_rows(RESIDUAL, args, ids)
             if part is not None:  # only the computing rows ran: scatter them over the reused ones
                 outs, cached = split_cached(rm, part)
                 outs = [r.index_copy(0, ids, o) for r, o in zip(reused, outs)]
                 cached = [v.index_copy(0, ids, c) for v, c in zip(entry.values, cached)]
             else:
-                outs, cached = split_cached(rm, run("residual", args))
+                outs, cached = split_cached(rm, call.run(RESIDUAL))
                 for o, _ in rm.region.streams:
-                    outs[o] = torch.where(_per_sample(state.skip, outs[o]), reused[o], outs[o])
+                    outs[o] = torch.where(_per_sample(decision.skip, outs[o]), reused[o], outs[o])
             entry.update(cached, time, computing)
-            return outs, True
-        outs, cached = split_cached(rm, run("residual", args))
+            return outs
+        outs, cached = split_cached(rm, call.run(RESIDUAL))
         if entry is None:
             state.cached[index] = CachedValues.first(cached, time, self.cfg.forecast)
         else:
             entry.update(cached, time)
-        return outs, True
+        return outs
 
-    def _run_probe(self, state: _DynamicState, step: StepInfo, rm: RegionModule, args: list, run: RunVariant):
+    def _run_probe(self, ctx: CallContext, call: RegionCall) -> list:
+        state, decision = ctx.state(self, "cache"), ctx.scratch[self.name]
+        rm = call.rm
         primary = rm.region.primary_stream
         if state.ref is None:
-            outs, cached = split_cached(rm, run("residual", args))
+            outs, cached = split_cached(rm, call.run(RESIDUAL))
             state.ref = cached[primary]
             return outs
-        result = run("probe", [*args, state.ref])
+        result = call.run(PROBE, [*call.args, state.ref])
         outs, cached = split_cached(rm, result[:-2])
         num, den = result[-2], result[-1]
         if self.cfg.per_sample:
             change = relative_l1_from_sums(num, den)
         else:  # one decision for the batch: the change of all samples together
             change = relative_l1_from_sums(num.sum(), den.sum()).expand_as(num)
-        skip = change < self.cfg.threshold
+        skip = change < self.cfg.threshold  # NaN compares False: a sample with a NaN change computes
         if state.reuse is None:
             state.reuse = torch.zeros_like(num, dtype=torch.int64)
         if self.cfg.max_reuse is not None:
             skip &= state.reuse < self.cfg.max_reuse
-        ready = step.step >= self.cfg.warmup and all(i in state.cached for i in self.middle)
+        ready = ctx.info.step >= self.cfg.warmup and all(i in state.cached for i in self.middle)
         skip &= ready
         decided = skip.tolist()  # the one host sync of the step
-        state.skip, state.skip_all, state.skip_any = skip, all(decided), any(decided)
+        decision.skip, decision.skip_all, decision.skip_any = skip, all(decided), any(decided)
         state.reuse = torch.where(skip, state.reuse + 1, 0)
         # the reference moves only where the sample computes, so change accumulates over reused steps
         state.ref = torch.where(_per_sample(skip, cached[primary]), state.ref, cached[primary])
@@ -179,88 +203,92 @@ class _StaticState:
     cached: dict[int, CachedValues] = field(default_factory=dict)
 
 
-class StaticCachePolicy:
+@register_policy(StaticCache)
+class StaticCachePolicy(_CachePolicy):
     """The paper's accumulate-until-delta schedule, evaluated online on the steps' normalised times."""
 
-    def __init__(self, cfg: StaticCache, n_blocks: int, cacheable: set[int]):
+    slots = (StateSlot("cache", lambda ctx: _StaticState(acc=[0.0] * len(ctx.plan.structure.blocks)),
+                       scope="branch", per_row=True),)
+
+    def __init__(self, cfg: StaticCache, plan):
+        super().__init__(cfg, plan)
         self.cfg = cfg
         self.schedule: CacheSchedule = cfg.schedule
-        self.n_blocks = n_blocks
-        self.cacheable = cacheable
-        self.blocks = sorted(cacheable)
+        self.blocks = sorted(self.cacheable)
 
-    def new_state(self) -> _StaticState:
-        return _StaticState(acc=[0.0] * self.n_blocks)
-
-    def begin_call(self, state: _StaticState, step: StepInfo) -> None:
-        if step.timestep is None:
+    def begin_call(self, ctx: CallContext) -> None:
+        if ctx.info.timestep is None:
             raise RuntimeError("StaticCache needs the denoiser's timestep input to key its schedule, and this "
                                "graph has none that ditfx recognises; use DynamicCache")
-        u = step.timestep / self.schedule.time_scale
+        state = ctx.state(self, "cache")
+        u = ctx.info.timestep / self.schedule.time_scale
         compute = self.schedule.advance(state.acc, state.u_prev, u, self.cfg.delta, self.cfg.per_block,
                                         self.blocks)
         state.compute = [run or i not in state.cached for i, run in enumerate(compute)]
         state.u_prev = u
 
-    def run_block(self, state: _StaticState, step: StepInfo, index: int, rm: RegionModule, args: list,
-                  run: RunVariant) -> tuple[list, bool]:
+    def run_block(self, ctx: CallContext, call: RegionCall, index: int, proceed) -> list:
         if index not in self.cacheable:
-            return list(run("base", args)), True
+            return proceed(call)
+        state = ctx.state(self, "cache")
+        rm = call.rm
         time = state.u_prev  # this step's normalised time
         if state.compute[index]:
-            outs, cached = split_cached(rm, run("residual", args))
+            outs, cached = split_cached(rm, call.run(RESIDUAL))
             entry = state.cached.get(index)
             if entry is None:
                 state.cached[index] = CachedValues.first(cached, time, self.cfg.forecast)
             else:
                 entry.update(cached, time)
-            return outs, True
-        return reuse_outputs(rm, args, state.cached[index].at(time), self.cfg.mode), False
+            return outs
+        return call.reuse(reuse_outputs(rm, call.args, state.cached[index].at(time), self.cfg.mode))
 
 
 @dataclass
-class _CalibrationState:
+class CalibrationRun:
+    """One branch of one calibration generation: per step, the change of each block, and the step's time."""
+
     previous: dict[int, torch.Tensor] = field(default_factory=dict)
     rows: list[list[float]] = field(default_factory=list)  # per step: change of each block
     times: list[float] = field(default_factory=list)
 
 
-class CalibrationPolicy:
+def _calibration_run(ctx: CallContext) -> CalibrationRun:
+    run = CalibrationRun()
+    ctx.record(CalibrationPolicy.RECORD, run)
+    return run
+
+
+@register_policy(CacheCalibration)
+class CalibrationPolicy(_CachePolicy):
     """Runs every block and records the relative L1 change of each block's cached value per step."""
 
-    def __init__(self, cfg: CacheCalibration, n_blocks: int, cacheable: set[int]):
-        self.cfg = cfg
-        self.n_blocks = n_blocks
-        self.cacheable = cacheable
-        self.finished: list[_CalibrationState] = []
+    RECORD = "cache_calibration"
+    slots = (StateSlot("run", _calibration_run, scope="branch"),)
 
-    def new_state(self) -> _CalibrationState:
-        state = _CalibrationState()
-        self.finished.append(state)
-        return state
+    def __init__(self, cfg: CacheCalibration, plan):
+        super().__init__(cfg, plan)
+        self.n_blocks = len(plan.structure.blocks)
 
-    def begin_call(self, state: _CalibrationState, step: StepInfo) -> None:
-        if step.timestep is None:
+    def begin_call(self, ctx: CallContext) -> None:
+        if ctx.info.timestep is None:
             raise RuntimeError("calibration needs the denoiser's timestep input, and this graph has none that "
                                "ditfx recognises")
-        state.times.append(step.timestep)
-        state.rows.append([0.0] * self.n_blocks)
+        run = ctx.state(self, "run")
+        run.times.append(ctx.info.timestep)
+        run.rows.append([0.0] * self.n_blocks)
 
-    def run_block(self, state: _CalibrationState, step: StepInfo, index: int, rm: RegionModule, args: list,
-                  run: RunVariant) -> tuple[list, bool]:
+    def run_block(self, ctx: CallContext, call: RegionCall, index: int, proceed) -> list:
         if index not in self.cacheable:
-            return list(run("base", args)), True
-        outs, cached = split_cached(rm, run("residual", args))
+            return proceed(call)
+        run = ctx.state(self, "run")
+        rm = call.rm
+        outs, cached = split_cached(rm, call.run(RESIDUAL))
         current = cached[rm.region.primary_stream].detach().float()
-        prev = state.previous.get(index)
+        prev = run.previous.get(index)
         if prev is not None:
             num = (current - prev).abs().flatten(1).sum(1)
             den = prev.abs().flatten(1).sum(1)
-            state.rows[-1][index] = float(relative_l1_from_sums(num, den).mean())
-        state.previous[index] = current
-        return outs, True
-
-
-def make_policy(cfg, n_blocks: int, cacheable: set[int]):
-    kinds = {DynamicCache: DynamicCachePolicy, StaticCache: StaticCachePolicy, CacheCalibration: CalibrationPolicy}
-    return kinds[type(cfg)](cfg, n_blocks, cacheable)
+            run.rows[-1][index] = float(relative_l1_from_sums(num, den).mean())
+        run.previous[index] = current.detach()
+        return outs

@@ -1,12 +1,10 @@
-"""A session: the step tracker, per-generation state and statistics of one optimized model."""
+"""Statistics of one optimized model: what ran, what was skipped, what was compiled."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, fields
 
-import torch
 
-from ditfx.runtime.steps import StepTracker
 
 
 @dataclass
@@ -63,33 +61,3 @@ def _dynamo_counts() -> tuple[int, int]:
     breaks = sum(counters["graph_break"].values())
     recompiles = sum(v for k, v in counters["recompiles"].items()) if "recompiles" in counters else 0
     return breaks, recompiles
-
-
-class Session:
-    """Shared by every graph Dynamo hands to the backend for one model (recompiles make new graphs)."""
-
-    def __init__(self):
-        self.tracker = StepTracker()
-        self.stats = Stats()
-        self.executors: list = []
-        self._dynamo_base = _dynamo_counts()
-        self.state: dict = {}  # per-generation runtime state, dropped when a generation ends
-
-    def end_generation(self) -> None:
-        """Free per-generation state; the next call starts a new generation."""
-        self.state.clear()
-        self.tracker.start_generation()
-
-    def snapshot(self) -> Stats:
-        breaks, recompiles = _dynamo_counts()
-        s = Stats(**self.stats.to_dict())
-        s.graph_breaks = breaks - self._dynamo_base[0]
-        s.recompiles = max(recompiles - self._dynamo_base[1], max(0, s.graphs - 1))
-        for ex in self.executors:
-            s.region_compiles += ex.compiler.compiles
-            s.compile_seconds += ex.compiler.compile_seconds
-        return s
-
-    def parameters(self) -> set[int]:
-        """ids of the weights the session's graphs read (to find a session from a model)."""
-        return {id(t) for ex in self.executors for t in ex.weights if isinstance(t, torch.Tensor)}

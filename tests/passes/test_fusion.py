@@ -31,7 +31,7 @@ EXPECTED_SITES = {
 
 
 def fusion_report(backend: DitfxBackend) -> FusionReport:
-    (executor,) = backend.session.executors
+    (executor,) = backend.runtime.executors
     (report,) = [r for r in executor.plan.reports if isinstance(r, FusionReport)]
     return report
 
@@ -52,7 +52,7 @@ def test_lowers_the_expected_sites_and_matches_eager(family):
         backend = DitfxBackend(ditfx.Config(kernels=True, compiler="aot_eager", compile_regions="all"))
         got = call(torch.compile(model, backend=backend, dynamic=False), kw, family)
     assert (got - expected).abs().max().item() <= TOL
-    assert sum(counters["graph_break"].values()) == 0 and backend.session.stats.graphs == 1
+    assert sum(counters["graph_break"].values()) == 0 and backend.runtime.stats.graphs == 1
 
     report = fusion_report(backend)
     counts = report.kernel_counts()
@@ -61,7 +61,7 @@ def test_lowers_the_expected_sites_and_matches_eager(family):
         EXPECTED_SITES[family]), report.summary()
     assert report.total == sum(EXPECTED_SITES[family]) and not report.not_lowered
     # The regions the executor runs call the ops, and blocks rewritten alike still share one artifact.
-    plan = backend.session.executors[0].plan
+    plan = backend.runtime.executors[0].plan
     assert sum(len(ditfx_ops(rm.gm)) for rm in plan.regions) == report.total
     blocks = [rm for rm in plan.regions if rm.region.kind == "block"]
     assert len({rm.signature for rm in blocks}) < len(blocks)
@@ -77,16 +77,16 @@ def test_dynamic_cache_with_kernels_is_exact():
     fast = torch.compile(model, backend=backend, dynamic=False)
     got = run_loop(fast, kw, "reference", steps=4)
     assert (got - expected).abs().max().item() <= TOL
-    plan = backend.session.executors[0].plan
-    for variants in plan.variants.values():
-        for gm in variants.values():
-            assert ditfx_ops(gm).count("ditfx::gated_residual") == 2
+    plan = backend.runtime.executors[0].plan
+    variants = {key: gm for key, gm in plan.built().items() if key.transforms}
+    assert {key.transforms for key in variants} == {("cache.residual",), ("cache.probe",)}
+    for gm in variants.values():
+        assert ditfx_ops(gm).count("ditfx::gated_residual") == 2
     # The probe's bookkeeping (residual, change sums) is one cache_residual call; nothing else has it.
-    ops = {(region, name): ditfx_ops(gm).count("ditfx::cache_residual")
-           for region, variants in plan.variants.items() for name, gm in variants.items()}
-    assert ops.pop(("block.0", "probe")) == 1 and set(ops.values()) == {0}
+    ops = {key.transforms: ditfx_ops(gm).count("ditfx::cache_residual") for key, gm in variants.items()}
+    assert ops == {("cache.probe",): 1, ("cache.residual",): 0}
     assert [s.kernel for s in fusion_report(backend).sites["block.0/probe"]] == ["cache_residual"]
-    assert backend.session.stats.block_evals_skipped == 0
+    assert backend.runtime.stats.block_evals_skipped == 0
     torch._dynamo.reset()
 
 

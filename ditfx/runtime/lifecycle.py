@@ -1,0 +1,189 @@
+"""The generation lifecycle: which generation, step and branch a denoiser call belongs to.
+
+Where the caller states it, it is known, not guessed:
+
+* a diffusers pipeline resets its denoiser's stateful hooks at the end of every ``__call__``
+  (``maybe_free_model_hooks`` -> ``_reset_stateful_cache``) and names its calls with
+  ``transformer.cache_context("cond" | "uncond" | "cond_uncond")``: ditfx registers one stateful hook in the
+  denoiser's diffusers hook registry (:mod:`ditfx.runtime.diffusers_hook`), so a generation ends when the
+  pipeline says so and a call's branch is its context name;
+* a diffusers pipeline's scheduler counts its steps (``scheduler.step_index`` is None until the first
+  ``scheduler.step`` of a generation, which ``set_timesteps`` starts): where it has that count, a call's step is
+  the scheduler's, and a generation starts when the count is back at None;
+* ``with ditfx.generation(model):`` marks one generation in a hand-written loop.
+
+The timestep is the fallback: samplers call the denoiser with non-increasing timesteps, so a new generation
+starts when it goes up. A call at the same timestep as the previous one is another branch of the same step when
+its latents are the previous call's (two-call classifier-free guidance), and a new step otherwise (a
+second-order sampler such as Heun evaluates twice at one timestep). Where the fallback cannot place a call it
+warns and starts a new generation, which is always exact: a repeat at the same timestep with new latents and no
+stated boundaries (a new one-step generation, or a second-order step?), or calls with no timestep ditfx can read.
+
+All of it is per thread: two threads driving one optimized model run two independent generations.
+"""
+from __future__ import annotations
+
+import threading
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class CallInfo:
+    """Where one denoiser call stands."""
+
+    generation: int  # 0-based, per thread
+    step: int  # 0-based within the generation
+    branch: str | int  # the pipeline's context name, else the call's index within its step
+    index: int  # the call's index within its step
+    timestep: float | None
+    new_generation: bool
+    stated: bool  # generation boundaries come from the caller (pipeline or ditfx.generation()), not inferred
+
+
+@dataclass
+class _ThreadLifecycle:
+    generation: int = -1
+    step: int = -1
+    index: int = 0
+    branches: list = field(default_factory=list)  # branch names seen at this step
+    last_timestep: float | None = None
+    last_scheduler_step: int | None = None
+    last_latents: torch.Tensor | None = None
+    context: str | None = None  # the pipeline's cache_context name for the call in progress
+    ended: bool = True  # the next call starts a generation
+    explicit: int = 0  # depth of ditfx.generation() blocks
+
+
+class Lifecycle:
+    """One per optimized model; the state of each thread is its own."""
+
+    def __init__(self):
+        self._local = threading.local()
+        self.pipeline_signals = False  # a diffusers hook reports generation ends and branch names
+        self.scheduler_of = None  # () -> the pipeline's scheduler, where it counts its steps
+        self._warned: set[str] = set()
+        self._lock = threading.Lock()
+
+    @property
+    def _t(self) -> _ThreadLifecycle:
+        t = getattr(self._local, "state", None)
+        if t is None:
+            t = self._local.state = _ThreadLifecycle()
+        return t
+
+    # ------------------------------------------------------------------------------------ signals
+    def end_generation(self) -> None:
+        """The current thread's generation is over: the next call starts a new one."""
+        t = self._t
+        t.ended, t.last_latents = True, None
+
+    def enter_generation(self) -> None:
+        t = self._t
+        t.explicit += 1
+        t.ended, t.last_latents = True, None
+
+    def exit_generation(self) -> None:
+        t = self._t
+        t.explicit = max(0, t.explicit - 1)
+        t.ended, t.last_latents = True, None
+
+    def set_context(self, name: str | None) -> None:
+        self._t.context = name
+
+    @property
+    def context(self) -> str | None:
+        return self._t.context
+
+    @property
+    def stated(self) -> bool:
+        """Whether this thread's generation boundaries are stated by the caller."""
+        return self.pipeline_signals or self._t.explicit > 0 or self._scheduler() is not None
+
+    def _scheduler(self):
+        scheduler = self.scheduler_of() if self.scheduler_of is not None else None
+        return scheduler if scheduler is not None and hasattr(scheduler, "step_index") else None
+
+    # ------------------------------------------------------------------------------------- placing
+    def observe(self, timestep: float | None, latents: torch.Tensor | None) -> CallInfo:
+        t = self._t
+        name = t.context
+        scheduler = self._scheduler()
+        index = scheduler.step_index if scheduler is not None else None
+        counted = scheduler is not None and not (  # a loop the pipeline's scheduler does not drive
+            index == t.last_scheduler_step and not t.ended and timestep is not None
+            and t.last_timestep is not None and timestep != t.last_timestep)
+        if counted:
+            return self._place_by_scheduler(t, index, name, timestep, latents)
+        stated = self.pipeline_signals or t.explicit > 0
+        new = t.ended
+        if not new and timestep is not None and t.last_timestep is not None and timestep > t.last_timestep:
+            new = True  # a sampler never goes back up: an interrupted or new generation
+        if not new and timestep is None and not stated:
+            self._warn("no-timestep",
+                       "ditfx: this model's calls carry no timestep that ditfx can read (a timestep passed as a "
+                       "Python number is baked into the graph by Dynamo); generation boundaries are unknown, so "
+                       "each call is taken as a new generation (exact, without savings). Pass the timestep as a "
+                       "tensor, or mark each generation with `with ditfx.generation(model):`")
+            new = True
+        same_step = False
+        if not new and timestep is not None and timestep == t.last_timestep:
+            same_step, new = self._place_repeat(t, name, latents, stated)
+        elif not new and timestep is None:
+            same_step = name is not None and name not in t.branches
+        if new:
+            t.generation += 1
+            t.step, t.index, t.branches = 0, 0, []
+        elif same_step:
+            t.index += 1
+        else:
+            t.step += 1
+            t.index, t.branches = 0, []
+        t.branches.append(name)
+        t.ended = False
+        t.last_timestep, t.last_latents, t.last_scheduler_step = timestep, latents, index
+        return CallInfo(t.generation, t.step, name if name is not None else t.index, t.index, timestep, new,
+                        stated)
+
+    def _place_by_scheduler(self, t: _ThreadLifecycle, index: int | None, name: str | None,
+                            timestep: float | None, latents) -> CallInfo:
+        """The scheduler's step count places the call: None before the first step of a generation."""
+        new = t.ended or (index is None and t.last_scheduler_step is not None) or (
+            index is not None and t.last_scheduler_step is not None and index < t.last_scheduler_step)
+        if new:
+            t.generation += 1
+            t.step, t.index, t.branches = 0, 0, []
+        elif index == t.last_scheduler_step and (name is None or name not in t.branches):
+            t.index += 1
+        else:
+            t.step += 1
+            t.index, t.branches = 0, []
+        t.branches.append(name)
+        t.ended, t.last_timestep, t.last_latents, t.last_scheduler_step = False, timestep, latents, index
+        return CallInfo(t.generation, t.step, name if name is not None else t.index, t.index, timestep, new, True)
+
+    def _place_repeat(self, t: _ThreadLifecycle, name: str | None, latents, stated: bool) -> tuple[bool, bool]:
+        """(same step, new generation) for a call at the previous call's timestep."""
+        if name is not None:
+            return name not in t.branches, False  # a branch name seen twice: the next step
+        equal = (latents is not None and t.last_latents is not None and latents.shape == t.last_latents.shape
+                 and bool(torch.equal(latents, t.last_latents)))
+        if equal:
+            return True, False  # the other branch of two-call guidance
+        if stated:
+            return False, False  # a second-order sampler's second evaluation at this timestep
+        self._warn("repeat",
+                   "ditfx: two calls at the same timestep with different latents and no stated generation "
+                   "boundaries: a second-order sampler step or a new generation? ditfx starts a new generation "
+                   "(exact, but caching and guidance skipping restart). Mark generations with "
+                   "`with ditfx.generation(model):` or use a diffusers pipeline")
+        return False, True
+
+    def _warn(self, key: str, message: str) -> None:
+        with self._lock:
+            if key in self._warned:
+                return
+            self._warned.add(key)
+        warnings.warn(message, stacklevel=4)

@@ -1,0 +1,87 @@
+"""What ditfx keeps for one optimized model: its lifecycle, each thread's policy state, stats and records.
+
+Policy state lives in declared slots (:class:`~ditfx.runtime.policy.StateSlot`), in a store per thread: a new
+generation (or its stated end) frees it all. Records (calibration curves, guidance traces) outlive generations.
+Nothing here holds the model's weights: a deleted model is freed.
+"""
+from __future__ import annotations
+
+import threading
+
+from ditfx.runtime.lifecycle import Lifecycle
+from ditfx.runtime.rows import RowState
+from ditfx.runtime.session import Stats, _dynamo_counts
+
+
+class StateStore:
+    """One thread's policy state for one optimized model."""
+
+    def __init__(self):
+        self.generation: int | None = None
+        self._values: dict[tuple, object] = {}
+
+    def start(self, generation: int) -> None:
+        self._values.clear()
+        self.generation = generation
+
+    def clear(self) -> None:
+        self._values.clear()
+        self.generation = None
+
+    def get(self, policy, name: str, ctx):
+        slot = next((s for s in policy.slots if s.name == name), None)
+        if slot is None:
+            raise KeyError(f"{type(policy).__name__} declares no state slot {name!r}")
+        key = (policy.name, name, ctx.full_rows, ctx.info.branch if slot.scope == "branch" else None)
+        value = self._values.get(key)
+        if value is None:
+            value = slot.init(ctx)
+            if slot.per_row:
+                value = RowState(value, ctx.full_rows)
+            self._values[key] = value
+        return value.view(ctx.rows) if slot.per_row else value
+
+
+class ModelRuntime:
+    """Shared by every graph Dynamo hands ditfx for one optimized model (recompiles make new graphs)."""
+
+    def __init__(self):
+        self.lifecycle = Lifecycle()
+        self.stats = Stats()
+        self.records: dict[str, list] = {}
+        self.executors: list = []
+        self.compiler = None  # the RegionCompiler every graph of the model shares (set by the backend)
+        self.fallbacks: list[str] = []  # why graphs run without ditfx
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._dynamo_base = _dynamo_counts()
+
+    def store(self) -> StateStore:
+        store = getattr(self._local, "store", None)
+        if store is None:
+            store = self._local.store = StateStore()
+        return store
+
+    def end_generation(self) -> None:
+        """Free this thread's state; its next call starts a new generation."""
+        self.store().clear()
+        self.lifecycle.end_generation()
+
+    def add(self, **counts) -> None:
+        with self._lock:
+            for k, v in counts.items():
+                setattr(self.stats, k, getattr(self.stats, k) + v)
+
+    def snapshot(self) -> Stats:
+        breaks, recompiles = _dynamo_counts()
+        s = Stats(**self.stats.to_dict())
+        s.graph_breaks = breaks - self._dynamo_base[0]
+        s.recompiles = max(recompiles - self._dynamo_base[1], max(0, s.graphs - 1))
+        if self.compiler is not None:
+            s.region_compiles = self.compiler.compiles
+            s.compile_seconds = self.compiler.compile_seconds
+        return s
+
+    def parameters(self) -> set[int]:
+        """ids of the weights the model's graphs read (to find a model's runtime from the model)."""
+        return {i for ex in self.executors for i in ex.weight_ids()}
