@@ -1,14 +1,14 @@
 """Tiny diffusers pipelines from random components, for end-to-end tests of ``ditfx.optimize(pipe, ...)``.
 
 ``build(name, seed)`` returns ``(pipe, call_kwargs)``: a pipeline whose transformer is a random few-block model
-(the ``tiny:<family>`` configs of :mod:`ditfx.models.zoo` where they fit), with no text encoder or tokenizer (the
-prompt embeddings are random tensors in ``call_kwargs``), no VAE where the pipeline can return latents
-(``output_type="latent"``; a one-level random ``AutoencoderKL`` for DiTPipeline, which always decodes), classifier-free
-guidance on, a few steps at 8 x 8 latents. ``run(pipe, call_kwargs, seed)`` performs one generation and returns its
-output tensor. Nothing downloads; a generation takes well under a second on a CPU.
+(the ``tiny:<family>`` configs of :mod:`ditfx.models.zoo` where they fit), with no text encoder or tokenizer
+(the prompt embeddings are random tensors in ``call_kwargs``), no VAE where the pipeline can return latents
+(``output_type="latent"``; a one-level random ``AutoencoderKL`` for DiTPipeline, which always decodes),
+classifier-free guidance on, a few steps at 8 x 8 latents. ``run(pipe, call_kwargs, seed)`` performs one
+generation and returns its output tensor. Nothing downloads; a generation takes well under a second on a CPU.
 
-``LAYOUTS`` records how each pipeline calls its transformer (observed with a forward pre-hook and a stateful hook,
-see the comment above it); ``NAMES`` lists the pipelines.
+``LAYOUTS`` records how each pipeline calls its transformer with guidance on (batched or two calls, which branch
+first, cache contexts, hook resets), as :func:`observe` reads it off a generation; ``NAMES`` lists the pipelines.
 """
 from __future__ import annotations
 
@@ -75,7 +75,8 @@ def _dit(seed, r):
     transformer = zoo.randomize(DiTTransformer2DModel(
         num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2, sample_size=8,
         patch_size=2, num_embeds_ada_norm=1000), seed)
-    pipe = DiTPipeline(transformer=transformer, vae=_tiny_vae(seed), scheduler=DDIMScheduler(), id2label=None)
+    pipe = DiTPipeline(transformer=transformer, vae=_tiny_vae(seed), scheduler=DDIMScheduler(clip_sample=False),
+                       id2label=None)
     # DiTPipeline always decodes; "pt" returns the decoded image tensor
     return pipe, dict(class_labels=[3, 7], guidance_scale=4.0, output_type="pt")
 
@@ -176,10 +177,11 @@ def _lumina2(seed, r):
 def _hunyuan(seed, r):
     from diffusers import DDPMScheduler, HunyuanDiTPipeline
 
+    scheduler = DDPMScheduler(clip_sample=False, prediction_type="v_prediction")
     pipe = HunyuanDiTPipeline(vae=None, text_encoder=None, tokenizer=None, transformer=_tiny("hunyuan", seed),
-                              scheduler=DDPMScheduler(), safety_checker=None, feature_extractor=None,
+                              scheduler=scheduler, safety_checker=None, feature_extractor=None,
                               requires_safety_checker=False, text_encoder_2=None, tokenizer_2=None)
-    kw = _embeds(r, 5, 12, mask="prompt_attention_mask")  # BERT (CLIP-sized) and mT5 embeddings
+    kw = _embeds(r, 5, 12, mask="prompt_attention_mask")  # BERT embeddings; mT5 ones (_2) below
     kw.update(prompt_embeds_2=r(1, 6, 16), negative_prompt_embeds_2=r(1, 6, 16),
               prompt_attention_mask_2=torch.ones(1, 6, dtype=torch.long),
               negative_prompt_attention_mask_2=torch.ones(1, 6, dtype=torch.long))
@@ -315,8 +317,8 @@ def observe(pipe, kwargs: dict, seed: int = 0) -> Layout:
         return "?"
 
     def pre(module, args, kw):
-        x = kw.get("hidden_states", args[0] if args else None)
-        t = kw["timestep"]
+        x = kw["hidden_states"] if "hidden_states" in kw else args[0]
+        t = kw["timestep"] if "timestep" in kw else args[1]  # HunyuanDiT passes both positionally
         rows = kw["class_labels"] if labels is not None else kw["encoder_hidden_states"]
         context = probe.state._context
         calls.append((x.shape[0], float(t.flatten()[0]), "".join(branch(r) for r in rows),
@@ -326,11 +328,12 @@ def observe(pipe, kwargs: dict, seed: int = 0) -> Layout:
     handle = transformer.register_forward_pre_hook(pre, with_kwargs=True)
     pipe.maybe_free_model_hooks = lambda: (freed.append(True), type(pipe).maybe_free_model_hooks(pipe))
     try:
-        samples = run(pipe, kwargs, seed).shape[0] if labels is None else len(labels)
+        out = run(pipe, kwargs, seed)
     finally:
         handle.remove()
         HookRegistry.check_if_exists_or_initialize(transformer).remove_hook("ditfx_tests_probe")
         del pipe.maybe_free_model_hooks
+    samples = out.shape[0]
     steps = len({t for _, t, _, _ in calls})
     per_step = len(calls) // steps
     step = calls[:per_step]
