@@ -11,6 +11,7 @@ import torch.fx as fx
 _DICT_MODULES = re.compile(r"\.__dict__\['_modules'\]\['([^']+)'\]")
 _SUBSCRIPT = re.compile(r"\[['\"]?([^'\"\]]+)['\"]?\]")
 _DYNAMO_WEIGHT = re.compile(r"^l_[a-z0-9_]*?_(parameters|buffers)_")
+_BOUND_SELF = re.compile(r"^(?:(?:_orig_mod\.)?forward\.__self__\.)+")
 _ROOT = re.compile(r"^L\[['\"][^'\"]+['\"]\]")
 
 
@@ -19,6 +20,7 @@ def normalize_module_path(path: str) -> str:
     path = _DICT_MODULES.sub(r".\1", path)
     path = _ROOT.sub("", path)
     path = _SUBSCRIPT.sub(r".\1", path)
+    path = _BOUND_SELF.sub("", path.strip("."))  # a forward wrapped by a hook (diffusers' registry) binds self
     return path.strip(".")
 
 

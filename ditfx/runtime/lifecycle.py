@@ -16,7 +16,7 @@ The timestep is the fallback: samplers call the denoiser with non-increasing tim
 starts when it goes up. A call at the same timestep as the previous one is another branch of the same step when
 its latents are the previous call's (two-call classifier-free guidance), and a new step otherwise (a
 second-order sampler such as Heun evaluates twice at one timestep). Where the fallback cannot place a call it
-warns and starts a new generation, which is always exact: a repeat at the same timestep with new latents and no
+warns and starts a new generation, never reusing state it cannot place: a repeat at the same timestep with new latents and no
 stated boundaries (a new one-step generation, or a second-order step?), or calls with no timestep ditfx can read.
 
 All of it is per thread: two threads driving one optimized model run two independent generations.
@@ -168,6 +168,8 @@ class Lifecycle:
         """(same step, new generation) for a call at the previous call's timestep."""
         if name is not None:
             return name not in t.branches, False  # a branch name seen twice: the next step
+        if latents is not None and t.last_latents is not None and latents.shape != t.last_latents.shape:
+            return False, True  # another batch: another generation
         equal = (latents is not None and t.last_latents is not None and latents.shape == t.last_latents.shape
                  and bool(torch.equal(latents, t.last_latents)))
         if equal:
@@ -177,7 +179,7 @@ class Lifecycle:
         self._warn("repeat",
                    "ditfx: two calls at the same timestep with different latents and no stated generation "
                    "boundaries: a second-order sampler step or a new generation? ditfx starts a new generation "
-                   "(exact, but caching and guidance skipping restart). Mark generations with "
+                   "there (cached values and guidance state restart). Mark generations with "
                    "`with ditfx.generation(model):` or use a diffusers pipeline")
         return False, True
 
