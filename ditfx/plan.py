@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -118,6 +119,19 @@ class Plan:
         return sorted(rm.region.block.index for rm in self.regions
                       if rm.region.kind == "block" and transform in self.offers.get(rm.region.name, ()))
 
+    def save(self, directory) -> Path:
+        """Write the plan to ``directory``: JSON plus one exported program per graph (:mod:`ditfx.plan_io`)."""
+        from ditfx.plan_io import save_plan
+
+        return save_plan(self, directory)
+
+    @classmethod
+    def load(cls, directory) -> Plan:
+        """A plan written by :meth:`save`; it runs the graphs it was saved with."""
+        from ditfx.plan_io import load_plan
+
+        return load_plan(directory)
+
     def built(self) -> dict[VariantKey, fx.GraphModule]:
         """The variant graphs built so far."""
         return dict(self._graphs)
@@ -153,6 +167,8 @@ class Plan:
                 gm = self.transforms[name].build(rm, gm)
             return gm
         if key.rows != self.io.rows:
+            if self.rebatch is None:
+                raise VariantUnavailable(f"this plan cannot run {rm.region.name} on {key.rows} rows (no re-batching)")
             gm = self.graph(rm, VariantKey(key.signature, before, self.io.rows))
             flags = self.io.region_batch[self.regions.index(rm)]
             extra = len(list(gm.graph.find_nodes(op="placeholder"))) - len(flags)

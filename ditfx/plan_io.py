@@ -1,0 +1,183 @@
+"""A Plan on disk: ``plan.json`` (format, IO spec, regions, transforms offered, policy configs) beside one
+``torch.export`` program per graph of the variant table (``graphs/<n>.pt2``) and the configs' own files (a cache
+schedule, LinearAG coefficients).
+
+A loaded plan runs the graphs it was saved with, exactly: the base graph of every region structure and each
+variant built before saving (run a generation first to include the row subsets it used). It cannot build new
+variants (the transforms work on the captured Torch IR, which export lowers to ATen): a key it lacks is
+unavailable, and the runtime then computes every row or refuses the policy, as for any unavailable variant.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+
+import ditfx.config as config_module
+from ditfx.graph import meta
+from ditfx.graph.regions import RegionModule
+from ditfx.graph.structure import Block, DiTStructure, InputRoles, Region
+from ditfx.plan import IOSpec, Plan, Transform, VariantKey, VariantUnavailable
+
+FORMAT = "ditfx.plan/1"
+_CONFIGS = {cls.__name__: cls for cls in (config_module.DynamicCache, config_module.StaticCache,
+                                          config_module.CacheCalibration, config_module.AdaptiveGuidance,
+                                          config_module.GuidanceWindow, config_module.LinearAG,
+                                          config_module.GuidanceRecording)}
+
+
+# ------------------------------------------------------------------------------------------ saving
+def save_plan(plan: Plan, directory: str | Path) -> Path:
+    directory = Path(directory)
+    (directory / "graphs").mkdir(parents=True, exist_ok=True)
+    for rm in plan.regions:  # every structure's base graph is part of the plan
+        plan.graph(rm, plan.key(rm))
+    graphs = []
+    for n, (key, gm) in enumerate(plan.built().items()):
+        name = f"graphs/{n}.pt2"
+        torch.export.save(_export(gm), directory / name)
+        graphs.append({"file": name, "signature": key.signature, "transforms": list(key.transforms),
+                       "rows": key.rows})
+    data = {
+        "format": FORMAT,
+        "torch": torch.__version__,
+        "io": _io_to_json(plan.io),
+        "blocks": [dataclasses.asdict(b) for b in plan.structure.blocks],
+        "regions": [_region_to_json(rm) for rm in plan.regions],
+        "flops": plan.flops,
+        "transforms": {name: {"after_rows": t.after_rows} for name, t in plan.transforms.items()},
+        "offers": {name: sorted(offered) for name, offered in plan.offers.items()},
+        "policies": [_config_to_json(c, directory, k) for k, c in enumerate(plan.policies)],
+        "null_class": plan.null_class,
+        "graphs": graphs,
+    }
+    (directory / "plan.json").write_text(json.dumps(data, indent=1))
+    return directory
+
+
+def _export(gm: fx.GraphModule) -> torch.export.ExportedProgram:
+    """The graph as an exported program, traced on zeros shaped like its captured inputs."""
+    args = []
+    for p in gm.graph.find_nodes(op="placeholder"):
+        v = meta.tensor_value(p)
+        args.append(torch.zeros(v.shape, dtype=v.dtype, device=v.device) if v is not None else meta.value(p))
+
+    class Graph(torch.nn.Module):
+        def __init__(self, graph):
+            super().__init__()
+            self.graph_module = graph
+
+        def forward(self, *inputs):
+            return self.graph_module(*inputs)
+
+    with torch.no_grad():
+        return torch.export.export(Graph(gm), tuple(args), strict=False)
+
+
+def _io_to_json(io: IOSpec) -> dict:
+    data = dataclasses.asdict(io)
+    data["output_tree"] = _tree_to_json(io.output_tree)
+    data["output_meta"] = [None if m is None else {"shape": list(m[0]), "dtype": str(m[1]).removeprefix("torch."),
+                                                   "device": m[2]} for m in io.output_meta]
+    return data
+
+
+def _tree_to_json(tree):
+    if isinstance(tree, (tuple, list)):
+        return {type(tree).__name__: [_tree_to_json(t) for t in tree]}
+    if isinstance(tree, dict):
+        return {"dict": {k: _tree_to_json(v) for k, v in tree.items()}}
+    return tree
+
+
+def _region_to_json(rm: RegionModule) -> dict:
+    r = rm.region
+    return {"name": r.name, "kind": r.kind, "signature": rm.signature, "block": r.block.index if r.block else None,
+            "outputs": len(r.outputs), "streams": [list(s) for s in r.streams], "primary_stream": r.primary_stream,
+            "latent_stream": r.latent_stream}
+
+
+def _config_to_json(cfg, directory: Path, k: int) -> dict:
+    fields = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if hasattr(value, "save"):  # a schedule or coefficient file travels beside the plan
+            name = f"policy{k}.{f.name}.json"
+            value.save(directory / name)
+            value = {"file": name}
+        fields[f.name] = value
+    return {"type": type(cfg).__name__, "fields": fields}
+
+
+# ----------------------------------------------------------------------------------------- loading
+def load_plan(directory: str | Path) -> Plan:
+    directory = Path(directory)
+    path = directory / "plan.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no plan at {directory} (plan.json missing): write one with Plan.save")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON (line {e.lineno}): write the plan again") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a ditfx plan ({FORMAT}); got format {data.get('format')!r}")
+    io = _io_from_json(data["io"])
+    blocks = [Block(**b) for b in data["blocks"]]
+    graphs = {}
+    for entry in data["graphs"]:
+        key = VariantKey(entry["signature"], tuple(entry["transforms"]), entry["rows"])
+        graphs[key] = torch.export.load(directory / entry["file"]).module()
+    regions = []
+    for r in data["regions"]:
+        region = Region(r["name"], r["kind"], [], outputs=[None] * r["outputs"],
+                        block=blocks[r["block"]] if r["block"] is not None else None,
+                        streams=[tuple(s) for s in r["streams"]], primary_stream=r["primary_stream"],
+                        latent_stream=r["latent_stream"])
+        base = graphs[VariantKey(r["signature"], (), io.rows)]
+        regions.append(RegionModule(region, r["signature"], lambda gm=base: gm))
+    roles = InputRoles(io.input_names[io.position("latents")] if io.position("latents") is not None else None,
+                       io.input_names[io.position("timestep")] if io.position("timestep") is not None else None,
+                       [n for n, role in io.input_roles.items() if role in ("latents", "tokens")],
+                       [n for n, role in io.input_roles.items() if role in ("condition", "labels", "timestep")],
+                       [n for n, role in io.input_roles.items() if role == "weight"])
+    structure = DiTStructure(None, roles, blocks, [rm.region for rm in regions], [], [])
+    plan = Plan(structure, io, regions, data["flops"], null_class=data["null_class"])
+    plan.transforms = {name: Transform(name, _not_buildable, t["after_rows"]) for name, t in data["transforms"].items()}
+    plan.offers = {name: set(offered) for name, offered in data["offers"].items()}
+    plan.policies = [_config_from_json(c, directory) for c in data["policies"]]
+    plan._graphs.update(graphs)
+    return plan
+
+
+def _not_buildable(rm, gm):
+    raise VariantUnavailable("a loaded plan runs the variants it was saved with and builds no others")
+
+
+def _io_from_json(data: dict) -> IOSpec:
+    data = dict(data)
+    data["output_tree"] = _tree_from_json(data["output_tree"])
+    data["output_meta"] = [None if m is None else (tuple(m["shape"]), getattr(torch, m["dtype"]), m["device"])
+                           for m in data["output_meta"]]
+    return IOSpec(**data)
+
+
+def _tree_from_json(data):
+    if isinstance(data, dict):
+        ((kind, value),) = data.items()
+        if kind == "dict":
+            return {k: _tree_from_json(v) for k, v in value.items()}
+        items = [_tree_from_json(v) for v in value]
+        return tuple(items) if kind == "tuple" else items
+    return data
+
+
+def _config_from_json(data: dict, directory: Path):
+    cls = _CONFIGS.get(data.get("type"))
+    if cls is None:
+        raise ValueError(f"unknown policy config {data.get('type')!r} in {directory / 'plan.json'}")
+    fields = {k: (str(directory / v["file"]) if isinstance(v, dict) and set(v) == {"file"} else v)
+              for k, v in data["fields"].items()}
+    return cls(**fields)
