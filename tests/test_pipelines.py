@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from pipelines import LAYOUTS, NAMES, build, observe, run
+from pipelines import LAYOUTS, NAMES, STEPS, build, observe, run
 
 import ditfx
 
@@ -67,33 +67,46 @@ def test_every_graph_becomes_a_ditfx_plan(name):
     assert not fallbacks, fallbacks
 
 
-def _cfg_on_first_step_only(pipe):
-    """The un-optimized pipeline, with each batched call's unconditional half replaced by its conditional half
-    after the first step: what guidance skipping with gamma = -1 and fill="cond" generates."""
+def _cfg_on_first_step_only(pipe, layout):
+    """The un-optimized pipeline, whose unconditional predictions are replaced by the conditional ones after the
+    first step (as LAYOUTS says where they are): what guidance skipping with gamma = -1 and fill="cond" generates.
+    Two calls with the unconditional call first cannot be replaced this way (its prediction comes first)."""
+    assert layout.batched or not layout.uncond_first
     calls = []
 
+    def replace(sample: torch.Tensor) -> torch.Tensor:
+        calls.append(sample)
+        if layout.batched:
+            if len(calls) == 1:
+                return sample
+            half = sample.shape[0] // 2
+            cond = sample[half:] if layout.uncond_first else sample[:half]
+            return torch.cat([cond, cond])
+        # two calls, the conditional one first: from the second step, the unconditional call returns the
+        # conditional prediction of its step
+        return calls[-2] if len(calls) > 2 and len(calls) % 2 == 0 else sample
+
     def hook(module, args, kwargs, output):
-        calls.append(None)
-        if len(calls) == 1:
-            return output
-        sample = output[0]
-        half = sample.shape[0] // 2
-        return (torch.cat([sample[half:], sample[half:]]), *output[1:])
+        if isinstance(output, tuple):
+            return (replace(output[0]), *output[1:])
+        return type(output)(sample=replace(output.sample))  # DiTPipeline reads .sample
 
     return pipe.transformer.register_forward_hook(hook, with_kwargs=True)
 
 
-@pytest.mark.parametrize("name", ["pixart_alpha", "pixart_sigma", "sana"])
-def test_guidance_skipping_runs_the_conditional_rows_alone(name):
-    """gamma = -1: after the first step the batched call runs on its conditional rows only, on re-batched region
-    graphs; their attention mask is repeated per head with ``output_size=rows * heads`` (passes/rebatch.py)."""
-    assert LAYOUTS[name].batched and LAYOUTS[name].uncond_first
+@pytest.mark.parametrize("name", NAMES)
+def test_guidance_skipping_after_the_first_step(name):
+    """AdaptiveGuidance(gamma=-1): one step with guidance, then the conditional branch only, the layout found by
+    ditfx (no uncond_first given). Batched calls run their conditional rows alone on re-batched region graphs
+    (PixArt's and Sana's attention mask is repeated per head with ``output_size=rows * heads``, which
+    passes/rebatch.py rewrites); two-call steps skip the unconditional call."""
     pipe, kw = build(name)
-    handle = _cfg_on_first_step_only(pipe)
+    handle = _cfg_on_first_step_only(pipe, LAYOUTS[name])
     expected = run(pipe, kw, 0)
     handle.remove()
     config = ditfx.Config(compiler="eager", guidance=ditfx.AdaptiveGuidance(gamma=-1.0, fill="cond"))
     (got,), warned = _optimize(pipe, config, kw, (0,))
     assert not [w for w in warned if "cannot run this graph" in w], warned  # no fall-back to every row
-    assert (got - expected).abs().max().item() <= TOL
-    assert ditfx.stats(pipe).nfe_skipped > 0
+    err = (got - expected).abs().max().item()
+    assert err <= TOL, f"{name}: max abs error {err}"
+    assert ditfx.stats(pipe).nfe_skipped == STEPS - 1  # one sample: the unconditional branch of steps 2..T

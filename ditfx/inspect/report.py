@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from ditfx.config import Config, StaticCache
+from ditfx.config import Config
 from ditfx.inspect.kernels import format_kernels, kernel_section
 from ditfx.inspect.symbolic import symbolic_flops
 from ditfx.models.zoo import NamedModel
 from ditfx.passes.manager import build_plan
+from ditfx.runtime.policy import policy_for
 
 
 def capture(named: NamedModel):
@@ -52,27 +53,10 @@ def inspect_model(name: str, named: NamedModel, config: Config, steps: int) -> d
 
 
 def step_plan(plan, config: Config, steps: int) -> dict:
-    cache = config.cache
-    blocks = [b.path for b in plan.structure.blocks]
-    if cache is None:
+    """The cache policy's per-step plan (what the policy says it will do), or that every block runs."""
+    if config.cache is None:
         return {"kind": "none", "description": "every block runs at every step"}
-    if isinstance(cache, StaticCache):
-        times = [1 - k / steps for k in range(steps)]
-        cacheable = plan.cacheable_blocks
-        scheduled = cache.schedule.plan(cache.delta, times, cache.per_block, cacheable)
-        grid = [[run or i not in cacheable for run in row]  # blocks without cache variants always run
-                for i, row in enumerate(scheduled)]
-        return {"kind": "static", "delta": cache.delta, "per_block": cache.per_block, "forecast": cache.forecast,
-                "steps": steps, "blocks": blocks,
-                "compute": [[int(v) for v in row] for row in grid],
-                "block_evals": sum(map(sum, grid)), "block_evals_uncached": len(blocks) * steps}
-    first, last = cache.first, cache.last
-    return {"kind": "dynamic", "threshold": cache.threshold,
-            "always_run": blocks[:first] + (blocks[len(blocks) - last:] if last else []),
-            "probe": blocks[first - 1], "skippable": blocks[first:len(blocks) - last],
-            "description": (f"{blocks[first - 1]}'s residual change against the last computed step decides, "
-                            f"per {'sample' if cache.per_sample else 'batch'}: below {cache.threshold} the "
-                            f"{len(blocks) - first - last} middle blocks reuse their cached residuals")}
+    return policy_for(config.cache, plan).describe(steps)
 
 
 def format_text(report: dict) -> str:

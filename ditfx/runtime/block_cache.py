@@ -115,6 +115,10 @@ class _CachePolicy(Policy):
     def run_block(self, ctx: CallContext, call: RegionCall, index: int, proceed) -> list:
         raise NotImplementedError
 
+    def describe(self, steps: int) -> dict:
+        """What the policy will do over ``steps`` steps, for ``ditfx inspect``."""
+        raise NotImplementedError
+
 
 @register_policy(DynamicCache)
 class DynamicCachePolicy(_CachePolicy):
@@ -128,6 +132,16 @@ class DynamicCachePolicy(_CachePolicy):
         n_blocks = len(plan.structure.blocks)
         self.probe = cfg.first - 1
         self.middle = {i for i in range(cfg.first, n_blocks - cfg.last) if i in self.cacheable}
+
+    def describe(self, steps: int) -> dict:
+        cfg, blocks = self.cfg, self.plan.block_names
+        first, last = cfg.first, cfg.last
+        return {"kind": "dynamic", "threshold": cfg.threshold,
+                "always_run": blocks[:first] + (blocks[len(blocks) - last:] if last else []),
+                "probe": blocks[first - 1], "skippable": blocks[first:len(blocks) - last],
+                "description": (f"{blocks[first - 1]}'s residual change against the last computed step decides, "
+                                f"per {'sample' if cfg.per_sample else 'batch'}: below {cfg.threshold} the "
+                                f"{len(blocks) - first - last} middle blocks reuse their cached residuals")}
 
     def begin_call(self, ctx: CallContext) -> None:
         ctx.scratch[self.name] = _Decision()
@@ -216,6 +230,17 @@ class StaticCachePolicy(_CachePolicy):
         self.schedule: CacheSchedule = cfg.schedule
         self.blocks = sorted(self.cacheable)
 
+    def describe(self, steps: int) -> dict:
+        """The schedule on ``steps`` uniform steps: which block runs at which step."""
+        cfg, blocks = self.cfg, self.plan.block_names
+        times = [1 - k / steps for k in range(steps)]
+        scheduled = self.schedule.plan(cfg.delta, times, cfg.per_block, self.blocks)
+        grid = [[run or i not in self.cacheable for run in row]  # blocks without cache variants always run
+                for i, row in enumerate(scheduled)]
+        return {"kind": "static", "delta": cfg.delta, "per_block": cfg.per_block, "forecast": cfg.forecast,
+                "steps": steps, "blocks": blocks, "compute": [[int(v) for v in row] for row in grid],
+                "block_evals": sum(map(sum, grid)), "block_evals_uncached": len(blocks) * steps}
+
     def begin_call(self, ctx: CallContext) -> None:
         if ctx.info.timestep is None:
             raise RuntimeError("StaticCache needs the denoiser's timestep input to key its schedule, and this "
@@ -269,6 +294,9 @@ class CalibrationPolicy(_CachePolicy):
     def __init__(self, cfg: CacheCalibration, plan):
         super().__init__(cfg, plan)
         self.n_blocks = len(plan.structure.blocks)
+
+    def describe(self, steps: int) -> dict:
+        return {"kind": "calibration", "description": "every block runs; each block's change is recorded per step"}
 
     def begin_call(self, ctx: CallContext) -> None:
         if ctx.info.timestep is None:

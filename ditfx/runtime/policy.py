@@ -18,6 +18,7 @@ chains.
 """
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -141,7 +142,12 @@ def register_policy(config_type: type):
     return register
 
 
+BUILTIN = ("ditfx.runtime.block_cache", "ditfx.runtime.guidance")  # modules that register ditfx's own policies
+
+
 def policy_for(config, plan: Plan) -> Policy:
+    for module in BUILTIN:
+        importlib.import_module(module)
     try:
         cls = _POLICIES[type(config)]
     except KeyError:
