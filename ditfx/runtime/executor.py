@@ -76,9 +76,10 @@ class Executor:
             args = [a.index_select(0, rows.to(a.device)) if flag else a for a, flag in zip(args, io.input_batch)]
         env = dict(zip(io.input_names, args))
         evals = dict(block_evals=0, block_evals_skipped=0, flops=0, flops_skipped=0)
+        chain = self._chain(ctx, 0)
         for k, rm in enumerate(self.plan.regions):
             call = RegionCall(rm, [env[name] for name in io.region_inputs[k]], n, self)
-            outs = self._chain(ctx, 0)(call)
+            outs = chain(call)
             flops = self.plan.flops[rm.region.name] * n // io.rows if io.rows else self.plan.flops[rm.region.name]
             ran = call.ran_rows if call.ran_rows >= 0 else n
             if rm.region.kind == "block":

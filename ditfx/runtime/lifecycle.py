@@ -12,8 +12,9 @@ Where the caller states it, it is known, not guessed:
   the scheduler's, and a generation starts when the count is back at None;
 * ``with ditfx.generation(model):`` marks one generation in a hand-written loop.
 
-The timestep is the fallback: samplers call the denoiser with non-increasing timesteps, so a new generation
-starts when it goes up. A call at the same timestep as the previous one is another branch of the same step when
+The timestep is the fallback: samplers call the denoiser with non-increasing timesteps, so without stated
+boundaries a new generation starts when it goes up (inside ``ditfx.generation()`` a rising timestep is the
+sampler's own: some run time upward). A call at the same timestep as the previous one is another branch of the same step when
 its latents are the previous call's (two-call classifier-free guidance), and a new step otherwise (a
 second-order sampler such as Heun evaluates twice at one timestep). Where the fallback cannot place a call it
 warns and starts a new generation, never reusing state it cannot place: a repeat at the same timestep with new latents and no
@@ -55,6 +56,7 @@ class _ThreadLifecycle:
     context: str | None = None  # the pipeline's cache_context name for the call in progress
     ended: bool = True  # the next call starts a generation
     explicit: int = 0  # depth of ditfx.generation() blocks
+    rising: int = 0  # generations in a row that ended after one step because the timestep rose
 
 
 class Lifecycle:
@@ -119,8 +121,14 @@ class Lifecycle:
             return self._place_by_scheduler(t, index, name, timestep, latents)
         stated = self.pipeline_signals or t.explicit > 0
         new = t.ended
-        if not new and timestep is not None and t.last_timestep is not None and timestep > t.last_timestep:
+        if (not new and not t.explicit and timestep is not None and t.last_timestep is not None
+                and timestep > t.last_timestep):
             new = True  # a sampler never goes back up: an interrupted or new generation
+            t.rising = t.rising + 1 if t.step == 0 else 0
+            if t.rising >= 3:
+                self._warn("rising", "ditfx: the timestep rises at every call, so every call starts a new generation "
+                           "(exact, without savings); if this sampler's time runs upward, mark each generation with "
+                           "`with ditfx.generation(model):`")
         if not new and timestep is None and not stated:
             self._warn("no-timestep",
                        "ditfx: this model's calls carry no timestep that ditfx can read (a timestep passed as a "
