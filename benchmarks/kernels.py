@@ -31,17 +31,13 @@ import torch
 from ditfx.kernels import KERNELS
 from ditfx.kernels.adaln_modulate import adaln_modulate_reference
 from ditfx.kernels.cache_residual import cache_residual_reference
-from ditfx.kernels.cfg_combine import cfg_combine_reference
 from ditfx.kernels.gated_residual import gated_residual_reference
-from ditfx.kernels.residual_apply import residual_apply_reference
 from ditfx.kernels.testing import VARIANTS, assert_close, make_inputs
 
 REFERENCES = {
     "adaln_modulate": adaln_modulate_reference,
     "gated_residual": gated_residual_reference,
     "cache_residual": cache_residual_reference,
-    "residual_apply": residual_apply_reference,
-    "cfg_combine": cfg_combine_reference,
 }
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -8,18 +8,14 @@ graphs that call them compile and export on CPU. See ``docs/kernels.md``.
 
 from .adaln_modulate import adaln_modulate
 from .cache_residual import cache_residual, cache_residual_sums
-from .cfg_combine import cfg_combine
 from .fused_elementwise import fused_elementwise
 from .gated_residual import gated_residual
-from .residual_apply import residual_apply
 
 #: Public function of each op, by op name (``torch.ops.ditfx.<name>``).
 KERNELS = {
     "adaln_modulate": adaln_modulate,
     "gated_residual": gated_residual,
     "cache_residual": cache_residual,
-    "residual_apply": residual_apply,
-    "cfg_combine": cfg_combine,
 }
 
 __all__ = [
@@ -27,8 +23,6 @@ __all__ = [
     "adaln_modulate",
     "cache_residual",
     "cache_residual_sums",
-    "cfg_combine",
     "fused_elementwise",
     "gated_residual",
-    "residual_apply",
 ]

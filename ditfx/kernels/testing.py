@@ -11,8 +11,6 @@ VARIANTS = {
     "adaln_modulate": ("per_sample", "per_token"),
     "gated_residual": ("per_sample", "per_token"),
     "cache_residual": ("full",),
-    "residual_apply": ("plain", "scale_shift"),
-    "cfg_combine": ("full",),
 }
 
 #: (atol, rtol) for an output in the given dtype against a float64 oracle. 16-bit outputs are
@@ -49,14 +47,6 @@ def make_inputs(
         return randn(*shape), randn(*mod_shape), randn(*shape)
     if op == "cache_residual":
         return randn(*shape), randn(*shape), randn(*shape)
-    if op == "residual_apply":
-        if variant == "plain":
-            return randn(*shape), randn(*shape)
-        scale = torch.tensor(0.75, device=device)
-        shift = torch.tensor(0.125, device=device)
-        return randn(*shape), randn(*shape), scale, shift
-    if op == "cfg_combine":
-        return randn(*shape), randn(*shape), 4.0
     raise KeyError(f"unknown op {op!r}")
 
 

@@ -29,12 +29,8 @@ from ditfx.kernels.cache_residual.reference import (
     relative_l1_from_sums,
 )
 from ditfx.kernels.cache_residual.triton_kernel import cache_residual_launch
-from ditfx.kernels.cfg_combine.reference import cfg_combine_reference
-from ditfx.kernels.cfg_combine.triton_kernel import cfg_combine_launch
 from ditfx.kernels.gated_residual.reference import gated_residual_reference
 from ditfx.kernels.gated_residual.triton_kernel import gated_residual_launch
-from ditfx.kernels.residual_apply.reference import residual_apply_reference
-from ditfx.kernels.residual_apply.triton_kernel import residual_apply_launch
 from ditfx.kernels.testing import make_inputs
 
 MAX_ABS_ERR = 1e-5
@@ -67,16 +63,6 @@ CASES = [
     ),
     ("cache_residual", "full", cache_residual_change_launch, cache_residual_reference, {"block": 32}),
     ("cache_residual", "full", cache_residual_change_launch, cache_residual_reference, {}),
-    ("residual_apply", "plain", residual_apply_launch, residual_apply_reference, {"block": 64}),
-    (
-        "residual_apply",
-        "scale_shift",
-        residual_apply_launch,
-        residual_apply_reference,
-        {"block": 64},
-    ),
-    ("cfg_combine", "full", cfg_combine_launch, cfg_combine_reference, {"block": 32}),
-    ("cfg_combine", "full", cfg_combine_launch, cfg_combine_reference, {}),
 ]
 
 
@@ -97,14 +83,6 @@ def test_kernel_matches_reference(op, variant, launch, reference, kwargs, shape)
     assert_max_abs_err(launch(*args, **kwargs), reference(*args))
 
 
-def test_residual_apply_single_scalar():
-    x, r, scale, shift = make_inputs("residual_apply", "scale_shift", 2, 5, 24, torch.float32)
-    assert_max_abs_err(residual_apply_launch(x, r, scale), residual_apply_reference(x, r, scale))
-    assert_max_abs_err(
-        residual_apply_launch(x, r, shift=shift), residual_apply_reference(x, r, shift=shift)
-    )
-
-
 @pytest.mark.parametrize("block", [32, 4096])
 def test_cache_residual_sums(block):
     args = make_inputs("cache_residual", "full", 3, 7, 40, torch.float32)
@@ -117,10 +95,3 @@ def test_cache_residual_zero_cached():
     inp[1] = out[1]
     _, num, den = cache_residual_launch(out, inp, torch.zeros_like(out), block=32)
     assert relative_l1_from_sums(num, den).tolist() == [float("inf"), 0.0]
-
-
-def test_cfg_combine_zero_input():
-    uncond, cond, s = make_inputs("cfg_combine", "full", 2, 5, 24, torch.float32)
-    cond[0] = 0
-    _, cosine = cfg_combine_launch(uncond, cond, s, block=32)
-    assert cosine[0].item() == 0.0
