@@ -16,6 +16,7 @@ import torch.fx as fx
 
 from ditfx.config import Config
 from ditfx.graph import meta
+from ditfx.graph.structure import StructureError, find_blocks
 from ditfx.passes.manager import ModelFacts, build_plan
 from ditfx.runtime.compiler import RegionCompiler, compile_region
 from ditfx.runtime.executor import Executor
@@ -35,6 +36,7 @@ class DitfxBackend:
         self.config = config
         self.runtime = runtime or ModelRuntime()
         self.facts = facts or ModelFacts()
+        self._warned: set[str] = set()
         if self.runtime.compiler is None:
             self.runtime.compiler = RegionCompiler(config.compiler)
 
@@ -52,6 +54,11 @@ class DitfxBackend:
                     f"this graph holds {len(plan.block_names)} of the model's {len(self.facts.blocks)} blocks "
                     "(a graph break splits the model), and ditfx's techniques need every block in one graph"))
             executor = Executor(plan, self.runtime, example_inputs, self.config.compile_regions == "all")
+        except StructureError as e:
+            if self.facts.blocks and not _has_blocks(gm):  # a piece of the model cut off by a graph break
+                return self._fallback(gm, example_inputs, "Dynamo split the model at a graph break and this piece "
+                                      f"holds none of its blocks ({e})", once="fragment")
+            return self._fallback(gm, example_inputs, f"{type(e).__name__}: {e}")
         except Exception as e:  # noqa: BLE001 - any failure to plan means this graph runs without ditfx
             return self._fallback(gm, example_inputs, f"{type(e).__name__}: {e}")
         self.runtime.executors.append(executor)
@@ -63,13 +70,21 @@ class DitfxBackend:
         _BACKEND_RUNTIMES.append(weakref.ref(copy.runtime))
         return copy
 
-    def _fallback(self, gm: fx.GraphModule, example_inputs: list, why: str):
+    def _fallback(self, gm: fx.GraphModule, example_inputs: list, why: str, once: str | None = None):
         self.runtime.fallbacks.append(why)
+        if once is not None:
+            if once in self._warned:
+                return compile_region(gm, example_inputs, self.config.compiler)
+            self._warned.add(once)
         techniques = [name for name in ("cache", "guidance") if getattr(self.config, name) is not None]
         off = f": {' and '.join(techniques)} off" if techniques else ""
         warnings.warn(f"ditfx: {why}. This graph is compiled with {self.config.compiler!r} without ditfx "
                       f"passes{off}.", stacklevel=2)
         return compile_region(gm, example_inputs, self.config.compiler)
+
+
+def _has_blocks(gm: fx.GraphModule) -> bool:
+    return bool(find_blocks(gm))
 
 
 def _keep_dynamo_compiling() -> None:

@@ -361,7 +361,7 @@ def _pair_streams(regions: list[Region], roles: InputRoles, gm: fx.GraphModule,
     The primary stream is the one that carries the latents (followed through the chain of blocks); its change
     between steps drives dynamic caching.
     """
-    latent_only = _latent_only(gm, roles)
+    latent_only, from_latents = _latent_only(gm, roles)
     order = {n: k for k, n in enumerate(gm.graph.nodes)}
     label: dict[fx.Node, bool] = {}
     for r in regions:
@@ -391,7 +391,7 @@ def _pair_streams(regions: list[Region], roles: InputRoles, gm: fx.GraphModule,
             if best_key is None or key > best_key:
                 best, best_key = s, key
         r.primary_stream = best
-        r.latent_stream = bool(best_key and best_key[0])
+        r.latent_stream = best is not None and r.inputs[r.streams[best][1]] in from_latents
 
 
 def _same_tensor_type(a: fx.Node, b: fx.Node) -> bool:
@@ -399,8 +399,8 @@ def _same_tensor_type(a: fx.Node, b: fx.Node) -> bool:
     return va is not None and vb is not None and va.shape == vb.shape and va.dtype == vb.dtype
 
 
-def _latent_only(gm: fx.GraphModule, roles: InputRoles) -> set[fx.Node]:
-    """Nodes that depend on the latents and on no other token input."""
+def _latent_only(gm: fx.GraphModule, roles: InputRoles) -> tuple[set[fx.Node], set[fx.Node]]:
+    """Nodes that depend on the latents and on no other token input, and all nodes that depend on the latents."""
     from_latents, from_others = set(), set()
     for n in gm.graph.nodes:
         if n.op == "placeholder":
@@ -414,4 +414,4 @@ def _latent_only(gm: fx.GraphModule, roles: InputRoles) -> set[fx.Node]:
             from_latents.add(n)
         if any(a in from_others for a in ins):
             from_others.add(n)
-    return from_latents - from_others
+    return from_latents - from_others, from_latents

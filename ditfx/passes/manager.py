@@ -52,21 +52,22 @@ class _Context:
     fusion: FusionReport | None = None
 
 
+def latent_blocks(structure: DiTStructure) -> list[int]:
+    """Indices of the blocks whose residual stream carries the latents (text-only refiners excluded)."""
+    return [r.block.index for r in structure.block_regions if r.latent_stream]
+
+
 def probe_region(structure: DiTStructure, cache: DynamicCache) -> str:
-    n = len(structure.blocks)
+    """DynamicCache counts ``first`` and ``last`` along the blocks that carry the latents: a text-only block (a
+    caption refiner) neither probes nor is skipped."""
+    blocks = latent_blocks(structure)
+    n = len(blocks)
     if cache.first + cache.last >= n:
         raise ValueError(
             f"DynamicCache(first={cache.first}, last={cache.last}) leaves no middle blocks to skip in a model "
-            f"with {n} blocks: use first + last < {n}"
+            f"with {n} blocks on the latent stream: use first + last < {n}"
         )
-    region = structure.region(f"block.{cache.first - 1}")
-    if not region.latent_stream:
-        raise ValueError(
-            f"DynamicCache's probe block {region.block.path} (block first-1 = {cache.first - 1}) does not carry the "
-            "latents (its residual stream holds other tokens only, so its change says nothing about the image); "
-            "choose a DynamicCache.first whose block first-1 reads the latents"
-        )
-    return region.name
+    return f"block.{blocks[cache.first - 1]}"
 
 
 def _cache_pass(plan: Plan, ctx: _Context):

@@ -129,19 +129,21 @@ class DynamicCachePolicy(_CachePolicy):
     def __init__(self, cfg: DynamicCache, plan):
         super().__init__(cfg, plan)
         self.cfg = cfg
-        n_blocks = len(plan.structure.blocks)
-        self.probe = cfg.first - 1
-        self.middle = {i for i in range(cfg.first, n_blocks - cfg.last) if i in self.cacheable}
+        # first and last count along the blocks that carry the latents (a text-only refiner always runs)
+        latent = [r.block.index for r in plan.structure.block_regions if r.latent_stream]
+        self.probe = latent[cfg.first - 1]
+        self.middle = {i for i in latent[cfg.first:len(latent) - cfg.last] if i in self.cacheable}
 
     def describe(self, steps: int) -> dict:
         cfg, blocks = self.cfg, self.plan.block_names
-        first, last = cfg.first, cfg.last
+        skippable = [blocks[i] for i in sorted(self.middle)]
+        probe = blocks[self.probe]
         return {"kind": "dynamic", "threshold": cfg.threshold,
-                "always_run": blocks[:first] + (blocks[len(blocks) - last:] if last else []),
-                "probe": blocks[first - 1], "skippable": blocks[first:len(blocks) - last],
-                "description": (f"{blocks[first - 1]}'s residual change against the last computed step decides, "
+                "always_run": [b for i, b in enumerate(blocks) if i not in self.middle],
+                "probe": probe, "skippable": skippable,
+                "description": (f"{probe}'s residual change against the last computed step decides, "
                                 f"per {'sample' if cfg.per_sample else 'batch'}: below {cfg.threshold} the "
-                                f"{len(blocks) - first - last} middle blocks reuse their cached residuals")}
+                                f"{len(skippable)} middle blocks reuse their cached residuals")}
 
     def begin_call(self, ctx: CallContext) -> None:
         ctx.scratch[self.name] = _Decision()
