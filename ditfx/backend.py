@@ -44,9 +44,9 @@ class DitfxBackend:
         self.runtime.add(graphs=1)
         _keep_dynamo_compiling()
         if meta.has_symbolic_inputs(gm):
-            return self._fallback(gm, example_inputs, "Dynamo captured this graph with dynamic shapes (torch.compile "
-                                  "without dynamic=False recompiles a second batch size dynamically); pass "
-                                  "dynamic=False to torch.compile, or use ditfx.optimize")
+            return self._fallback(gm, example_inputs, "Dynamo captured this graph with symbolic shapes (torch.compile "
+                                  "without dynamic=False recompiles a second batch size dynamically; data-dependent "
+                                  "sizes do it too); pass dynamic=False to torch.compile, or use ditfx.optimize")
         try:
             plan = build_plan(gm, self.config, facts=self.facts)
             if plan.policies and len(plan.block_names) < len(self.facts.blocks):
