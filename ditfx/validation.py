@@ -237,4 +237,4 @@ def check_model(config: Config, module: torch.nn.Module) -> None:
             f"with {n} blocks: use first + last < {n}"
         )
     if isinstance(cache, StaticCache):
-        cache.schedule.check_model(blocks, module)
+        cache.schedule.check_model(blocks, module, ordered=False)  # the plan checks the order it runs them in

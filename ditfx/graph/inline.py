@@ -25,11 +25,14 @@ import torch
 import torch.fx as fx
 
 from ditfx.graph import meta
+from ditfx.report import PassReport
 
 
 @dataclass
-class InlineReport:
+class InlineReport(PassReport):
     """What :func:`inline_subgraph_calls` did: calls inlined, and how many distinct subgraphs they used."""
+
+    pass_name = "inline"
 
     calls: int = 0
     subgraphs: int = 0

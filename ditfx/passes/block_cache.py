@@ -25,11 +25,14 @@ import torch.fx as fx
 from ditfx.graph import meta
 from ditfx.graph.regions import RegionModule
 from ditfx.plan import Plan, Transform
+from ditfx.report import PassReport
 
 
 @dataclass
-class BlockCacheReport:
+class BlockCacheReport(PassReport):
     """What the pass did: which blocks can be cached, and why the others cannot."""
+
+    pass_name = "block_cache"
 
     mode: str
     cacheable: list[str] = field(default_factory=list)

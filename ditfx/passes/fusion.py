@@ -52,6 +52,7 @@ from ditfx.graph.elementwise import (
 from ditfx.graph.regions import RegionModule
 from ditfx.kernels import codegen, expression
 from ditfx.kernels.fused_elementwise.spec import format_spec, result_dtype
+from ditfx.report import PassReport
 
 _KERNELS_DIR = Path(ditfx.kernels.__file__).parent
 _LAYER_NORMS = (F.layer_norm, torch.layer_norm)
@@ -88,8 +89,10 @@ class FusionSite:
 
 
 @dataclass
-class FusionReport:
+class FusionReport(PassReport):
     """What the pass did, per region: lowered sites, matches left alone (and why), kernel sources."""
+
+    pass_name = "fusion"
 
     sites: dict[str, list[FusionSite]] = field(default_factory=dict)
     not_lowered: dict[str, list[str]] = field(default_factory=dict)

@@ -24,6 +24,7 @@ import torch
 import torch.fx as fx
 
 from ditfx.plan import Plan, Transform
+from ditfx.report import PassReport
 
 TRANSFORM = "guidance.cosine"
 
@@ -57,8 +58,10 @@ def cosine_sums_variant(gm: fx.GraphModule, pred_index: int) -> fx.GraphModule:
 
 
 @dataclass
-class GuidanceReport:
+class GuidanceReport(PassReport):
     """Where Adaptive Guidance measures: in the compiled epilogue, or after the call."""
+
+    pass_name = "guidance"
 
     epilogue: str | None
 

@@ -2,8 +2,8 @@
 return the :class:`~ditfx.plan.Plan` the runtime runs.
 
 The passes run in a fixed order from a table (``PASSES``): kernel lowering first (so the cache variants are
-built from the fused regions), then the block-cache and guidance passes, each only when its config is set. Each
-returns a report (``summary()``); the plan keeps them in order.
+built from the fused regions), then the guidance and block-cache passes, each only when its technique's config
+is set. Each returns a :class:`~ditfx.report.PassReport`; the plan keeps them in order.
 """
 from __future__ import annotations
 
@@ -22,11 +22,14 @@ from ditfx.passes.cache_bookkeeping import fuse_bookkeeping
 from ditfx.passes.fusion import FusionReport, fusion_pass
 from ditfx.passes.rebatch import rebatch
 from ditfx.plan import IOSpec, Plan
+from ditfx.report import PassReport
 
 
 @dataclass
-class RegionReport:
+class RegionReport(PassReport):
     """The region map: what the split produced."""
+
+    pass_name = "regions"
 
     regions: list[dict]
     hoisted: int
@@ -70,7 +73,7 @@ def probe_region(structure: DiTStructure, cache: DynamicCache) -> str:
     return f"block.{blocks[cache.first - 1]}"
 
 
-def _cache_pass(plan: Plan, ctx: _Context):
+def _cache_pass(plan: Plan, ctx: _Context) -> PassReport:
     cache = ctx.config.cache
     probe = None
     if isinstance(cache, DynamicCache):
@@ -93,14 +96,24 @@ def _cache_pass(plan: Plan, ctx: _Context):
     return report
 
 
-def _guidance_pass(plan: Plan, ctx: _Context):
+def _guidance_pass(plan: Plan, ctx: _Context) -> PassReport:
     return guidance_passes.guidance_pass(plan)
 
 
-# (config field, pass): run in this order, each when its config field is set; the policies chain in this order
-PASSES: list[tuple[str, Callable[[Plan, _Context], object]]] = [
-    ("guidance", _guidance_pass),
-    ("cache", _cache_pass),
+@dataclass(frozen=True)
+class Pass:
+    """One pass: it runs when its technique's config field is set, registers what it offers in the plan (named
+    transforms, the regions that offer them) and returns its report. Its technique's policy joins the chain."""
+
+    name: str
+    technique: str  # the Config field that turns it on
+    run: Callable[[Plan, _Context], PassReport]
+
+
+# in this order; the policies chain in the same order (guidance chooses the rows, then the cache acts on them)
+PASSES: list[Pass] = [
+    Pass("guidance", "guidance", _guidance_pass),
+    Pass("block_cache", "cache", _cache_pass),
 ]
 
 
@@ -132,10 +145,10 @@ def build_plan(gm: fx.GraphModule, config: Config, weight_names: set[str] | None
         plan.reports.append(structure.inlined)
     if ctx.fusion is not None:
         plan.reports.append(ctx.fusion)
-    for name, run in PASSES:
-        technique = getattr(config, name)
+    for p in PASSES:
+        technique = getattr(config, p.technique)
         if technique is not None:
-            plan.reports.append(run(plan, ctx))
+            plan.reports.append(p.run(plan, ctx))
             plan.policies.append(technique)
     return plan
 

@@ -161,11 +161,12 @@ class CacheSchedule:
                  for k, u in enumerate(times)]
         return [list(row) for row in zip(*steps)]
 
-    def check_model(self, blocks: list[str], module: torch.nn.Module | None = None) -> None:
+    def check_model(self, blocks: list[str], module: torch.nn.Module | None = None, ordered: bool = True) -> None:
         """Raise ValueError if this schedule was calibrated on a model with other blocks: other block paths,
         or, given the model ``module`` and a schedule with a fingerprint, blocks whose weights have other
-        shapes (another width, depth of a block, ...)."""
-        if list(blocks) != list(self.blocks):
+        shapes (another width, depth of a block, ...). ``ordered=False``: ``blocks`` are the model's in
+        registration order, which need not be the order the forward runs them in (the schedule's)."""
+        if (list(blocks) if ordered else sorted(blocks)) != (list(self.blocks) if ordered else sorted(self.blocks)):
             raise ValueError(
                 f"this cache schedule was calibrated for a model with {len(self.blocks)} blocks "
                 f"({_head(self.blocks)}), but the model has {len(blocks)} ({_head(blocks)}): "
