@@ -292,3 +292,57 @@ def test_cosine_is_measured_by_the_compiled_epilogue():
     assert measured_in_epilogue == [STEPS, 0]
     assert traces[0].shape == (STEPS, 2)
     torch.testing.assert_close(traces[0], traces[1], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["reference", "dit"])
+@pytest.mark.parametrize("two_calls", [False, True])
+@pytest.mark.parametrize("uncond_first", [True, False])
+def test_the_null_class_says_which_branch_is_unconditional(family, two_calls, uncond_first):
+    """Class-conditional models, default config (uncond_first=None): either order, batched ([cond, null] as
+    diffusers' DiTPipeline) or two calls, is found from the null class, and gamma = -1 drops the right branch."""
+    model, kw = tiny_model(family, batch=4)
+    fast = optimized(model, ditfx.AdaptiveGuidance(gamma=-1.0, fill="cond"))
+    got = cfg_loop(fast, kw, family, two_calls=two_calls, uncond_first=uncond_first)
+    expected = cfg_loop(model, kw, family, uncond_first=uncond_first, cfg_steps=1)
+    assert (got - expected).abs().max() <= TOL
+    assert ditfx.stats(fast).nfe == 1 + STEPS
+
+
+@pytest.mark.parametrize("two_calls, uncond_first", [(False, True), (True, False)])
+def test_without_names_or_a_null_class_the_default_is_diffusers_convention(two_calls, uncond_first):
+    """A text-conditioned model (no null class) in a hand-written loop: batched calls put the unconditional half
+    first, two-call steps call the conditional branch first, as every diffusers pipeline does."""
+    model, kw = tiny_model("pixart", batch=4)
+    fast = optimized(model, ditfx.AdaptiveGuidance(gamma=-1.0, fill="cond"))
+    got = cfg_loop(fast, kw, "pixart", two_calls=two_calls, uncond_first=uncond_first)
+    expected = cfg_loop(model, kw, "pixart", uncond_first=uncond_first, cfg_steps=1)
+    assert (got - expected).abs().max() <= TOL
+
+
+def test_a_stated_order_the_null_class_contradicts_warns_and_follows_the_data():
+    model, kw = tiny_model("reference", batch=4)
+    fast = optimized(model, ditfx.AdaptiveGuidance(gamma=-1.0, fill="cond", uncond_first=True))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = cfg_loop(fast, kw, "reference", uncond_first=False)
+    assert any("following the data" in str(w.message) for w in caught)
+    expected = cfg_loop(model, kw, "reference", uncond_first=False, cfg_steps=1)
+    assert (got - expected).abs().max() <= TOL
+
+
+def test_a_window_skips_the_unconditional_call_of_step_zero_when_the_pipeline_names_it():
+    """Named two-call steps (cache_context): the layout is known at the first call, so a window that starts
+    later drops step 0's unconditional call too."""
+    model, kw = tiny_model("flux", batch=2)
+    fast = optimized(model, ditfx.GuidanceWindow(start=0.5, stop=1.0))
+    x = kw["hidden_states"]
+    with torch.no_grad(), ditfx.generation(fast):
+        for k in range(4):
+            t = torch.full((2,), 1.0 - k / 4)
+            with fast.cache_context("cond"):
+                c = fast(**{**kw, "hidden_states": x, "timestep": t}, return_dict=False)[0]
+            with fast.cache_context("uncond"):
+                fast(**{**kw, "hidden_states": x, "timestep": t}, return_dict=False)
+            x = x - c / 4
+    s = ditfx.stats(fast)
+    assert s.nfe_skipped == 2 and s.nfe == 4 + 2  # steps 0 and 1 are outside [0.5, 1): no unconditional call

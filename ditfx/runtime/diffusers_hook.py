@@ -49,7 +49,11 @@ def install(module: nn.Module, lifecycle) -> bool:
             return module
 
     registry = HookRegistry.check_if_exists_or_initialize(module)
-    if registry.get_hook(HOOK_NAME) is not None:
-        registry.remove_hook(HOOK_NAME, recurse=False)
-    registry.register_hook(LifecycleHook(), HOOK_NAME)
+    for name, hook in list(registry.hooks.items()):  # hooks of optimized models that are gone
+        if name.startswith(HOOK_NAME) and getattr(hook, "lifecycle", lambda: None)() is None:
+            registry.remove_hook(name, recurse=False)
+    hook = LifecycleHook()
+    hook.lifecycle = ref
+    # one hook per optimized model: several ditfx.optimize() of one module each keep their signals
+    registry.register_hook(hook, f"{HOOK_NAME}_{id(lifecycle):x}")
     return True

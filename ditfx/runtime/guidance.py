@@ -307,7 +307,7 @@ class GuidancePolicy(Policy):
         return (ctx.info.index == 0) == state.uncond_first
 
     def _plan_two_call(self, state: GuidanceState, ctx: CallContext, kind: str) -> CallPlan:
-        if not self._is_uncond_call(state, ctx) or ctx.info.step == 0:
+        if not self._is_uncond_call(state, ctx):  # (a named layout is known from step 0's first call)
             return CallPlan(None, "full")
         if kind == "exact" and (bool(state.active.all()) or not self.partial_exact):
             return CallPlan(None, "full")
