@@ -225,3 +225,19 @@ def test_identical_halves_without_guidance_are_not_taken_for_guidance():
     assert any("neither half holds only the null class" in str(w.message) for w in caught)
     with torch.no_grad():
         assert (got - run_loop(model, kw, "reference")).abs().max() <= TOL
+
+
+def test_identical_halves_of_a_text_model_stop_being_guidance_when_they_part():
+    """No null class to ask: one noise for two prompts looks like batched guidance at the first step (which
+    always computes every row), and the halves part at the next one: guidance skipping stops, nothing is
+    overwritten."""
+    model, kw = tiny_model("pixart", batch=2)
+    x = kw["hidden_states"][:1].expand(2, -1, -1, -1).clone()
+    kw = {**kw, "hidden_states": x}
+    fast = ditfx.optimize(model, ditfx.Config(guidance=ditfx.AdaptiveGuidance(gamma=-1.0), compiler="eager"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = run_loop(fast, kw, "pixart")
+    assert any("stopped sharing latents" in str(w.message) for w in caught)
+    with torch.no_grad():
+        assert (got - run_loop(model, kw, "pixart")).abs().max() <= TOL
