@@ -137,16 +137,16 @@ def test_linear_forecast_extrapolates_a_linear_trajectory():
     a, b = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
     value = lambda t: [a + b * t]  # noqa: E731
     entry = CachedValues.first(value(1.0), 1.0, "linear")
-    assert torch.equal(entry.at(0.5)[0], value(1.0)[0])  # one point: reused as it is
+    assert torch.equal(entry.reuse([], 0.5, residual=False)[0], value(1.0)[0])  # one point: reused as it is
     entry.update(value(0.8), 0.8)
-    torch.testing.assert_close(entry.at(0.3)[0], value(0.3)[0])
+    torch.testing.assert_close(entry.reuse([], 0.3, residual=False)[0], value(0.3)[0])
     entry.update([value(0.6)[0] + 1.0], 0.6, computed=torch.tensor([True, False]))
     assert entry.time.tolist() == pytest.approx([0.6, 0.8])
-    torch.testing.assert_close(entry.at(0.2)[0][1], value(0.2)[0][1])  # sample 1 still on its line
-    torch.testing.assert_close(entry.at(0.6)[0][0], value(0.6)[0][0] + 1.0)
+    torch.testing.assert_close(entry.reuse([], 0.2, residual=False)[0][1], value(0.2)[0][1])  # sample 1 still on its line
+    torch.testing.assert_close(entry.reuse([], 0.6, residual=False)[0][0], value(0.6)[0][0] + 1.0)
     plain = CachedValues.first(value(1.0), 1.0, "none")
     plain.update(value(0.8), 0.8)
-    assert torch.equal(plain.at(0.3)[0], value(0.8)[0])
+    assert torch.equal(plain.reuse([], 0.3, residual=False)[0], value(0.8)[0])
 
 
 def test_linear_forecast_moves_only_reused_blocks():

@@ -11,7 +11,9 @@ import torch.fx as fx
 _DICT_MODULES = re.compile(r"\.__dict__\['_modules'\]\['([^']+)'\]")
 _SUBSCRIPT = re.compile(r"\[['\"]?([^'\"\]]+)['\"]?\]")
 _DYNAMO_WEIGHT = re.compile(r"^l_[a-z0-9_]*?_(parameters|buffers)_")
-_BOUND_SELF = re.compile(r"^(?:(?:_orig_mod\.)?forward\.__self__\.)+")
+# hooks (diffusers' registry) wrap forward in functools.partial objects that bind the module: forward.__self__.x,
+# or, wrapped twice, forward.args.0.x
+_BOUND_SELF = re.compile(r"^(?:(?:_orig_mod\.)?forward\.(?:__self__|args\.\d+|func\.__self__)\.)+")
 _ROOT = re.compile(r"^L\[['\"][^'\"]+['\"]\]")
 
 
@@ -20,7 +22,7 @@ def normalize_module_path(path: str) -> str:
     path = _DICT_MODULES.sub(r".\1", path)
     path = _ROOT.sub("", path)
     path = _SUBSCRIPT.sub(r".\1", path)
-    path = _BOUND_SELF.sub("", path.strip("."))  # a forward wrapped by a hook (diffusers' registry) binds self
+    path = _BOUND_SELF.sub("", path.strip("."))
     return path.strip(".")
 
 

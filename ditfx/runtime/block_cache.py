@@ -52,12 +52,20 @@ class CachedValues:
         self.values = [_where(computed, new, old) for new, old in zip(values, self.values)]
         self.time = _where(computed, torch.full_like(self.time, float(time)), self.time)
 
-    def at(self, time: float) -> list[torch.Tensor]:
-        """The values forecast for ``time``: as cached, or extrapolated along the slopes."""
-        if self.slopes is None:
-            return self.values
-        dt = time - self.time
-        return [torch.addcmul(v, _per_sample(dt.to(v.dtype), v), s) for v, s in zip(self.values, self.slopes)]
+    def reuse(self, inputs: list[torch.Tensor], time: float, residual: bool) -> list[torch.Tensor]:
+        """Per stream, the input plus the cached value forecast for ``time`` (``residual``), or that value alone:
+        one new tensor per stream, the forecast added in place."""
+        dt = None if self.slopes is None else time - self.time
+        outs = []
+        for k, v in enumerate(self.values):
+            if not residual and dt is None:
+                outs.append(v)
+                continue
+            out = torch.add(inputs[k], v) if residual else v.clone()
+            if dt is not None:  # x + v + dt * s in two passes over one output, not four over three tensors
+                out.addcmul_(_per_sample(dt.to(v.dtype), v), self.slopes[k])
+            outs.append(out)
+        return outs
 
 
 def _where(mask: torch.Tensor | None, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
@@ -69,11 +77,13 @@ def step_time(info: CallInfo) -> float:
     return float(info.step) if info.timestep is None else info.timestep
 
 
-def reuse_outputs(rm: RegionModule, args: list, cached: list, mode: str) -> list:
-    """A skipped block's outputs: its current stream inputs plus the cached residuals (or the cached outputs)."""
+def reuse_outputs(rm: RegionModule, args: list, entry: CachedValues, time: float, mode: str) -> list:
+    """A skipped block's outputs: its current stream inputs plus the cached residuals (or the cached outputs),
+    forecast for ``time``."""
     outs: list = [None] * len(rm.region.outputs)
-    for (o, i), c in zip(rm.region.streams, cached):
-        outs[o] = args[i] + c if mode == "residual" else c
+    values = entry.reuse([args[i] for _, i in rm.region.streams], time, mode == "residual")
+    for (o, _), value in zip(rm.region.streams, values):
+        outs[o] = value
     return outs
 
 
@@ -157,11 +167,11 @@ class DynamicCachePolicy(_CachePolicy):
         rm, args, mode = call.rm, call.args, self.cfg.mode
         time = step_time(ctx.info)
         if decision.skip_all:
-            return call.reuse(reuse_outputs(rm, args, state.cached[index].at(time), mode))
+            return call.reuse(reuse_outputs(rm, args, state.cached[index], time, mode))
         entry = state.cached.get(index)
         if entry is not None and decision.skip_any:  # mixed batch: every sample keeps its own decision
             computing = ~decision.skip
-            reused = reuse_outputs(rm, args, entry.at(time), mode)
+            reused = reuse_outputs(rm, args, entry, time, mode)
             ids = computing.nonzero().flatten()
             part = call.run_on_rows(RESIDUAL, args, ids)
             if part is not None:  # only the computing rows ran: scatter them over the reused ones
@@ -217,6 +227,25 @@ class _StaticState:
     u_prev: float | None = None
     compute: list[bool] = field(default_factory=list)
     cached: dict[int, CachedValues] = field(default_factory=dict)
+    chain_sum: CachedValues | None = None  # the chain's cached values summed (blocks reused together)
+
+
+def back_to_back(plan, blocks: list[int]) -> bool:
+    """Whether ``blocks`` run one after the other with nothing between them, each block's stream inputs being
+    exactly the previous block's stream outputs (in order) and read by nothing else: then reusing the chain is
+    adding the sum of its cached values once, and the blocks after the first pass their inputs through."""
+    position = {rm.region.block.index: k for k, rm in enumerate(plan.regions) if rm.region.kind == "block"}
+    io = plan.io
+    for a, b in zip(blocks, blocks[1:]):
+        ka, kb = position[a], position[b]
+        if kb != ka + 1:
+            return False
+        outs = [io.region_outputs[ka][o] for o, _ in plan.regions[ka].region.streams]
+        ins = [io.region_inputs[kb][i] for _, i in plan.regions[kb].region.streams]
+        readers = [k for k, names in enumerate(io.region_inputs) if set(outs) & set(names)]
+        if outs != ins or readers != [kb] or set(outs) & set(io.output_names):
+            return False
+    return True
 
 
 @register_policy(StaticCache)
@@ -231,6 +260,9 @@ class StaticCachePolicy(_CachePolicy):
         self.cfg = cfg
         self.schedule: CacheSchedule = cfg.schedule
         self.blocks = sorted(self.cacheable)
+        # blocks that recompute together and run back to back are reused as one: x + sum of their values
+        self.chain = self.blocks if (not cfg.per_block and cfg.mode == "residual" and len(self.blocks) > 1
+                                     and back_to_back(plan, self.blocks)) else []
 
     def describe(self, steps: int) -> dict:
         """The schedule on ``steps`` uniform steps: which block runs at which step."""
@@ -267,8 +299,27 @@ class StaticCachePolicy(_CachePolicy):
                 state.cached[index] = CachedValues.first(cached, time, self.cfg.forecast)
             else:
                 entry.update(cached, time)
+            state.chain_sum = None
             return outs
-        return call.reuse(reuse_outputs(rm, call.args, state.cached[index].at(time), self.cfg.mode))
+        if index in self.chain and not any(state.compute[i] for i in self.chain):
+            if index == self.chain[0]:
+                state.chain_sum = state.chain_sum or _summed([state.cached[i] for i in self.chain])
+                ctx.scratch[self.name] = state.chain_sum is not None  # this call reuses the chain as one
+                if state.chain_sum is not None:
+                    return call.reuse(reuse_outputs(rm, call.args, state.chain_sum, time, self.cfg.mode))
+            elif ctx.scratch.get(self.name):  # already added with the chain's first block
+                return call.reuse([call.args[i] for _, i in sorted(rm.region.streams)])
+        return call.reuse(reuse_outputs(rm, call.args, state.cached[index], time, self.cfg.mode))
+
+
+def _summed(entries: list[CachedValues]) -> CachedValues | None:
+    """The entries' values and slopes summed, when they were computed at the same times (None otherwise)."""
+    first = entries[0]
+    if not all(torch.equal(e.time, first.time) for e in entries[1:]):
+        return None
+    values = [torch.stack(vs).sum(0) for vs in zip(*(e.values for e in entries))]
+    slopes = None if first.slopes is None else [torch.stack(ss).sum(0) for ss in zip(*(e.slopes for e in entries))]
+    return CachedValues(values, first.time, slopes)
 
 
 @dataclass
