@@ -47,7 +47,7 @@ class CachedValues:
         if self.slopes is not None:
             dt = time - self.time  # (B,)
             inv = torch.where(dt == 0, 0.0, 1.0 / dt)
-            self.slopes = [_where(computed, (new - old) * _per_sample(inv.to(new.dtype), new), s)
+            self.slopes = [_where(computed, torch.sub(new, old).mul_(_per_sample(inv.to(new.dtype), new)), s)
                            for new, old, s in zip(values, self.values, self.slopes)]
         self.values = [_where(computed, new, old) for new, old in zip(values, self.values)]
         self.time = _where(computed, torch.full_like(self.time, float(time)), self.time)
@@ -317,9 +317,16 @@ def _summed(entries: list[CachedValues]) -> CachedValues | None:
     first = entries[0]
     if not all(torch.equal(e.time, first.time) for e in entries[1:]):
         return None
-    values = [torch.stack(vs).sum(0) for vs in zip(*(e.values for e in entries))]
-    slopes = None if first.slopes is None else [torch.stack(ss).sum(0) for ss in zip(*(e.slopes for e in entries))]
+    values = [_sum(vs) for vs in zip(*(e.values for e in entries))]
+    slopes = None if first.slopes is None else [_sum(ss) for ss in zip(*(e.slopes for e in entries))]
     return CachedValues(values, first.time, slopes)
+
+
+def _sum(tensors) -> torch.Tensor:
+    total = torch.add(tensors[0], tensors[1])
+    for t in tensors[2:]:
+        total.add_(t)  # in place: one output buffer, no stacked copy
+    return total
 
 
 @dataclass
