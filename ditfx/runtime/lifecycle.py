@@ -16,9 +16,10 @@ The timestep is the fallback: samplers call the denoiser with non-increasing tim
 boundaries a new generation starts when it goes up (inside ``ditfx.generation()`` a rising timestep is the
 sampler's own: some run time upward). A call at the same timestep as the previous one is another branch of the same step when
 its latents are the previous call's (two-call classifier-free guidance), and a new step otherwise (a
-second-order sampler such as Heun evaluates twice at one timestep). Where the fallback cannot place a call it
-warns and starts a new generation, never reusing state it cannot place: a repeat at the same timestep with new latents and no
-stated boundaries (a new one-step generation, or a second-order step?), or calls with no timestep ditfx can read.
+second-order sampler such as Heun evaluates twice at every timestep after the first; new latents at the
+generation's first timestep start the next generation). Where the fallback has to guess it warns: a repeat with
+new latents past the first step (taken as a second-order step), and calls with no timestep ditfx can read (each
+taken as a generation of its own, never reusing state).
 
 All of it is per thread: two threads driving one optimized model run two independent generations.
 """
@@ -184,12 +185,16 @@ class Lifecycle:
             return True, False  # the other branch of two-call guidance
         if stated:
             return False, False  # a second-order sampler's second evaluation at this timestep
+        if t.step == 0:  # new latents at the generation's first timestep: the next (one-step) generation
+            return False, True
+        # Heun-type samplers evaluate twice at every timestep after the first (the step's correction, then the next
+        # step's first evaluation); a new generation would start back at the first timestep, or above it
         self._warn("repeat",
                    "ditfx: two calls at the same timestep with different latents and no stated generation "
-                   "boundaries: a second-order sampler step or a new generation? ditfx starts a new generation "
-                   "there (cached values and guidance state restart). Mark generations with "
-                   "`with ditfx.generation(model):` or use a diffusers pipeline")
-        return False, True
+                   "boundaries: ditfx takes the second for a second-order sampler's evaluation (Heun-type) in the same "
+                   "generation. If it starts a new generation instead, mark generations with "
+                   "`with ditfx.generation(model):` (or use a diffusers pipeline)")
+        return False, False
 
     def _warn(self, key: str, message: str) -> None:
         with self._lock:
