@@ -110,3 +110,23 @@ def test_guidance_skipping_after_the_first_step(name):
     err = (got - expected).abs().max().item()
     assert err <= TOL, f"{name}: max abs error {err}"
     assert ditfx.stats(pipe).nfe_skipped == STEPS - 1  # one sample: the unconditional branch of steps 2..T
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_cache_and_guidance_at_their_exact_limits_generate_what_the_pipeline_generates(name):
+    """The default techniques together at their exact limits (threshold 0, gamma 1) on every pipeline: two
+    generations equal the pipeline's; every generation is found (the pipeline states where one ends, or its
+    scheduler counts the steps)."""
+    pipe, kw = build(name)
+    expected = [run(pipe, kw, seed) for seed in (0, 1)]
+    config = ditfx.Config(compiler="eager", cache=ditfx.DynamicCache(threshold=0.0),
+                          guidance=ditfx.AdaptiveGuidance(gamma=1.0))
+    got, warned = _optimize(pipe, config, kw, (0, 1))
+    for seed, (g, e) in enumerate(zip(got, expected)):
+        err = (g - e).abs().max().item()
+        assert err <= TOL, f"{name} generation {seed}: max abs error {err}"
+    s = ditfx.stats(pipe)
+    assert s.block_evals_skipped == 0 and s.nfe_skipped == 0
+    if name not in FALLS_BACK:
+        assert not warned, warned
+        assert s.generations == 2
