@@ -324,7 +324,10 @@ def test_schedule_normalises_sequences():
 
 def test_shipped_schedule_loads():
     s = CacheSchedule.load(WEIGHTS / "cache_schedule.json")
-    assert s.steps == 50 and len(s.blocks) == 6 and s.fingerprint is None
+    assert s.steps == 50 and len(s.blocks) == 6
+    from ditfx.models.digits import load_transformer
+
+    assert s.fingerprint == block_fingerprint(load_transformer(), s.blocks)  # it names the shipped model's blocks
     assert ditfx.StaticCache(0.1, WEIGHTS / "cache_schedule.json").schedule.blocks == s.blocks
 
 
