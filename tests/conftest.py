@@ -21,6 +21,14 @@ from ditfx.models import zoo
 FAMILIES = ("reference",) + zoo.TINY_FAMILIES
 
 
+@pytest.fixture
+def fresh_dynamo():
+    """Dynamo's caches emptied before and after a test (``pytestmark = pytest.mark.usefixtures(...)``)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 def _name(family: str) -> str:
     return "DiT-T/2" if family == "reference" else f"tiny:{family}"
 

@@ -12,11 +12,7 @@ from ditfx.models import zoo
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _reset():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def generate(named, config, steps=4):

@@ -19,11 +19,7 @@ EXACT = ditfx.Config(cache=ditfx.DynamicCache(threshold=0.0), compiler="eager")
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _reset():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 class FloatTimestep(torch.nn.Module):
@@ -218,29 +214,25 @@ def test_nan_in_one_sample_never_makes_the_batch_skip():
 
 def test_identical_halves_without_guidance_are_not_taken_for_guidance():
     """One noise for two classes, no guidance: the halves share latents but neither is the null class."""
-    model, kw = tiny_model("reference", batch=2)
-    x = kw["x"][:1].expand(2, -1, -1, -1).clone()
-    kw = {**kw, "x": x, "y": torch.tensor([3, 5])}
-    fast = ditfx.optimize(model, ditfx.Config(guidance=ditfx.AdaptiveGuidance(gamma=-1.0), compiler="eager"))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        got = run_loop(fast, kw, "reference")
-    assert any("neither half holds only the null class" in str(w.message) for w in caught)
-    with torch.no_grad():
-        assert (got - run_loop(model, kw, "reference")).abs().max() <= TOL
+    shared_noise_without_guidance("reference", "x", {"y": torch.tensor([3, 5])},
+                                  "neither half holds only the null class")
 
 
 def test_identical_halves_of_a_text_model_stop_being_guidance_when_they_part():
     """No null class to ask: one noise for two prompts looks like batched guidance at the first step (which
     always computes every row), and the halves part at the next one: guidance skipping stops, nothing is
     overwritten."""
-    model, kw = tiny_model("pixart", batch=2)
-    x = kw["hidden_states"][:1].expand(2, -1, -1, -1).clone()
-    kw = {**kw, "hidden_states": x}
+    shared_noise_without_guidance("pixart", "hidden_states", {}, "stopped sharing latents")
+
+
+def shared_noise_without_guidance(family: str, latents: str, overrides: dict, warning: str):
+    """Two samples from one noise, no guidance, under AdaptiveGuidance: the pipeline's output, and ``warning``."""
+    model, kw = tiny_model(family, batch=2)
+    kw = {**kw, latents: kw[latents][:1].expand(2, -1, -1, -1).clone(), **overrides}
     fast = ditfx.optimize(model, ditfx.Config(guidance=ditfx.AdaptiveGuidance(gamma=-1.0), compiler="eager"))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        got = run_loop(fast, kw, "pixart")
-    assert any("stopped sharing latents" in str(w.message) for w in caught)
+        got = run_loop(fast, kw, family)
+    assert any(warning in str(w.message) for w in caught)
     with torch.no_grad():
-        assert (got - run_loop(model, kw, "pixart")).abs().max() <= TOL
+        assert (got - run_loop(model, kw, family)).abs().max() <= TOL

@@ -220,32 +220,29 @@ class GuidancePolicy(Policy):
 
     def _batched_order(self, labels: torch.Tensor | None, h: int, named: bool) -> bool | None:
         """Whether the unconditional half comes first; None: the halves are not guidance."""
+        parts = (labels[:h], labels[h:]) if labels is not None else None
+        return self._order(parts, "half", default=True, named=named)
+
+    def _two_call_order(self, first_labels, labels) -> bool | None:
+        """Whether the unconditional call comes first; None: the two calls are not guidance."""
+        parts = (first_labels, labels) if first_labels is not None and labels is not None else None
+        return self._order(parts, "call", default=False, named=False)
+
+    def _order(self, parts, what: str, default: bool, named: bool) -> bool | None:
+        """The order from the null class in ``parts`` (the two halves' or calls' labels), else the stated one,
+        else ``default`` (diffusers' convention); None when the data say it is not guidance."""
         stated = self.cfg.uncond_first
-        if labels is not None:
-            first, second = bool((labels[:h] == self.null_class).all()), bool((labels[h:] == self.null_class).all())
+        if parts is not None:
+            first, second = (bool((p == self.null_class).all()) for p in parts)
             if first != second:
                 if stated is not None and stated != first:
                     self._warn("order", f"ditfx guidance: uncond_first={stated} but the null class "
-                               f"({self.null_class}) is in the {'first' if first else 'second'} half; "
+                               f"({self.null_class}) is in the {'first' if first else 'second'} {what}; "
                                "following the data")
                 return first
             if not first and not named:
                 return None
-        return True if stated is None else stated
-
-    def _two_call_order(self, first_labels, labels) -> bool | None:
-        stated = self.cfg.uncond_first
-        if first_labels is not None and labels is not None:
-            first, second = bool((first_labels == self.null_class).all()), bool((labels == self.null_class).all())
-            if first != second:
-                if stated is not None and stated != first:
-                    self._warn("order", f"ditfx guidance: uncond_first={stated} but the null class "
-                               f"({self.null_class}) is in the {'first' if first else 'second'} call; "
-                               "following the data")
-                return first
-            if not first:
-                return None
-        return False if stated is None else stated
+        return default if stated is None else stated
 
     def _start(self, state: GuidanceState, first_call_done: bool = False) -> None:
         state.active = torch.ones(state.half, dtype=torch.bool)
