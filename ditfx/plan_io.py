@@ -1,4 +1,5 @@
-"""A Plan on disk: ``plan.json`` (format, IO spec, regions, transforms offered, policy configs) beside one
+"""A Plan on disk: ``plan.json`` (format, IO spec, regions, transforms offered, policy configs and the state they
+declare) beside one
 ``torch.export`` program per graph of the variant table (``graphs/<n>.pt2``) and the configs' own files (a cache
 schedule, LinearAG coefficients).
 
@@ -51,11 +52,20 @@ def save_plan(plan: Plan, directory: str | Path) -> Path:
         "transforms": {name: {"after_rows": t.after_rows} for name, t in plan.transforms.items()},
         "offers": {name: sorted(offered) for name, offered in plan.offers.items()},
         "policies": [_config_to_json(c, directory, k) for k, c in enumerate(plan.policies)],
+        "state": _state_declarations(plan),
         "null_class": plan.null_class,
         "graphs": graphs,
     }
     (directory / "plan.json").write_text(json.dumps(data, indent=1))
     return directory
+
+
+def _state_declarations(plan: Plan) -> list[dict]:
+    """The state each policy declares (for readers of the file; a loaded plan's policies declare it again)."""
+    from ditfx.runtime.policy import policy_for
+
+    return [{"policy": policy.name, "slot": slot.name, "scope": slot.scope, "per_row": slot.per_row}
+            for policy in (policy_for(c, plan) for c in plan.policies) for slot in policy.slots]
 
 
 def _export(gm: fx.GraphModule) -> torch.export.ExportedProgram:

@@ -49,6 +49,10 @@ def test_a_saved_plan_loads_and_runs_exactly(family, tmp_path):
     assert loaded.policies == plan.policies and loaded.io.input_names == plan.io.input_names
     assert [rm.region.name for rm in loaded.regions] == [rm.region.name for rm in plan.regions]
     assert set(loaded.built()) >= {k for k in plan.built()}
+    import json
+
+    state = json.loads((tmp_path / "plan.json").read_text())["state"]
+    assert {"policy": "cache", "slot": "cache", "scope": "branch", "per_row": True} in state
 
 
 def test_the_variant_table_is_keyed_by_structure_transforms_and_rows():
