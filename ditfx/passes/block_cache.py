@@ -23,7 +23,11 @@ import torch
 import torch.fx as fx
 
 from ditfx.graph import meta
+from ditfx.config import DynamicCache, StaticCache
 from ditfx.graph.regions import RegionModule
+from ditfx.graph.structure import DiTStructure
+from ditfx.passes.cache_bookkeeping import fuse_bookkeeping
+from ditfx.passes.context import PassContext
 from ditfx.plan import Plan, Transform
 from ditfx.report import PassReport
 
@@ -93,7 +97,7 @@ def probe_variant(gm: fx.GraphModule, streams: list[tuple[int, int]], primary: i
 RESIDUAL, PROBE = "cache.residual", "cache.probe"
 
 
-def block_cache_pass(plan: Plan, mode: str, probe: str | None,
+def offer_cache_variants(plan: Plan, mode: str, probe: str | None,
                      lower: Callable[[fx.GraphModule, str], fx.GraphModule] | None = None) -> BlockCacheReport:
     """Offer the cache variants on each cacheable block region of ``plan``; ``probe`` names the region whose
     change decides (it also offers ``cache.probe``). ``lower(gm, label)``: a lowering applied to each variant
@@ -127,4 +131,47 @@ def block_cache_pass(plan: Plan, mode: str, probe: str | None,
         if r.name == probe:
             plan.offers[r.name].add(PROBE)
     report.variants = sorted({v for offered in plan.offers.values() for v in offered if v in (RESIDUAL, PROBE)})
+    return report
+
+
+def latent_blocks(structure: DiTStructure) -> list[int]:
+    """Indices of the blocks whose residual stream carries the latents (text-only refiners excluded)."""
+    return [r.block.index for r in structure.block_regions if r.latent_stream]
+
+
+def probe_region(structure: DiTStructure, cache: DynamicCache) -> str:
+    """DynamicCache counts ``first`` and ``last`` along the blocks that carry the latents: a text-only block (a
+    caption refiner) neither probes nor is skipped."""
+    blocks = latent_blocks(structure)
+    n = len(blocks)
+    if cache.first + cache.last >= n:
+        raise ValueError(
+            f"DynamicCache(first={cache.first}, last={cache.last}) leaves no middle blocks to skip in a model "
+            f"with {n} blocks on the latent stream: use first + last < {n}"
+        )
+    return f"block.{blocks[cache.first - 1]}"
+
+
+def cache_pass(plan: Plan, ctx: PassContext) -> BlockCacheReport:
+    """The block-cache pass of the pass manager: the probe (DynamicCache) or the schedule's blocks (StaticCache)
+    checked, the cache variants offered and built, one per block structure, so the report is complete before
+    the first call."""
+    cache = ctx.config.cache
+    probe = None
+    if isinstance(cache, DynamicCache):
+        probe = probe_region(plan.structure, cache)
+    elif isinstance(cache, StaticCache):
+        cache.schedule.check_model(plan.block_names)
+    fusion = ctx.fusion
+    lower = (lambda gm, label: fuse_bookkeeping(gm, fusion, label)) if fusion is not None else None
+    report = offer_cache_variants(plan, cache.mode, probe, lower)
+    if probe is not None and probe not in report.cacheable:
+        raise ValueError(f"the probe block {probe} is not cacheable: {report.not_cacheable.get(probe)}; "
+                         "choose another DynamicCache.first")
+    built: set[tuple] = set()
+    for rm in plan.regions:
+        for transform in sorted(plan.offers.get(rm.region.name, ())):
+            if (rm.signature, transform) not in built and not plan.transforms[transform].after_rows:
+                built.add((rm.signature, transform))
+                plan.graph(rm, plan.key(rm, (transform,)))
     return report

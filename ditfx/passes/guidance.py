@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from ditfx.passes.context import PassContext
 from ditfx.plan import Plan, Transform
 from ditfx.report import PassReport
 
@@ -71,7 +72,7 @@ class GuidanceReport(PassReport):
         return f"guidance: the cosine of the two predictions is summed in {self.epilogue} (compiled)"
 
 
-def guidance_pass(plan: Plan) -> GuidanceReport:
+def guidance_pass(plan: Plan, ctx: PassContext | None = None) -> GuidanceReport:
     """Offer ``guidance.cosine`` on the epilogue when it returns the call's prediction."""
     last = plan.regions[-1]
     outputs = plan.io.region_outputs[-1]

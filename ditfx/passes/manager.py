@@ -13,13 +13,13 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from ditfx.config import Config, DynamicCache, StaticCache
+from ditfx.config import Config
 from ditfx.graph import cost, meta, regions
 from ditfx.graph.structure import DiTStructure, analyse
-from ditfx.passes import guidance as guidance_passes
-from ditfx.passes.block_cache import BlockCacheReport, block_cache_pass
-from ditfx.passes.cache_bookkeeping import fuse_bookkeeping
+from ditfx.passes.block_cache import BlockCacheReport, cache_pass
+from ditfx.passes.context import PassContext
 from ditfx.passes.fusion import FusionReport, fusion_pass
+from ditfx.passes.guidance import guidance_pass
 from ditfx.passes.rebatch import rebatch
 from ditfx.plan import IOSpec, Plan
 from ditfx.report import PassReport
@@ -49,57 +49,6 @@ class ModelFacts:
     blocks: tuple[str, ...] = ()  # the model's repeated blocks (module paths), to tell a partial graph
 
 
-@dataclass
-class _Context:
-    config: Config
-    fusion: FusionReport | None = None
-
-
-def latent_blocks(structure: DiTStructure) -> list[int]:
-    """Indices of the blocks whose residual stream carries the latents (text-only refiners excluded)."""
-    return [r.block.index for r in structure.block_regions if r.latent_stream]
-
-
-def probe_region(structure: DiTStructure, cache: DynamicCache) -> str:
-    """DynamicCache counts ``first`` and ``last`` along the blocks that carry the latents: a text-only block (a
-    caption refiner) neither probes nor is skipped."""
-    blocks = latent_blocks(structure)
-    n = len(blocks)
-    if cache.first + cache.last >= n:
-        raise ValueError(
-            f"DynamicCache(first={cache.first}, last={cache.last}) leaves no middle blocks to skip in a model "
-            f"with {n} blocks on the latent stream: use first + last < {n}"
-        )
-    return f"block.{blocks[cache.first - 1]}"
-
-
-def _cache_pass(plan: Plan, ctx: _Context) -> PassReport:
-    cache = ctx.config.cache
-    probe = None
-    if isinstance(cache, DynamicCache):
-        probe = probe_region(plan.structure, cache)
-    elif isinstance(cache, StaticCache):
-        cache.schedule.check_model(plan.block_names)
-    fusion = ctx.fusion
-    lower = (lambda gm, label: fuse_bookkeeping(gm, fusion, label)) if fusion is not None else None
-    report = block_cache_pass(plan, cache.mode, probe, lower)
-    if probe is not None and probe not in report.cacheable:
-        raise ValueError(f"the probe block {probe} is not cacheable: {report.not_cacheable.get(probe)}; "
-                         "choose another DynamicCache.first")
-    # the variants are built now, one per block structure, so the reports are complete before the first call
-    built: set[tuple] = set()
-    for rm in plan.regions:
-        for transform in sorted(plan.offers.get(rm.region.name, ())):
-            if (rm.signature, transform) not in built and not plan.transforms[transform].after_rows:
-                built.add((rm.signature, transform))
-                plan.graph(rm, plan.key(rm, (transform,)))
-    return report
-
-
-def _guidance_pass(plan: Plan, ctx: _Context) -> PassReport:
-    return guidance_passes.guidance_pass(plan)
-
-
 @dataclass(frozen=True)
 class Pass:
     """One pass: it runs when its technique's config field is set, registers what it offers in the plan (named
@@ -107,13 +56,13 @@ class Pass:
 
     name: str
     technique: str  # the Config field that turns it on
-    run: Callable[[Plan, _Context], PassReport]
+    run: Callable[[Plan, PassContext], PassReport]
 
 
 # in this order; the policies chain in the same order (guidance chooses the rows, then the cache acts on them)
 PASSES: list[Pass] = [
-    Pass("guidance", "guidance", _guidance_pass),
-    Pass("block_cache", "cache", _cache_pass),
+    Pass("guidance", "guidance", guidance_pass),
+    Pass("block_cache", "cache", cache_pass),
 ]
 
 
@@ -123,7 +72,7 @@ def build_plan(gm: fx.GraphModule, config: Config, weight_names: set[str] | None
     facts = facts or ModelFacts()
     structure = analyse(gm, weight_names)
     region_modules = [regions.extract(gm, r) for r in structure.regions]
-    ctx = _Context(config)
+    ctx = PassContext(config)
     if config.kernels:  # before the cache pass, so its variants are built from the fused regions
         region_modules, ctx.fusion = fusion_pass(region_modules)
     flops = {rm.region.name: int(cost.graph_flops(rm.region.nodes)) for rm in region_modules}
