@@ -128,7 +128,7 @@ def stats(optimized) -> Stats:
 
 def reset_stats(optimized) -> None:
     runtime = _runtime(optimized)
-    runtime.stats = Stats(graphs=runtime.stats.graphs)
+    runtime.stats = Stats(graphs=runtime.stats.graphs, graphs_without_ditfx=runtime.stats.graphs_without_ditfx)
 
 
 @contextlib.contextmanager

@@ -72,6 +72,7 @@ class DitfxBackend:
 
     def _fallback(self, gm: fx.GraphModule, example_inputs: list, why: str, once: str | None = None):
         self.runtime.fallbacks.append(why)
+        self.runtime.add(graphs_without_ditfx=1)
         if once is not None:
             if once in self._warned:
                 return compile_region(gm, example_inputs, self.config.compiler)

@@ -74,6 +74,7 @@ def test_graph_without_blocks_falls_back_with_a_warning():
         got = fast(x)
     assert any("without ditfx passes" in str(w.message) for w in caught)
     assert torch.allclose(got, mlp(x))
+    assert ditfx.stats(fast).graphs_without_ditfx == 1 and ditfx.api._runtime(fast).fallbacks
 
 
 def test_pipeline_transformer_is_compiled_in_place():

@@ -31,6 +31,7 @@ class Stats(Mapping):
     graph_breaks: int = 0
     recompiles: int = 0
     graphs: int = 0  # graphs Dynamo handed to the backend
+    graphs_without_ditfx: int = 0  # of those, compiled without ditfx's passes (each warned with its reason)
     region_compiles: int = 0
     compile_seconds: float = 0.0
 
