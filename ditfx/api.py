@@ -134,14 +134,12 @@ def reset_stats(optimized) -> None:
 @contextlib.contextmanager
 def generation(optimized) -> Iterator[None]:
     """Mark one generation explicitly (in this thread): state starts fresh on entry and is freed on exit."""
-    runtime = _runtime(optimized)
-    runtime.store().clear()
-    runtime.lifecycle.enter_generation()
+    lifecycle = _runtime(optimized).lifecycle
+    lifecycle.enter_generation()
     try:
         yield
     finally:
-        runtime.lifecycle.exit_generation()
-        runtime.store().clear()
+        lifecycle.exit_generation()
 
 
 def calibrate(model: nn.Module, run: Callable[[nn.Module], object], generations: int = 4,

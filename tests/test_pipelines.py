@@ -130,3 +130,12 @@ def test_cache_and_guidance_at_their_exact_limits_generate_what_the_pipeline_gen
     if name not in FALLS_BACK:
         assert not warned, warned
         assert s.generations == 2
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if LAYOUTS[n].resets_hooks])
+def test_a_pipeline_that_resets_its_hooks_frees_ditfx_state_when_it_returns(name):
+    pipe, kw = build(name)
+    ditfx.optimize(pipe, ditfx.Config(compiler="eager", cache=ditfx.DynamicCache(threshold=0.1)))
+    run(pipe, kw, 0)
+    assert ditfx.stats(pipe).calls > 0
+    assert not ditfx.api._runtime(pipe).store()._values  # freed by the pipeline's own reset, not the next call

@@ -33,7 +33,8 @@ class Executor:
                          if roles.get(name) == "weight" and isinstance(x, torch.Tensor)]
         self.timestep_pos = self.io.position("timestep")
         self.latents_pos = self.io.position("latents")
-        self._refused: set[int] = set()
+        self._refused: set[int] = set()  # row counts some region cannot run on
+        self._warned: set[tuple] = set()
 
     def weight_ids(self) -> set[int]:
         return {id(t) for ref in self._weights if (t := ref()) is not None}
@@ -46,7 +47,7 @@ class Executor:
         store = runtime.store()
         if info.new_generation or store.generation != info.generation:
             store.start(info.generation)
-        ctx = CallContext(info, list(args), self.plan, store, runtime.records, runtime.stats)
+        ctx = CallContext(info, list(args), self.plan, store, runtime.records)
         for policy in self.policies:
             policy.begin_call(ctx)
         rows = ctx.rows
@@ -153,9 +154,9 @@ class Executor:
         return True
 
     def _warn_once(self, key, message: str) -> None:
-        if key in self._refused:
+        if key in self._warned:
             return
-        self._refused.add(key)
+        self._warned.add(key)
         warnings.warn(message, stacklevel=4)
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -63,8 +64,9 @@ class _ThreadLifecycle:
 class Lifecycle:
     """One per optimized model; the state of each thread is its own."""
 
-    def __init__(self):
+    def __init__(self, on_end: Callable[[], None] | None = None):
         self._local = threading.local()
+        self.on_end = on_end  # frees the thread's state when its generation is over
         self.pipeline_signals = False  # a diffusers hook reports generation ends and branch names
         self.scheduler_of = None  # () -> the pipeline's scheduler, where it counts its steps
         self._warned: set[str] = set()
@@ -79,31 +81,24 @@ class Lifecycle:
 
     # ------------------------------------------------------------------------------------ signals
     def end_generation(self) -> None:
-        """The current thread's generation is over: the next call starts a new one."""
+        """The current thread's generation is over (the pipeline says so): its state is freed now, and the next
+        call starts a new generation."""
         t = self._t
         t.ended, t.last_latents = True, None
+        if self.on_end is not None:
+            self.on_end()
 
     def enter_generation(self) -> None:
-        t = self._t
-        t.explicit += 1
-        t.ended, t.last_latents = True, None
+        self._t.explicit += 1
+        self.end_generation()
 
     def exit_generation(self) -> None:
         t = self._t
         t.explicit = max(0, t.explicit - 1)
-        t.ended, t.last_latents = True, None
+        self.end_generation()
 
     def set_context(self, name: str | None) -> None:
         self._t.context = name
-
-    @property
-    def context(self) -> str | None:
-        return self._t.context
-
-    @property
-    def stated(self) -> bool:
-        """Whether this thread's generation boundaries are stated by the caller."""
-        return self.pipeline_signals or self._t.explicit > 0 or self._scheduler() is not None
 
     def _scheduler(self):
         scheduler = self.scheduler_of() if self.scheduler_of is not None else None

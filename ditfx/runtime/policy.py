@@ -43,7 +43,7 @@ class StateSlot:
 class CallContext:
     """One call as the policies see it."""
 
-    def __init__(self, info: CallInfo, args: list, plan: Plan, store, records: dict, stats):
+    def __init__(self, info: CallInfo, args: list, plan: Plan, store, records: dict):
         self.info = info
         self.args = args
         self.plan = plan
@@ -53,7 +53,6 @@ class CallContext:
         self.scratch: dict[str, Any] = {}  # per call, per policy
         self._store = store
         self._records = records
-        self.stats = stats
 
     @property
     def full_rows(self) -> int | None:

@@ -46,7 +46,7 @@ class ModelRuntime:
     """Shared by every graph Dynamo hands ditfx for one optimized model (recompiles make new graphs)."""
 
     def __init__(self):
-        self.lifecycle = Lifecycle()
+        self.lifecycle = Lifecycle(on_end=lambda: self.store().clear())
         self.stats = Stats()
         self.records: dict[str, list] = {}
         self.executors: list = []
@@ -61,11 +61,6 @@ class ModelRuntime:
         if store is None:
             store = self._local.store = StateStore()
         return store
-
-    def end_generation(self) -> None:
-        """Free this thread's state; its next call starts a new generation."""
-        self.store().clear()
-        self.lifecycle.end_generation()
 
     def add(self, **counts) -> None:
         with self._lock:
