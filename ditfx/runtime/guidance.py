@@ -39,6 +39,8 @@ BUCKETS = 4  # unconditional rows are computed in multiples of ceil(B / BUCKETS)
 COSINE = ("guidance.cosine",)  # the epilogue variant that also returns AG's sums (passes/guidance.py)
 TRACE = "guidance_cosines"  # record: per generation, AG's per-step, per-sample cosines
 RECORDING = "guidance_recording"  # record: per generation, the full-guidance predictions
+NO_CFG = ("no classifier-free guidance found in the denoiser's calls (neither a batch whose halves share latents "
+          "nor two calls per step with equal latents)")
 
 
 @dataclass
@@ -190,8 +192,7 @@ class GuidancePolicy(Policy):
             state.uncond_first = name == "uncond" if info.index == 0 else name != "uncond"
             return self._start(state, first_call_done=info.index > 0)
         if info.step > 0 or info.index > 1:  # a whole step went by with one call and no equal halves
-            return self._not_guidance(state, "no classifier-free guidance found in the denoiser's calls (neither a "
-                                      "batch whose halves share latents nor two calls per step with equal latents)")
+            return self._not_guidance(state, NO_CFG)
         labels = self._labels(ctx)
         if info.index == 0:
             h = rows // 2
@@ -215,8 +216,7 @@ class GuidancePolicy(Policy):
                 return self._not_guidance(state, "two calls share latents but neither holds only the null class")
             state.uncond_first = order
             return self._start(state, first_call_done=True)
-        self._not_guidance(state, "no classifier-free guidance found in the denoiser's calls (neither a batch "
-                           "whose halves share latents nor two calls per step with equal latents)")
+        self._not_guidance(state, NO_CFG)
 
     def _batched_order(self, labels: torch.Tensor | None, h: int, named: bool) -> bool | None:
         """Whether the unconditional half comes first; None: the halves are not guidance."""
