@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ditfx.models.dit import _sincos_1d
+from ditfx.models.dit import MAX_PERIOD, _sincos_1d
 
 RESIZE_MODES = ("bilinear", "bicubic")
 
@@ -78,3 +78,63 @@ def coarse_sincos_pos_embed(dim: int, grid_size: int, stride: int) -> torch.Tens
     rows, cols = torch.meshgrid(coords, coords, indexing="ij")
     halves = [_sincos_1d(cols.reshape(-1), dim // 2), _sincos_1d(rows.reshape(-1), dim // 2)]
     return torch.cat(halves, dim=1).float()
+
+
+def _sincos_angles_to_positions(sin: torch.Tensor, cos: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
+    """Positions (P,) from ``sin/cos(pos * omega_k)`` (P, K): read at the lowest frequency, then refined at each
+    higher one (resolving whole turns), so the result has the precision of the highest."""
+    angles = torch.atan2(sin, cos)  # (P, K), wrapped
+    order = torch.argsort(omega)  # lowest frequency first
+    pos = angles[:, order[0]] / omega[order[0]]
+    for k in order[1:]:
+        turns = torch.round((pos * omega[k] - angles[:, k]) / (2 * torch.pi))
+        pos = (angles[:, k] + 2 * torch.pi * turns) / omega[k]
+    return pos
+
+
+def fit_sincos(table: torch.Tensor, grid: tuple[int, int]) -> tuple[float, float, float, float] | None:
+    """``(a_col, k_col, a_row, k_row)`` when ``table`` (h*w, D) is the fixed 2-D sin-cos table (column embedding in
+    the first half of the channels, as the DiT and diffusers tables) at positions ``a + k * index``; else None."""
+    h, w = grid
+    n, dim = table.shape
+    if n != h * w or dim % 4:
+        return None
+    t = table.double()
+    quarter = dim // 4
+    omega = 1.0 / MAX_PERIOD ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    fits = []
+    for half, index in ((0, torch.arange(n) % w), (1, torch.arange(n) // w)):
+        part = t[:, half * dim // 2:(half + 1) * dim // 2]
+        pos = _sincos_angles_to_positions(part[:, :quarter], part[:, quarter:], omega)
+        x = index.double()
+        design = torch.stack([torch.ones_like(x), x], dim=1)
+        a, k = torch.linalg.lstsq(design, pos[:, None]).solution[:, 0].tolist()
+        fits += [a, k]
+    rebuilt = _sincos_table(fits, grid, 1, dim)
+    scale = max(1.0, float(t.abs().max()))
+    return tuple(fits) if float((rebuilt - t).abs().max()) <= 1e-4 * scale else None
+
+
+def _sincos_table(fit, grid: tuple[int, int], stride: int, dim: int) -> torch.Tensor:
+    a_col, k_col, a_row, k_row = fit
+    h, w = grid[0] // stride, grid[1] // stride
+    offset = stride / 2 if stride > 1 else 0.0  # coarse-patch centres in native units (ARD's convention)
+    cols = a_col + k_col * (torch.arange(w, dtype=torch.float64) * stride + offset)
+    rows = a_row + k_row * (torch.arange(h, dtype=torch.float64) * stride + offset)
+    r, c = torch.meshgrid(rows, cols, indexing="ij")
+    return torch.cat([_sincos_1d(c.reshape(-1), dim // 2), _sincos_1d(r.reshape(-1), dim // 2)], dim=1)
+
+
+def coarse_table(table: torch.Tensor, grid: tuple[int, int], stride: int) -> torch.Tensor:
+    """A positional table (h*w, D) of a native grid, at the coarse grid (h/stride * w/stride, D): a fixed sin-cos
+    table is evaluated at the coarse-patch centres (:func:`fit_sincos`), any other table (learned, or one this
+    does not recognise) is resampled bilinearly at the coarse patches' centres."""
+    h, w = grid
+    if stride < 1 or h % stride or w % stride:
+        raise ValueError(f"stride must divide the grid {h}x{w}, got {stride}")
+    fit = fit_sincos(table, grid)
+    if fit is not None:
+        return _sincos_table(fit, grid, stride, table.shape[1]).to(table.dtype)
+    image = table.double().T.reshape(1, table.shape[1], h, w)
+    coarse = F.interpolate(image, size=(h // stride, w // stride), mode="bilinear", align_corners=False)
+    return coarse.reshape(table.shape[1], -1).T.to(table.dtype)

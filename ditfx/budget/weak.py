@@ -1,0 +1,344 @@
+"""The weak mode as a graph transform: the captured graph of a DiT, rewritten to run at a coarser patch size.
+
+Three sites of the captured graph change (shared/research/methods.md 3.7); the blocks keep their weights:
+
+* the patch embedding, a convolution of the latents with kernel = stride = p, becomes one with kernel = stride
+  = q whose kernel is an adapter input (``embed.weight``; PI-resize of the native kernel in the zero-shot mode);
+* the positional table added to the embedded tokens becomes an adapter input (``pos_embed``) at the coarse grid:
+  a fixed sin-cos table evaluated at coarse-patch centres, a learned or cropped table resampled;
+* the de-embedding, the final linear before the unpatchify reshape, becomes one with q*q*C outputs
+  (``deembed.weight``/``deembed.bias``), and the unpatchify follows;
+
+then :func:`~ditfx.budget.retoken.retoken` moves every size literal that followed the token count. Optionally
+each linear of the blocks on the token stream gains a low-rank update (LoRA, ``lora.<module>.down/up``) that
+exists only in this graph, so the native mode stays the captured graph, bit for bit.
+Where a site is missing, :class:`BudgetConversionError` says which.
+"""
+from __future__ import annotations
+
+import copy
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from ditfx.budget.resize import coarse_table, pi_resize, resize_deembed
+from ditfx.budget.retoken import RetokenError, retoken
+from ditfx.graph import meta
+from ditfx.graph.structure import InputRoles, find_blocks
+
+_LINEARS = {torch._C._nn.linear, F.linear}
+_CONVS = {torch.conv2d, F.conv2d}
+_PASS_THROUGH_METHODS = {"flatten", "transpose", "permute", "view", "reshape", "contiguous", "to", "float", "type_as"}
+_ADDS = {operator.add, torch.add, operator.iadd}
+
+
+class BudgetConversionError(ValueError):
+    """The graph's model cannot be converted to a coarser patch size; the message names what is missing."""
+
+
+@dataclass
+class Sites:
+    """Where the patch size lives in a captured graph."""
+
+    latents: str
+    conv: str  # the patch-embedding convolution
+    embed_weight: str  # its kernel's placeholder, (D, C, p, p)
+    patch: int
+    grid: tuple[int, int]  # tokens per side
+    width: int
+    in_channels: int
+    pos_add: str | None  # the add of the positional table to the embedded tokens (None: no table)
+    pos_operand: str | None
+    deembed: str  # the final linear before the unpatchify
+    deembed_weight: str
+    deembed_bias: str | None
+    out_channels: int
+    block_linears: list[tuple[str, str]] = field(default_factory=list)  # (linear node, module path) on the stream
+
+    @property
+    def tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+
+def _shape(node: fx.Node) -> tuple[int, ...] | None:
+    v = meta.tensor_value(node)
+    return tuple(v.shape) if v is not None else None
+
+
+def _ints(v) -> tuple[int, ...]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def _from_latents(node: fx.Node, latents: fx.Node) -> bool:
+    """``node`` is the latents, maybe cast (``.to(dtype)``, ``.float()``)."""
+    while node is not latents:
+        if node.op == "call_method" and node.target in ("to", "float", "type_as", "contiguous"):
+            node = node.args[0]
+        else:
+            return False
+    return True
+
+
+def _conv_args(node: fx.Node) -> dict:
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    args = dict(zip(names, node.args))
+    args.update(node.kwargs)
+    return args
+
+
+def find_sites(gm: fx.GraphModule, roles: InputRoles) -> Sites:
+    """The patch embedding, positional table and de-embedding of ``gm``; raises :class:`BudgetConversionError`."""
+    if roles.latents is None:
+        raise BudgetConversionError("no latents input found: token budgets need the latents the model patchifies")
+    latents = next(n for n in gm.graph.find_nodes(op="placeholder") if n.name == roles.latents)
+    shape = _shape(latents)
+    if shape is None or len(shape) != 4:
+        raise BudgetConversionError(
+            f"the latents input has shape {shape}: token budgets convert models that patchify (batch, channels, "
+            "height, width) latents with a convolution (DiT, PixArt, SD3, Sana...); models fed packed tokens "
+            "(Flux, Wan) are not converted yet")
+    convs = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _CONVS
+             and _from_latents(n.args[0], latents)]
+    if len(convs) != 1:
+        raise BudgetConversionError(f"found {len(convs)} convolutions of the latents, need exactly one: the patch "
+                                    "embedding (kernel = stride = patch size)")
+    conv = convs[0]
+    args = _conv_args(conv)
+    weight = args["weight"]
+    w_shape = _shape(weight)
+    stride = _ints(args.get("stride", 1))
+    if (weight.op != "placeholder" or w_shape is None or len(w_shape) != 4 or w_shape[2] != w_shape[3]
+            or stride != (w_shape[2], w_shape[3]) or any(_ints(args.get("padding", 0)))
+            or args.get("groups", 1) != 1):
+        raise BudgetConversionError(f"the latents' convolution {conv.name} is not a patch embedding (a square "
+                                    f"kernel equal to its stride, no padding, one group): kernel {w_shape}, "
+                                    f"stride {stride}")
+    patch = w_shape[2]
+    out = _shape(conv)
+    grid = (out[2], out[3])
+    pos_add, pos_operand = _find_pos_add(gm, conv, grid[0] * grid[1], w_shape[0])
+    deembed, c_out = _find_deembed(gm, patch, grid)
+    dargs = dict(zip(("input", "weight", "bias"), deembed.args))
+    dargs.update(deembed.kwargs)
+    bias = dargs.get("bias")
+    owner = find_blocks(gm)
+    linears = [(n.name, meta.module_stack(n)[-1][0]) for n in gm.graph.nodes
+               if n in owner and n.op == "call_function" and n.target in _LINEARS
+               and (s := _shape(n.args[0])) is not None and len(s) >= 3 and meta.module_stack(n)]
+    return Sites(latents=latents.name, conv=conv.name, embed_weight=weight.name, patch=patch, grid=grid,
+                 width=w_shape[0], in_channels=w_shape[1], pos_add=pos_add and pos_add.name,
+                 pos_operand=pos_operand and pos_operand.name, deembed=deembed.name,
+                 deembed_weight=dargs["weight"].name, deembed_bias=bias.name if isinstance(bias, fx.Node) else None,
+                 out_channels=c_out, block_linears=linears)
+
+
+def _batch_free(node: fx.Node) -> bool:
+    """Computed from weights and constants only."""
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder" and not meta.is_dynamo_weight(n):
+            return False
+        todo.extend(n.all_input_nodes)
+    return True
+
+
+def _find_pos_add(gm, conv: fx.Node, tokens: int, width: int) -> tuple[fx.Node | None, fx.Node | None]:
+    node = conv
+    while True:
+        users = list(node.users)
+        if len(users) != 1:
+            return None, None
+        user = users[0]
+        if user.op == "call_method" and user.target in _PASS_THROUGH_METHODS and user.args[0] is node:
+            node = user
+            continue
+        if user.op == "call_function" and user.target in _ADDS:
+            other = next((a for a in user.args[:2] if isinstance(a, fx.Node) and a is not node), None)
+            s = _shape(other) if other is not None else None
+            if s is not None and s[-2:] == (tokens, width) and all(d == 1 for d in s[:-2]) and _batch_free(other):
+                return user, other
+        return None, None
+
+
+def _find_deembed(gm, patch: int, grid: tuple[int, int]) -> tuple[fx.Node, int]:
+    """The final linear whose (B, N, p*p*C) output the unpatchify reshapes to (B, h, w, p, p, C)."""
+    for n in gm.graph.nodes:
+        if n.op not in ("call_method", "call_function") or (n.op == "call_method" and n.target not in ("reshape", "view")) \
+                or (n.op == "call_function" and n.target is not torch.reshape):
+            continue
+        s = _shape(n)
+        if s is None or len(s) != 6 or s[1:5] != (*grid, patch, patch):
+            continue
+        src = n.args[0]
+        while src.op == "call_method" and src.target in ("contiguous", "to", "squeeze"):
+            src = src.args[0]
+        if src.op == "call_function" and src.target in _LINEARS:
+            w = src.args[1] if len(src.args) > 1 else src.kwargs["weight"]
+            if isinstance(w, fx.Node) and w.op == "placeholder":
+                return src, s[5]
+    raise BudgetConversionError(
+        "no unpatchify found: token budgets need the de-embedding as a linear layer to p*p*C features per token "
+        "reshaped to (batch, h, w, p, p, C) (the DiT/diffusers unpatchify)")
+
+
+@dataclass
+class WeakGraph:
+    """A captured graph rewritten to patch size ``patch``; its last placeholders are the adapter tensors ``keys``."""
+
+    gm: fx.GraphModule
+    sites: Sites
+    patch: int
+    keys: list[str]  # adapter tensor names, in placeholder order (after the captured inputs)
+    placeholders: list[str]  # their placeholder names
+    shapes: dict[str, tuple[int, ...]]
+    lora_rank: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return (self.sites.grid[0] // self.stride) * (self.sites.grid[1] // self.stride)
+
+    @property
+    def stride(self) -> int:
+        return self.patch // self.sites.patch
+
+
+def adapter_shapes(sites: Sites, patch: int, lora_rank: int, gm: fx.GraphModule) -> dict[str, tuple[int, ...]]:
+    """The adapter tensors a weak mode at ``patch`` takes, by name."""
+    s = patch // sites.patch
+    tokens = (sites.grid[0] // s) * (sites.grid[1] // s)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    shapes = {"embed.weight": (sites.width, sites.in_channels, patch, patch)}
+    if sites.pos_operand is not None:
+        pos = _shape(nodes[sites.pos_operand])
+        shapes["pos_embed"] = (*pos[:-2], tokens, pos[-1])
+    d_in = _shape(nodes[sites.deembed_weight])[1]
+    shapes["deembed.weight"] = (patch * patch * sites.out_channels, d_in)
+    shapes["deembed.bias"] = (patch * patch * sites.out_channels,)
+    if lora_rank:
+        for name, path in sites.block_linears:
+            w = _shape(nodes[name].args[1])
+            shapes[f"lora.{path}.down"] = (lora_rank, w[1])
+            shapes[f"lora.{path}.up"] = (w[0], lora_rank)
+    return shapes
+
+
+def weak_graph(gm: fx.GraphModule, sites: Sites, patch: int, lora_rank: int = 0) -> WeakGraph:
+    """A copy of ``gm`` at patch size ``patch`` (a multiple of the native one dividing the grid)."""
+    p = sites.patch
+    if patch <= p or patch % p:
+        raise BudgetConversionError(f"the weak patch size must be a multiple of the native {p} above it, got {patch}")
+    s = patch // p
+    if sites.grid[0] % s or sites.grid[1] % s:
+        raise BudgetConversionError(f"patch size {patch} does not tile the {sites.grid[0]}x{sites.grid[1]} grid of "
+                                    f"native {p}x{p} patches")
+    shapes = adapter_shapes(sites, patch, lora_rank, gm)
+    out = copy.deepcopy(gm)
+    g = out.graph
+    nodes = {n.name: n for n in g.nodes}
+    last = list(g.find_nodes(op="placeholder"))[-1]
+    ref = meta.tensor_value(nodes[sites.embed_weight])
+    added: dict[str, fx.Node] = {}
+    for key in shapes:
+        with g.inserting_after(last):
+            ph = g.placeholder("budget_" + key.replace(".", "_"))
+        last = added[key] = ph
+    # patch embedding: the adapter's kernel, stride q
+    conv = nodes[sites.conv]
+    args = list(conv.args)
+    args[1] = added["embed.weight"]
+    if len(args) > 3:
+        args[3] = (patch, patch)
+    conv.args = tuple(args)
+    if "stride" in conv.kwargs or len(args) <= 3:
+        conv.update_kwarg("stride", (patch, patch))
+    # positional table
+    if sites.pos_add is not None:
+        nodes[sites.pos_add].replace_input_with(nodes[sites.pos_operand], added["pos_embed"])
+    # de-embedding
+    lin = nodes[sites.deembed]
+    lin.replace_input_with(nodes[sites.deembed_weight], added["deembed.weight"])
+    if sites.deembed_bias is not None:
+        lin.replace_input_with(nodes[sites.deembed_bias], added["deembed.bias"])
+    else:
+        lin.args = (*lin.args[:2], added["deembed.bias"])
+    g.eliminate_dead_code()
+    out.recompile()
+    inputs = {ph.name: torch.empty(shapes[key], dtype=ref.dtype, device=ref.device) for key, ph in added.items()}
+    h, w = sites.grid
+    seeds = {h: h // s, w: w // s, p: patch, h * w: (h // s) * (w // s)}
+    try:
+        retoken(out, inputs, seeds)
+    except RetokenError as e:
+        raise BudgetConversionError(f"cannot run this graph at patch size {patch}: {e}") from e
+    if lora_rank:  # after the literals moved: the low-rank path has none, and its nodes get the new shapes
+        _insert_lora(g, nodes, sites, added)
+        out.recompile()
+        retoken(out, {}, {})
+    return WeakGraph(out, sites, patch, list(shapes), [added[k].name for k in shapes], shapes, lora_rank)
+
+
+def _insert_lora(g: fx.Graph, nodes: dict, sites: Sites, added: dict[str, fx.Node]) -> None:
+    """y = linear(x, W, b) + linear(linear(x, down), up): zero while ``up`` is zero."""
+    for name, path in sites.block_linears:
+        lin = nodes[name]
+        users = list(lin.users)
+        with g.inserting_after(lin):
+            low = g.call_function(torch._C._nn.linear, (lin.args[0], added[f"lora.{path}.down"]))
+        with g.inserting_after(low):
+            up = g.call_function(torch._C._nn.linear, (low, added[f"lora.{path}.up"]))
+        with g.inserting_after(up):
+            total = g.call_function(operator.add, (lin, up))
+        for new in (low, up, total):  # the block's own nodes: the region split reads the module stack
+            new.meta.update({k: v for k, v in lin.meta.items() if k in ("nn_module_stack", "stack_trace")})
+        for u in users:
+            u.replace_input_with(lin, total)
+
+
+# ------------------------------------------------------------------------------------------ zero-shot
+
+
+def evaluate(gm: fx.GraphModule, name: str, example_inputs: list) -> torch.Tensor:
+    """The value of node ``name`` of ``gm`` on ``example_inputs``, computing only what it needs."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    needed, todo = set(), [nodes[name]]
+    while todo:
+        n = todo.pop()
+        if n not in needed:
+            needed.add(n)
+            todo.extend(n.all_input_nodes)
+    interp = fx.Interpreter(gm)
+    env = interp.env
+    for ph, value in zip(gm.graph.find_nodes(op="placeholder"), example_inputs):
+        env[ph] = value
+    with torch.no_grad():
+        for n in gm.graph.nodes:
+            if n in needed and n.op != "placeholder":
+                env[n] = interp.run_node(n)
+    return env[nodes[name]]
+
+
+def zero_shot_tensors(gm: fx.GraphModule, sites: Sites, example_inputs: list, patch: int,
+                      resize: str = "bilinear") -> dict[str, torch.Tensor]:
+    """The weak mode's tensors from the native ones, without training: PI-resize of the embedding kernel, the
+    de-embedding resized per channel, the positional table at coarse-patch centres."""
+    values = {ph.name: v for ph, v in zip(gm.graph.find_nodes(op="placeholder"), example_inputs)}
+    s = patch // sites.patch
+    out = {"embed.weight": pi_resize(values[sites.embed_weight].detach(), patch, resize)}
+    if sites.pos_operand is not None:
+        table = evaluate(gm, sites.pos_operand, example_inputs).detach()
+        flat = table.reshape(sites.tokens, sites.width)
+        coarse = coarse_table(flat, sites.grid, s)
+        out["pos_embed"] = coarse.reshape(*table.shape[:-2], -1, sites.width).to(table.dtype)
+    weight = values[sites.deembed_weight].detach()
+    bias = values[sites.deembed_bias].detach() if sites.deembed_bias else torch.zeros(weight.shape[0],
+                                                                                       dtype=weight.dtype)
+    out["deembed.weight"], out["deembed.bias"] = resize_deembed(weight, bias, sites.patch, patch,
+                                                                sites.out_channels, "ppc", resize)
+    return out
