@@ -6,8 +6,9 @@
 from ditfx.api import (calibrate, calibrate_guidance, generation, guidance_trace, optimize, repeated_blocks,
                        reset_stats, stats)
 from ditfx.backend import ditfx_backend
+from ditfx import budget
 from ditfx.config import (AdaptiveGuidance, CacheCalibration, Config, DynamicCache, GuidanceWindow, LinearAG,
-                          StaticCache)
+                          StaticCache, TokenBudget)
 from ditfx.runtime.linear_ag import LinearAGCoefficients
 from ditfx.graph.structure import StructureError
 from ditfx.runtime.schedule import CacheSchedule
@@ -17,7 +18,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdaptiveGuidance", "CacheCalibration", "CacheSchedule", "Config", "DynamicCache", "GuidanceWindow", "LinearAG",
-    "LinearAGCoefficients", "StaticCache", "Stats", "StructureError",
+    "LinearAGCoefficients", "StaticCache", "Stats", "StructureError", "TokenBudget", "budget",
     "calibrate", "calibrate_guidance", "ditfx_backend", "generation", "guidance_trace", "optimize",
     "repeated_blocks", "reset_stats", "stats",
 ]

@@ -48,7 +48,7 @@ class DitfxBackend:
                                   "without dynamic=False recompiles a second batch size dynamically; data-dependent "
                                   "sizes do it too); pass dynamic=False to torch.compile, or use ditfx.optimize")
         try:
-            plan = build_plan(gm, self.config, facts=self.facts)
+            plan = build_plan(gm, self.config, facts=self.facts, example_inputs=example_inputs)
             if plan.policies and len(plan.block_names) < len(self.facts.blocks):
                 return self._fallback(gm, example_inputs, (
                     f"this graph holds {len(plan.block_names)} of the model's {len(self.facts.blocks)} blocks "
@@ -77,7 +77,7 @@ class DitfxBackend:
             if once in self._warned:
                 return compile_region(gm, example_inputs, self.config.compiler)
             self._warned.add(once)
-        techniques = [name for name in ("cache", "guidance") if getattr(self.config, name) is not None]
+        techniques = [name for name in ("cache", "guidance", "budget") if getattr(self.config, name) is not None]
         off = f": {' and '.join(techniques)} off" if techniques else ""
         warnings.warn(f"ditfx: {why}. This graph is compiled with {self.config.compiler!r} without ditfx "
                       f"passes{off}.", stacklevel=2)

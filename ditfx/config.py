@@ -237,6 +237,79 @@ class GuidanceRecording:
 
 GUIDANCE_KINDS = (AdaptiveGuidance, GuidanceWindow, LinearAG, GuidanceRecording)
 
+
+@dataclass(frozen=True)
+class TokenBudget:
+    """Token-budget patching (FlexiDiT): the early, high-noise steps run at a coarser patch size.
+
+    ``adapter``: the weak mode's tensors, a :class:`~ditfx.budget.BudgetAdapter` or the path of one written by
+    :func:`ditfx.budget.distill` (``ditfx.models.digits.budget_adapter()`` for the digits model); ``None`` runs the
+    zero-shot mode (PI-resize of the native layers, no training) at ``patch_size`` (default twice the native).
+    Which steps run weak, one of:
+
+    * ``weak_until``: a fraction of normalised time: calls with ``t / time_scale > 1 - weak_until`` run weak
+      (0: none, the exact native model);
+    * ``flops``: the fraction of the native FLOPs to spend at most: on the step count at hand (the pipeline's
+      scheduler says it) the fewest leading steps that bring the cost model's FLOPs within it run weak; without a
+      known step count, the same fraction of normalised time (warned);
+    * ``steps``: the calibrated set of weak steps in normalised time (a :class:`~ditfx.budget.BudgetSchedule`
+      or the path of one written by :func:`ditfx.budget.calibrate`): the steps where the measured weak/native
+      gap was smallest within a FLOPs budget.
+
+    ``time_scale``: the timestep at noise level 1 (None: the adapter's, else 1000).
+    """
+
+    adapter: Any = field(default=None, repr=False)
+    weak_until: float | None = None
+    flops: float | None = None
+    steps: Any = field(default=None, repr=False)
+    patch_size: int | None = None
+    time_scale: float | None = None
+    resize: str = "bilinear"
+
+    def __post_init__(self):
+        from ditfx.budget.adapter import BudgetAdapter
+        from ditfx.budget.schedule import BudgetSchedule
+
+        o = "TokenBudget"
+        if isinstance(self.adapter, (str, Path)):
+            _set(self, "adapter", BudgetAdapter.load(self.adapter))
+        if self.adapter is not None and not isinstance(self.adapter, BudgetAdapter):
+            raise WrongType("TokenBudget.adapter must be a ditfx.budget.BudgetAdapter, the path of one, or None "
+                            f"(zero-shot), got {type(self.adapter).__name__}")
+        if isinstance(self.steps, (str, Path)):
+            _set(self, "steps", BudgetSchedule.load(self.steps))
+        if self.steps is not None and not isinstance(self.steps, BudgetSchedule):
+            raise WrongType("TokenBudget.steps must be a ditfx.budget.BudgetSchedule or the path of one written by "
+                            f"ditfx.budget.calibrate, got {type(self.steps).__name__}")
+        chosen = [n for n in ("weak_until", "flops", "steps") if getattr(self, n) is not None]
+        _check(len(chosen) == 1, f"TokenBudget needs exactly one of weak_until (normalised time), flops (a fraction "
+                                 f"of native FLOPs) or steps (a calibrated schedule), got {chosen or 'none'}")
+        if self.weak_until is not None:
+            _set(self, "weak_until", check_float(o, "weak_until", self.weak_until, 0))
+            _check(self.weak_until <= 1, f"TokenBudget.weak_until is a fraction of normalised time in [0, 1], got "
+                                         f"{self.weak_until}")
+        if self.flops is not None:
+            _set(self, "flops", check_float(o, "flops", self.flops, 0))
+            _check(0 < self.flops <= 1, f"TokenBudget.flops is a fraction of the native FLOPs in (0, 1], got "
+                                        f"{self.flops}")
+        _set(self, "patch_size", check_int(o, "patch_size", self.patch_size, 1, none_ok=True,
+                                           hint=" (the weak patch size of the zero-shot mode)"))
+        if self.adapter is not None and self.patch_size is not None and self.patch_size != self.adapter.patch:
+            raise ValueError(f"TokenBudget.patch_size={self.patch_size} differs from the adapter's patch size "
+                             f"{self.adapter.patch}: leave patch_size unset with an adapter")
+        if self.time_scale is not None:
+            _set(self, "time_scale", check_float(o, "time_scale", self.time_scale))
+            _check(self.time_scale > 0, f"TokenBudget.time_scale must be > 0, got {self.time_scale}")
+        check_choice(o, "resize", self.resize, ("bilinear", "bicubic"),
+                     f"TokenBudget.resize must be 'bilinear' or 'bicubic', got {self.resize!r}")
+
+    @property
+    def effective_time_scale(self) -> float:
+        if self.time_scale is not None:
+            return self.time_scale
+        return self.adapter.time_scale if self.adapter is not None else 1000.0
+
 # the "kind" of a dict-form cache or guidance in torch.compile options
 CACHE_OPTION_KINDS = {"dynamic": DynamicCache, "static": StaticCache}
 GUIDANCE_OPTION_KINDS = {"adaptive": AdaptiveGuidance, "window": GuidanceWindow, "linear": LinearAG}
@@ -287,6 +360,7 @@ class Config:
     compiler: str = "inductor"
     compile_regions: str = "blocks"
     kernels: bool = False  # lower adaLN / gated-residual patterns to torch.ops.ditfx kernels (passes/fusion.py)
+    budget: TokenBudget | None = None
 
     def __post_init__(self):
         check_bool("Config", "kernels", self.kernels,
@@ -300,6 +374,9 @@ class Config:
                             f"{self.cache!r} ({type(self.cache).__name__}): build one, e.g. "
                             f"ditfx.DynamicCache(threshold=0.1) (torch.compile options take a dict, "
                             f"{_OPTION_EXAMPLES['dynamic']})")
+        if not (self.budget is None or isinstance(self.budget, TokenBudget)):
+            raise WrongType(f"Config.budget must be ditfx.TokenBudget or None, got {type(self.budget).__name__}: "
+                            "build one, e.g. ditfx.TokenBudget(adapter=..., flops=0.6)")
         if not (self.guidance is None or isinstance(self.guidance, GUIDANCE_KINDS)):
             raise WrongType("Config.guidance must be ditfx.AdaptiveGuidance, ditfx.LinearAG, ditfx.GuidanceWindow or "
                             f"None, got {self.guidance!r} ({type(self.guidance).__name__}): build one, e.g. "
@@ -329,6 +406,8 @@ class Config:
         _check(not unknown, f"unknown ditfx option(s) {sorted(map(str, unknown))}; known: {sorted(known)}")
         if isinstance(options.get("cache"), dict):
             options["cache"] = _from_option_dict("cache", options["cache"], CACHE_OPTION_KINDS, "dynamic")
+        if isinstance(options.get("budget"), dict):
+            options["budget"] = TokenBudget(**options["budget"])
         if isinstance(options.get("guidance"), dict):
             options["guidance"] = _from_option_dict("guidance", options["guidance"], GUIDANCE_OPTION_KINDS,
                                                     "adaptive")

@@ -107,6 +107,10 @@ class Plan:
     reports: list = field(default_factory=list)
     rebatch: Callable[[fx.GraphModule, int, int, list[bool]], fx.GraphModule] | None = None
     null_class: int | None = None  # the unconditional class label of a class-conditional model
+    tokens: int = 0  # tokens of the latent stream per sample
+    # coarser modes of the same model (token budgets): name -> its plan, and the adapter tensors it takes
+    modes: dict[str, Plan] = field(default_factory=dict)
+    mode_inputs: dict[str, list[torch.Tensor]] = field(default_factory=dict, repr=False)
     _graphs: dict[VariantKey, fx.GraphModule] = field(default_factory=dict, repr=False)
     _refused: dict[tuple, str] = field(default_factory=dict, repr=False)
 

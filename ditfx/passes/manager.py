@@ -17,6 +17,7 @@ from ditfx.config import Config
 from ditfx.graph import cost, meta, regions
 from ditfx.graph.structure import DiTStructure, analyse
 from ditfx.passes.block_cache import BlockCacheReport, cache_pass
+from ditfx.passes.budget import budget_pass
 from ditfx.passes.context import PassContext
 from ditfx.passes.fusion import FusionReport, fusion_pass
 from ditfx.passes.guidance import guidance_pass
@@ -59,25 +60,28 @@ class Pass:
     run: Callable[[Plan, PassContext], PassReport]
 
 
-# in this order; the policies chain in the same order (guidance chooses the rows, then the cache acts on them)
+# in this order; the policies chain in the same order (the budget chooses the mode, guidance the rows, then the
+# cache acts on them)
 PASSES: list[Pass] = [
+    Pass("budget", "budget", budget_pass),
     Pass("guidance", "guidance", guidance_pass),
     Pass("block_cache", "cache", cache_pass),
 ]
 
 
 def build_plan(gm: fx.GraphModule, config: Config, weight_names: set[str] | None = None,
-               facts: ModelFacts | None = None) -> Plan:
-    """Raises :class:`~ditfx.graph.structure.StructureError` when the graph has no DiT structure."""
+               facts: ModelFacts | None = None, example_inputs: list | None = None) -> Plan:
+    """Raises :class:`~ditfx.graph.structure.StructureError` when the graph has no DiT structure.
+    ``example_inputs``: the captured call's inputs (the zero-shot token budget reads the weights from them)."""
     facts = facts or ModelFacts()
     structure = analyse(gm, weight_names)
     region_modules = [regions.extract(gm, r) for r in structure.regions]
-    ctx = PassContext(config)
+    ctx = PassContext(config, example_inputs=example_inputs, facts=facts)
     if config.kernels:  # before the cache pass, so its variants are built from the fused regions
         region_modules, ctx.fusion = fusion_pass(region_modules)
     flops = {rm.region.name: int(cost.graph_flops(rm.region.nodes)) for rm in region_modules}
     plan = Plan(structure, io_spec(structure, region_modules), region_modules, flops, rebatch=rebatch,
-                null_class=facts.null_class)
+                null_class=facts.null_class, tokens=_latent_tokens(structure))
     shared: dict[str, list[str]] = {}
     for rm in region_modules:
         shared.setdefault(rm.signature, []).append(rm.region.name)
@@ -100,6 +104,16 @@ def build_plan(gm: fx.GraphModule, config: Config, weight_names: set[str] | None
             plan.reports.append(p.run(plan, ctx))
             plan.policies.append(technique)
     return plan
+
+
+def _latent_tokens(structure: DiTStructure) -> int:
+    """Tokens per sample on the latent stream: the sequence length of the first latent block's stream input."""
+    for r in structure.block_regions:
+        if r.latent_stream and r.streams and r.primary_stream is not None:
+            v = meta.tensor_value(r.inputs[r.streams[r.primary_stream][1]])
+            if v is not None and v.dim() >= 2:
+                return int(v.shape[-2])
+    return 0
 
 
 def io_spec(structure: DiTStructure, region_modules: list[regions.RegionModule]) -> IOSpec:

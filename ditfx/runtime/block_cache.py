@@ -134,7 +134,7 @@ class _CachePolicy(Policy):
 class DynamicCachePolicy(_CachePolicy):
     """First-block-cache style: block ``first-1``'s change decides whether the middle blocks run."""
 
-    slots = (StateSlot("cache", lambda ctx: _DynamicState(), scope="branch", per_row=True),)
+    slots = (StateSlot("cache", lambda ctx: _DynamicState(), scope="branch", per_row=True, per_mode=True),)
 
     def __init__(self, cfg: DynamicCache, plan):
         super().__init__(cfg, plan)
@@ -253,7 +253,7 @@ class StaticCachePolicy(_CachePolicy):
     """The paper's accumulate-until-delta schedule, evaluated online on the steps' normalised times."""
 
     slots = (StateSlot("cache", lambda ctx: _StaticState(acc=[0.0] * len(ctx.plan.structure.blocks)),
-                       scope="branch", per_row=True),)
+                       scope="branch", per_row=True, per_mode=True),)
 
     def __init__(self, cfg: StaticCache, plan):
         super().__init__(cfg, plan)
@@ -349,7 +349,7 @@ class CalibrationPolicy(_CachePolicy):
     """Runs every block and records the relative L1 change of each block's cached value per step."""
 
     RECORD = "cache_calibration"
-    slots = (StateSlot("run", _calibration_run, scope="branch"),)
+    slots = (StateSlot("run", _calibration_run, scope="branch", per_mode=True),)
 
     def __init__(self, cfg: CacheCalibration, plan):
         super().__init__(cfg, plan)

@@ -17,8 +17,8 @@ from ditfx.runtime.state import ModelRuntime
 class Executor:
     """Called by Dynamo in place of the captured graph, with the same inputs and outputs.
 
-    Data-dependent decisions (reuse a cached residual, drop rows) are made by the policies between compiled
-    regions, so no region has a graph break and Dynamo's guards never see a decision.
+    Data-dependent decisions (reuse a cached residual, drop rows, run a coarser mode) are made by the policies
+    between compiled regions, so no region has a graph break and Dynamo's guards never see a decision.
     """
 
     def __init__(self, plan: Plan, runtime: ModelRuntime, example_inputs: list, compile_edges: bool):
@@ -26,14 +26,16 @@ class Executor:
         self.io = plan.io
         self.runtime = runtime
         self.compile_edges = compile_edges
-        self.policies: list[Policy] = [policy_for(c, plan) for c in plan.policies]
+        self.modes: dict[str | None, Mode] = {None: Mode(None, plan, self)}
+        for name, sub in plan.modes.items():
+            self.modes[name] = Mode(name, sub, self, plan.mode_inputs[name])
+        self.policies = self.modes[None].policies
         roles = self.io.input_roles
         # weak: Dynamo's cache keeps the executor, and the executor must not keep a deleted model's weights
         self._weights = [weakref.ref(x) for name, x in zip(self.io.input_names, example_inputs)
                          if roles.get(name) == "weight" and isinstance(x, torch.Tensor)]
         self.timestep_pos = self.io.position("timestep")
         self.latents_pos = self.io.position("latents")
-        self._refused: set[int] = set()  # row counts some region cannot run on
         self._warned: set[tuple] = set()
 
     def weight_ids(self) -> set[int]:
@@ -47,21 +49,31 @@ class Executor:
         store = runtime.store()
         if info.new_generation or store.generation != info.generation:
             store.start(info.generation)
-        ctx = CallContext(info, list(args), self.plan, store, runtime.records)
-        for policy in self.policies:
+        mode = self.modes[self._choose_mode(info)]
+        ctx = CallContext(info, [*args, *mode.extra_inputs()], mode.plan, store, runtime.records, mode.name)
+        for policy in mode.policies:
             policy.begin_call(ctx)
         rows = ctx.rows
-        if rows is not None and len(rows) and len(rows) != self.io.rows and not self._supports_rows(len(rows)):
+        if rows is not None and len(rows) and len(rows) != self.io.rows and not mode.supports_rows(len(rows)):
             ctx.rows = None  # compute every row; the policies' end_call still completes the call
         if ctx.rows is not None and not len(ctx.rows):
             flat, evals = self.io.empty_outputs(latents.device if latents is not None else None), {}
         else:
-            flat, evals = self._run_regions(ctx)
-        for policy in reversed(self.policies):
+            flat, evals = mode.run_regions(ctx)
+        for policy in reversed(mode.policies):
             flat = policy.end_call(ctx, flat)
         runtime.add(generations=int(info.new_generation), steps=int(info.index == 0), calls=1, nfe=ctx.nfe,
                     nfe_skipped=ctx.nfe_skipped, **evals)
+        runtime.add_mode(mode.name, calls=1, flops=evals.get("flops", 0),
+                         tokens=mode.plan.tokens * (len(ctx.rows) if ctx.rows is not None else self.io.rows or 1))
         return self.io.outputs(flat)
+
+    def _choose_mode(self, info) -> str | None:
+        for policy in self.policies:
+            mode = policy.choose_mode(info)
+            if mode is not None:
+                return mode if mode in self.modes else None
+        return None
 
     def _timestep(self, args) -> float | None:
         if self.timestep_pos is None:
@@ -69,7 +81,31 @@ class Executor:
         t = args[self.timestep_pos]
         return float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else float(t)
 
-    def _run_regions(self, ctx: CallContext) -> tuple[list, dict]:
+    def warn_once(self, key, message: str) -> None:
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        warnings.warn(message, stacklevel=5)
+
+
+class Mode:
+    """One mode of the model: its plan (the captured graph, or the graph at a coarser patch size), the policies
+    running on it, the inputs it takes beyond the call's (the adapter's tensors), and how its regions run."""
+
+    def __init__(self, name: str | None, plan: Plan, executor: Executor, extra: list | None = None):
+        self.name = name
+        self.plan = plan
+        self.io = plan.io
+        self.executor = executor
+        self.policies: list[Policy] = [policy_for(c, plan) for c in plan.policies]
+        self._extra = list(extra or [])
+        self._refused: set[int] = set()  # row counts some region cannot run on
+        self.tokens = plan.tokens
+
+    def extra_inputs(self) -> list:
+        return self._extra
+
+    def run_regions(self, ctx: CallContext) -> tuple[list, dict]:
         io, rows = self.io, ctx.rows
         n = io.rows if rows is None else len(rows)
         args = ctx.args
@@ -103,9 +139,9 @@ class Executor:
     # ------------------------------------------------------------------------------ running variants
     def run(self, rm: RegionModule, transforms: tuple[str, ...], args: list, rows: int) -> tuple:
         key = self.plan.key(rm, transforms, rows)
-        compile_it = rm.region.kind == "block" or self.compile_edges or bool(transforms and any(
+        compile_it = rm.region.kind == "block" or self.executor.compile_edges or bool(transforms and any(
             self.plan.transforms[t].after_rows for t in transforms))  # measurement epilogues are compiled
-        return self.runtime.compiler.run(key, lambda: self.plan.graph(rm, key), args, compile=compile_it)
+        return self.executor.runtime.compiler.run(key, lambda: self.plan.graph(rm, key), args, compile=compile_it)
 
     def run_on_rows(self, rm: RegionModule, transforms: tuple[str, ...], args: list, n: int,
                     ids: torch.Tensor) -> tuple[tuple, int] | None:
@@ -131,12 +167,13 @@ class Executor:
             self.plan.graph(rm, self.plan.key(rm, transforms, rows))
             return True
         except VariantUnavailable as e:
-            self._warn_once(("rows", rm.signature, transforms, rows),
-                            f"ditfx: cannot run {rm.region.name} on {rows} of its {self.io.rows} rows ({e}); those "
-                            "calls compute every row there (no saving, same result)")
+            self.executor.warn_once(
+                ("rows", rm.signature, transforms, rows),
+                f"ditfx: cannot run {rm.region.name} on {rows} of its {self.io.rows} rows ({e}); those calls "
+                "compute every row there (no saving, same result)")
             return False
 
-    def _supports_rows(self, rows: int) -> bool:
+    def supports_rows(self, rows: int) -> bool:
         """Whether every region, with every transform it offers, can run on ``rows`` rows; warns once when not."""
         if rows in self._refused:
             return False
@@ -152,12 +189,6 @@ class Executor:
                           "compute every row (no saving, same result)", stacklevel=3)
             return False
         return True
-
-    def _warn_once(self, key, message: str) -> None:
-        if key in self._warned:
-            return
-        self._warned.add(key)
-        warnings.warn(message, stacklevel=4)
 
 
 def row_bucket(k: int, n: int) -> int | None:

@@ -44,6 +44,7 @@ class CallInfo:
     timestep: float | None
     new_generation: bool
     stated: bool  # generation boundaries come from the caller (pipeline or ditfx.generation()), not inferred
+    steps: int | None = None  # the generation's step count, where the pipeline's scheduler states it
 
 
 @dataclass
@@ -166,7 +167,9 @@ class Lifecycle:
             t.index, t.branches = 0, []
         t.branches.append(name)
         t.ended, t.last_timestep, t.last_latents, t.last_scheduler_step = False, timestep, latents, index
-        return CallInfo(t.generation, t.step, name if name is not None else t.index, t.index, timestep, new, True)
+        steps = getattr(self._scheduler(), "timesteps", None)
+        return CallInfo(t.generation, t.step, name if name is not None else t.index, t.index, timestep, new, True,
+                        len(steps) if steps is not None else None)
 
     def _place_repeat(self, t: _ThreadLifecycle, name: str | None, latents, stated: bool) -> tuple[bool, bool]:
         """(same step, new generation) for a call at the previous call's timestep."""

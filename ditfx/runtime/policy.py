@@ -38,13 +38,15 @@ class StateSlot:
     init: Callable[[CallContext], Any]
     scope: Literal["generation", "branch"] = "generation"
     per_row: bool = False  # per sample of the call's rows: seen through the rows each call computes
+    per_mode: bool = False  # one value per mode (patch size): values shaped by the token count
 
 
 class CallContext:
     """One call as the policies see it."""
 
-    def __init__(self, info: CallInfo, args: list, plan: Plan, store, records: dict):
+    def __init__(self, info: CallInfo, args: list, plan: Plan, store, records: dict, mode: str | None = None):
         self.info = info
+        self.mode = mode  # None: the native mode; else the name of the coarse mode this call runs in
         self.args = args
         self.plan = plan
         self.rows: torch.Tensor | None = None  # the call's rows to compute (None: all)
@@ -118,6 +120,10 @@ class Policy:
         self.config = config
         self.plan = plan
 
+    def choose_mode(self, info: CallInfo) -> str | None:
+        """The mode this call runs in (a policy that chooses modes answers; None: no opinion, native)."""
+        return None
+
     def begin_call(self, ctx: CallContext) -> None:
         pass
 
@@ -141,7 +147,7 @@ def register_policy(config_type: type):
     return register
 
 
-BUILTIN = ("ditfx.runtime.block_cache", "ditfx.runtime.guidance")  # modules that register ditfx's own policies
+BUILTIN = ("ditfx.runtime.block_cache", "ditfx.runtime.guidance", "ditfx.runtime.budget")  # modules that register ditfx's own policies
 
 
 def policy_for(config, plan: Plan) -> Policy:

@@ -2,10 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, fields
-
-
-
+from dataclasses import asdict, dataclass, field, fields
 
 @dataclass
 class Stats(Mapping):
@@ -34,6 +31,8 @@ class Stats(Mapping):
     graphs_without_ditfx: int = 0  # of those, compiled without ditfx's passes (each warned with its reason)
     region_compiles: int = 0
     compile_seconds: float = 0.0
+    # per mode ("native", or the weak mode's name such as "p4"): calls, tokens run (rows x tokens per row) and FLOPs
+    modes: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def __getitem__(self, key: str):
         if key not in _STATS_FIELDS:

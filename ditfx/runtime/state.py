@@ -32,7 +32,8 @@ class StateStore:
         slot = next((s for s in policy.slots if s.name == name), None)
         if slot is None:
             raise KeyError(f"{type(policy).__name__} declares no state slot {name!r}")
-        key = (policy.name, name, ctx.full_rows, ctx.info.branch if slot.scope == "branch" else None)
+        key = (policy.name, name, ctx.full_rows, ctx.info.branch if slot.scope == "branch" else None,
+               ctx.mode if slot.per_mode else None)
         value = self._values.get(key)
         if value is None:
             value = slot.init(ctx)
@@ -66,6 +67,12 @@ class ModelRuntime:
         with self._lock:
             for k, v in counts.items():
                 setattr(self.stats, k, getattr(self.stats, k) + v)
+
+    def add_mode(self, mode: str | None, **counts) -> None:
+        with self._lock:
+            entry = self.stats.modes.setdefault(mode or "native", dict.fromkeys(counts, 0))
+            for k, v in counts.items():
+                entry[k] = entry.get(k, 0) + v
 
     def snapshot(self) -> Stats:
         breaks, recompiles = _dynamo_counts()
