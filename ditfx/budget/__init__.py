@@ -1,9 +1,34 @@
-"""Token-budget patching (FlexiDiT): early denoising steps at a coarser patch size.
+"""Token-budget patching (FlexiDiT): early, high-noise denoising steps at a coarser patch size.
 
-Work in progress (issue 16): :mod:`ditfx.budget.resize` holds the weak mode's layer conversions (PI-resize of
-the patch embedding, the de-embedding resize, sin-cos positions at coarse-patch centres). The pass that builds the
-weak mode from a captured graph, the policy, the distillation and the schedule are not written yet.
+* :mod:`ditfx.budget.weak`: the weak mode as a rewrite of the captured graph (patch embedding, positional table,
+  de-embedding, size literals; LoRA on the blocks), and its zero-shot tensors;
+* :mod:`ditfx.budget.resize`: the layer conversions (PI-resize, de-embedding resize, sin-cos tables at coarse
+  centres);
+* :mod:`ditfx.budget.adapter`: :class:`BudgetAdapter`, the weak mode's tensors in one safetensors file;
+* :mod:`ditfx.budget.distill`: :func:`distill`, training the weak mode on the model's own predictions;
+* :mod:`ditfx.budget.schedule`: :class:`BudgetSchedule`, calibrated weak steps.
+
+``ditfx.TokenBudget`` turns it on; docs/token_budget.md.
 """
-from ditfx.budget.resize import coarse_sincos_pos_embed, pi_resize, resize_deembed, resize_matrix
+from ditfx.budget.adapter import AdapterError, BudgetAdapter
+from ditfx.budget.resize import coarse_sincos_pos_embed, coarse_table, pi_resize, resize_deembed, resize_matrix
+from ditfx.budget.schedule import BudgetSchedule
+from ditfx.budget.weak import BudgetConversionError
 
-__all__ = ["coarse_sincos_pos_embed", "pi_resize", "resize_deembed", "resize_matrix"]
+
+def distill(*args, **kwargs):
+    """See :func:`ditfx.budget.distill.distill` (imported on use: it needs the compiler stack)."""
+    from ditfx.budget.distill import distill as run
+
+    return run(*args, **kwargs)
+
+
+def zero_shot(*args, **kwargs):
+    """See :func:`ditfx.budget.distill.zero_shot`."""
+    from ditfx.budget.distill import zero_shot as run
+
+    return run(*args, **kwargs)
+
+
+__all__ = ["AdapterError", "BudgetAdapter", "BudgetConversionError", "BudgetSchedule", "coarse_sincos_pos_embed",
+           "coarse_table", "distill", "pi_resize", "resize_deembed", "resize_matrix", "zero_shot"]

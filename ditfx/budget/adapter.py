@@ -14,10 +14,12 @@ from pathlib import Path
 
 import torch
 
+from ditfx.report import TechniqueUnavailable
+
 FORMAT = "ditfx.budget-adapter/1"
 
 
-class AdapterError(ValueError):
+class AdapterError(TechniqueUnavailable):
     """An adapter file or an adapter that does not fit the model; the message names the file or the tensor."""
 
 

@@ -108,20 +108,16 @@ def _reshape_sizes(node: fx.Node, sizes: list[int], old_in, new_in, old_out, val
                 new_sizes[gj[0]] = new_p
             continue
         literal = [sizes[j] for j in gj]
-        choices = [[-1] if v == -1 else values.options(v) for v in literal]
-        fits = {c for c in product(*choices) if _fits(c, new_p)}
+        # an inferred (-1) size is placed like the others, from its captured value, and stays -1
+        choices = [values.options(old_out[j] if v == -1 else v) for j, v in zip(gj, literal)]
+        fits = {c for c in product(*choices) if _prod(c) == new_p}
         if len(fits) != 1:
             what = "no assignment" if not fits else f"{len(fits)} assignments"
             raise RetokenError(f"{node.format_node()}: cannot tell how the changed size {old_p} -> {new_p} splits "
                                f"into {literal} ({what} of the known size changes fit)")
         for j, v in zip(gj, fits.pop()):
-            new_sizes[j] = v
+            new_sizes[j] = -1 if sizes[j] == -1 else v
     return new_sizes
-
-
-def _fits(sizes: tuple[int, ...], total: int) -> bool:
-    known = _prod(s for s in sizes if s != -1)
-    return known == total if -1 not in sizes else total % known == 0
 
 
 def _flat_sizes(args, start: int) -> tuple[list, bool]:

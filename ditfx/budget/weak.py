@@ -28,6 +28,7 @@ from ditfx.budget.resize import coarse_table, pi_resize, resize_deembed
 from ditfx.budget.retoken import RetokenError, retoken
 from ditfx.graph import meta
 from ditfx.graph.structure import InputRoles, find_blocks
+from ditfx.report import TechniqueUnavailable
 
 _LINEARS = {torch._C._nn.linear, F.linear}
 _CONVS = {torch.conv2d, F.conv2d}
@@ -35,7 +36,7 @@ _PASS_THROUGH_METHODS = {"flatten", "transpose", "permute", "view", "reshape", "
 _ADDS = {operator.add, torch.add, operator.iadd}
 
 
-class BudgetConversionError(ValueError):
+class BudgetConversionError(TechniqueUnavailable):
     """The graph's model cannot be converted to a coarser patch size; the message names what is missing."""
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from ditfx.budget.weak import find_sites, weak_graph, zero_shot_tensors
+from ditfx.budget.weak import BudgetConversionError, find_sites, weak_graph, zero_shot_tensors
+from ditfx.graph.structure import StructureError
 from ditfx.passes.context import PassContext
 from ditfx.plan import Plan
 from ditfx.report import PassReport
@@ -62,7 +63,10 @@ def budget_pass(plan: Plan, ctx: PassContext) -> BudgetReport:
     inputs = [tensors[k].to(device=ref.device, dtype=ref.dtype) if ref is not None else tensors[k]
               for k in weak.keys]
     sub_config = dataclasses.replace(ctx.config, budget=None)
-    sub = build_plan(weak.gm, sub_config, weight_names=set(weak.placeholders), facts=ctx.facts)
+    try:
+        sub = build_plan(weak.gm, sub_config, weight_names=set(weak.placeholders), facts=ctx.facts)
+    except StructureError as e:
+        raise BudgetConversionError(f"the graph at patch size {patch} has no DiT structure ditfx can split: {e}") from e
     name = f"p{patch}"
     plan.modes[name] = sub
     plan.mode_inputs[name] = inputs

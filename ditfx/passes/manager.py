@@ -7,6 +7,7 @@ is set. Each returns a :class:`~ditfx.report.PassReport`; the plan keeps them in
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,7 +24,7 @@ from ditfx.passes.fusion import FusionReport, fusion_pass
 from ditfx.passes.guidance import guidance_pass
 from ditfx.passes.rebatch import rebatch
 from ditfx.plan import IOSpec, Plan
-from ditfx.report import PassReport
+from ditfx.report import PassReport, TechniqueUnavailable
 
 
 @dataclass
@@ -100,9 +101,15 @@ def build_plan(gm: fx.GraphModule, config: Config, weight_names: set[str] | None
         plan.reports.append(ctx.fusion)
     for p in PASSES:
         technique = getattr(config, p.technique)
-        if technique is not None:
-            plan.reports.append(p.run(plan, ctx))
-            plan.policies.append(technique)
+        if technique is None:
+            continue
+        try:
+            report = p.run(plan, ctx)
+        except TechniqueUnavailable as e:
+            warnings.warn(f"ditfx: {p.technique} off for this graph: {e}", stacklevel=3)
+            continue
+        plan.reports.append(report)
+        plan.policies.append(technique)
     return plan
 
 

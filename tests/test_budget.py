@@ -1,0 +1,232 @@
+"""Token budgets (FlexiDiT): the weak mode built from the captured graph, the schedule, exactness at the full
+budget, the native mode untouched by an adapter, FLOPs, compile hygiene and state across a mode switch."""
+import warnings
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import ditfx
+from conftest import cfg_loop, tiny_model
+from ditfx.budget import BudgetAdapter, BudgetSchedule
+from ditfx.budget.adapter import AdapterError
+from ditfx.budget.schedule import weak_steps_for
+from ditfx.budget.weak import BudgetConversionError, find_sites, weak_graph, zero_shot_tensors
+from ditfx.graph.structure import analyse
+from ditfx.models import zoo
+from ditfx.models.dit import build_dit
+
+TOL = 1e-5
+CONVERTED = ("DiT-T/2", "tiny:dit", "tiny:pixart", "tiny:sd3", "tiny:sana")
+
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
+
+
+def capture(named):
+    got = {}
+
+    def backend(gm, example_inputs):
+        got["gm"], got["inputs"] = gm, list(example_inputs)
+        return gm.forward
+
+    with torch.no_grad():
+        named(torch.compile(named.model, backend=backend, dynamic=False))
+    return got["gm"], got["inputs"]
+
+
+def budget(named, **kw):
+    return ditfx.TokenBudget(time_scale=named.time_scale, **kw)
+
+
+def generate(named, config, steps=4):
+    fast = ditfx.optimize(named.model, config)
+    with ditfx.generation(fast):
+        out = zoo.run_loop(named, fast, steps=steps)
+    return out, fast
+
+
+def test_the_weak_graph_of_the_reference_dit_is_the_dit_at_the_coarse_patch_size():
+    """The graph rewrite against the module built at patch 4 with the converted layers: the same function. DiT-T/2
+    has 16 tokens and a head dimension of 16, so the literals cannot be told apart by value."""
+    named = zoo.load("DiT-T/2")
+    gm, inputs = capture(named)
+    sites = find_sites(gm, analyse(gm).roles)
+    weak = weak_graph(gm, sites, 4)
+    tensors = zero_shot_tensors(gm, sites, inputs, 4)
+    with torch.no_grad():
+        got = weak.gm(*inputs, *[tensors[k] for k in weak.keys])[0]
+    coarse = build_dit("DiT-T/2", patch_size=4)
+    state = {k: v for k, v in named.model.state_dict().items()
+             if not k.startswith(("x_embedder.proj.weight", "pos_embed", "final_layer.linear"))}
+    coarse.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        coarse.x_embedder.proj.weight.copy_(tensors["embed.weight"])
+        coarse.pos_embed.copy_(tensors["pos_embed"])
+        coarse.final_layer.linear.weight.copy_(tensors["deembed.weight"])
+        coarse.final_layer.linear.bias.copy_(tensors["deembed.bias"])
+        expected = coarse.eval()(**named.inputs)
+    assert (got - expected).abs().max() <= TOL
+    assert weak.tokens == 4 and sites.tokens == 16
+
+
+@pytest.mark.parametrize("name", CONVERTED)
+def test_the_full_budget_is_the_native_model(name):
+    """weak_until=0: no weak step, the weak mode built and unused; exact against eager, no fallback."""
+    named = zoo.load(name)
+    expected = zoo.run_loop(named, steps=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback, no technique turned off
+        got, fast = generate(named, ditfx.Config(compiler="eager", budget=budget(named, weak_until=0.0)))
+    (executor,) = ditfx.api._runtime(fast).executors
+    assert set(executor.plan.modes) == {"p4"}
+    assert (got - expected).abs().max() <= TOL
+    assert ditfx.stats(fast).modes == {"native": {"calls": 4, "flops": ditfx.stats(fast).flops,
+                                                  "tokens": 4 * 2 * executor.plan.tokens}}
+
+
+@pytest.mark.parametrize("name", sorted(set(zoo.names()) - set(CONVERTED) - {"DiT-S/2", "DiT-B/2", "DiT-L/2",
+                                                                          "DiT-XL/2", "DiT-S/4", "DiT-S/8",
+                                                                          "DiT-B/4", "DiT-B/8", "DiT-L/4",
+                                                                          "DiT-L/8", "DiT-XL/4", "DiT-XL/8"}))
+def test_families_that_cannot_be_converted_stay_exact_and_say_so(name):
+    named = zoo.load(name)
+    expected = zoo.run_loop(named, steps=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got, fast = generate(named, ditfx.Config(compiler="eager", budget=budget(named, weak_until=0.5),
+                                                 cache=ditfx.DynamicCache(0.0)), steps=3)
+    messages = [str(w.message) for w in caught if str(w.message).startswith("ditfx")]
+    (executor,) = ditfx.api._runtime(fast).executors
+    if not executor.plan.modes:
+        assert any("budget off for this graph" in m for m in messages), messages
+    assert (got - expected).abs().max() <= TOL if not executor.plan.modes else got.isfinite().all()
+
+
+def random_adapter(named, rank=2, seed=1):
+    gm, inputs = capture(named)
+    sites = find_sites(gm, analyse(gm).roles)
+    weak = weak_graph(gm, sites, 4, lora_rank=rank)
+    g = torch.Generator().manual_seed(seed)
+    tensors = {k: torch.randn(s, generator=g) * 0.05 for k, s in weak.shapes.items()}
+    return BudgetAdapter(4, sites.patch, tensors, lora_rank=rank, time_scale=named.time_scale)
+
+
+@pytest.mark.parametrize("name", ["tiny:dit", "tiny:sd3"])
+def test_an_adapter_leaves_the_native_mode_bit_identical(name, tmp_path):
+    named = zoo.load(name)
+    adapter = BudgetAdapter.load(random_adapter(named).save(tmp_path / "a.safetensors"))
+    assert any(k.startswith("lora.") for k in adapter.tensors)
+    expected = zoo.run_loop(named, steps=4)
+    got, _ = generate(named, ditfx.Config(compiler="eager", budget=budget(named, adapter=adapter, weak_until=0.0)))
+    assert torch.equal(got, expected)
+    weak, _ = generate(named, ditfx.Config(compiler="eager", budget=budget(named, adapter=adapter, weak_until=0.5)))
+    assert (weak - expected).abs().max() > 1e-3  # the weak steps ran the adapter
+
+
+def test_an_adapter_for_another_model_turns_the_budget_off_with_the_reason():
+    named = zoo.load("tiny:dit")
+    adapter = random_adapter(zoo.load("tiny:pixart"))
+    expected = zoo.run_loop(named, steps=3)
+    with pytest.warns(UserWarning, match="budget off for this graph: the adapter does not fit"):
+        got, _ = generate(named, ditfx.Config(compiler="eager", cache=ditfx.DynamicCache(0.0),
+                                              budget=budget(named, adapter=adapter, weak_until=0.5)), steps=3)
+    assert (got - expected).abs().max() <= TOL
+
+
+def test_bad_adapter_files_are_refused_naming_the_file(tmp_path):
+    with pytest.raises(AdapterError, match="no budget adapter at"):
+        BudgetAdapter.load(tmp_path / "missing.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(AdapterError, match="bad.safetensors"):
+        ditfx.TokenBudget(adapter=bad, weak_until=0.5)
+    with pytest.raises(ValueError, match="exactly one of weak_until"):
+        ditfx.TokenBudget(weak_until=0.5, flops=0.6)
+    with pytest.raises(ValueError, match="in \\(0, 1\\]"):
+        ditfx.TokenBudget(flops=1.5)
+
+
+def test_the_weak_steps_are_the_fewest_that_meet_the_flops():
+    assert weak_steps_for(20, 0.25, 0.6) == 11  # 11 * 0.25 + 9 = 11.75 <= 12 < 10 * 0.25 + 10
+    assert weak_steps_for(20, 0.25, 1.0) == 0 and weak_steps_for(20, 0.25, 0.1) == 20
+    s = BudgetSchedule(times=[1.0, 0.75, 0.5, 0.25], gaps=[0.1, 0.05, 0.2, 0.3], flops_ratio=0.25).choose(0.7)
+    assert s.weak == [True, True, False, False] and s.is_weak(0.74) and not s.is_weak(0.3)
+
+
+def test_a_weak_step_costs_what_the_cost_model_says():
+    """FLOPs of the weak graph by torch.utils.flop_counter against the plan's cost model, and the ratio against
+    the native graph; at DiT-T/2's shapes the linear terms shrink 4x with the tokens."""
+    named = zoo.load("DiT-T/2")
+    fast = ditfx.optimize(named.model, ditfx.Config(compiler="eager", budget=budget(named, weak_until=0.5)))
+    with torch.no_grad():
+        fast(**named.inputs)
+    (executor,) = ditfx.api._runtime(fast).executors
+    weak_plan = executor.plan.modes["p4"]
+    gm, inputs = capture(named)
+    sites = find_sites(gm, analyse(gm).roles)
+    weak = weak_graph(gm, sites, 4)
+    tensors = zero_shot_tensors(gm, sites, inputs, 4)
+    counted = {}
+    for name, run in (("native", lambda: gm(*inputs)), ("weak", lambda: weak.gm(*inputs, *[tensors[k] for k in weak.keys]))):
+        # the math attention path: the counter sees its matmuls (it does not count the fused CPU kernel)
+        with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+            run()
+        counted[name] = counter.get_total_flops()
+    model = {"native": sum(executor.plan.flops.values()), "weak": sum(weak_plan.flops.values())}
+    assert model == counted
+    assert 0.2 < model["weak"] / model["native"] < 0.3
+
+
+def test_no_graph_breaks_or_recompiles_after_each_modes_first_call():
+    named = zoo.load("tiny:dit")
+    config = ditfx.Config(compiler="aot_eager", budget=budget(named, weak_until=0.5),
+                          cache=ditfx.DynamicCache(threshold=0.05))
+    fast = ditfx.optimize(named.model, config)
+    with ditfx.generation(fast):
+        zoo.run_loop(named, fast, steps=6)
+    first = ditfx.stats(fast)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(2):
+            with ditfx.generation(fast):
+                zoo.run_loop(named, fast, steps=6)
+    s = ditfx.stats(fast)
+    assert s.graph_breaks == 0 and s.recompiles == 0 and s.region_compiles == first.region_compiles
+    assert set(s.modes) == {"native", "p4"} and s.modes["p4"]["calls"] == 9 and s.modes["native"]["calls"] == 9
+
+
+def test_per_sample_state_survives_a_mode_switch():
+    """Guidance drops rows and the cache keeps per-sample values on both sides of the switch: at their exact
+    limits the combination equals the budget alone, and a second generation equals the first."""
+    model, kw = tiny_model("dit", batch=4)
+    scale = zoo.load("tiny:dit").time_scale
+
+    def run(**techniques):
+        fast = ditfx.optimize(model, ditfx.Config(compiler="eager", budget=ditfx.TokenBudget(
+            weak_until=0.5, time_scale=scale), **techniques))
+        return cfg_loop(fast, kw, "dit", steps=6), fast
+
+    expected, _ = run()
+    torch._dynamo.reset()
+    got, fast = run(cache=ditfx.DynamicCache(0.0), guidance=ditfx.AdaptiveGuidance(gamma=1.0))
+    assert (got - expected).abs().max() <= TOL
+    assert (cfg_loop(fast, kw, "dit", steps=6) - expected).abs().max() <= TOL
+    torch._dynamo.reset()
+    got, fast = run(cache=ditfx.DynamicCache(0.05), guidance=ditfx.AdaptiveGuidance(gamma=-1.0))
+    s = ditfx.stats(fast)
+    assert got.isfinite().all() and s.nfe_skipped > 0 and set(s.modes) == {"native", "p4"}
+    assert s.modes["p4"]["tokens"] < s.modes["native"]["tokens"]  # rows dropped in both modes
+
+
+def test_unconvertible_models_give_a_clear_error():
+    named = zoo.load("tiny:flux")
+    gm, _ = capture(named)
+    with pytest.raises(BudgetConversionError, match="packed tokens"):
+        find_sites(gm, analyse(gm).roles)
+    named = zoo.load("DiT-T/2")
+    gm, _ = capture(named)
+    sites = find_sites(gm, analyse(gm).roles)
+    with pytest.raises(BudgetConversionError, match="multiple of the native"):
+        weak_graph(gm, sites, 3)
+    with pytest.raises(BudgetConversionError, match="does not tile"):
+        weak_graph(gm, sites, 16)
