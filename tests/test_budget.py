@@ -18,7 +18,7 @@ from ditfx.models import zoo
 from ditfx.models.dit import build_dit
 
 TOL = 1e-5
-CONVERTED = ("DiT-T/2", "tiny:dit", "tiny:pixart", "tiny:sd3", "tiny:sana")
+CONVERTED = ("DiT-T/2", "tiny:dit", "tiny:pixart", "tiny:sd3", "tiny:sana", "tiny:flux", "tiny:chroma")
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
@@ -68,6 +68,35 @@ def test_the_weak_graph_of_the_reference_dit_is_the_dit_at_the_coarse_patch_size
         expected = coarse.eval()(**named.inputs)
     assert (got - expected).abs().max() <= TOL
     assert weak.tokens == 4 and sites.tokens == 16
+
+
+def test_the_weak_graph_of_flux_is_flux_on_coarse_tokens():
+    """Packed tokens: the rewrite (joint text + image attention, rotary ids at coarse centres) against a Flux built
+    for 2x2 groups of packed tokens with the converted layers, fed the grouped tokens and the coarse ids."""
+    from diffusers import FluxTransformer2DModel
+
+    named = zoo.load("tiny:flux")
+    gm, inputs = capture(named)
+    sites = find_sites(gm, analyse(gm).roles, inputs)
+    weak = weak_graph(gm, sites, 4)
+    tensors = zero_shot_tensors(gm, sites, inputs, 4)
+    with torch.no_grad():
+        got = weak.gm(*inputs, *[tensors[k] for k in weak.keys])[0]
+    config = {**named.model.config, "in_channels": 64, "out_channels": 64}
+    coarse = FluxTransformer2DModel.from_config(config)
+    state = {k: v for k, v in named.model.state_dict().items() if not k.startswith(("x_embedder.", "proj_out."))}
+    coarse.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        coarse.x_embedder.weight.copy_(tensors["embed.weight"])
+        coarse.x_embedder.bias.copy_(named.model.x_embedder.bias)
+        coarse.proj_out.weight.copy_(tensors["deembed.weight"])
+        coarse.proj_out.bias.copy_(tensors["deembed.bias"])
+        x = named.inputs["hidden_states"]
+        grouped = x.view(2, 2, 2, 2, 2, 16).permute(0, 1, 3, 2, 4, 5).reshape(2, 4, 64)
+        ids = zoo.image_ids(4, 4).view(2, 2, 2, 2, 3)[:, 0, :, 0].reshape(4, 3) + torch.tensor([0.0, 1.0, 1.0])
+        out = coarse.eval()(**{**named.inputs, "hidden_states": grouped, "img_ids": ids}, return_dict=False)[0]
+    expected = out.view(2, 2, 2, 2, 2, 16).permute(0, 1, 3, 2, 4, 5).reshape(2, 16, 16)
+    assert (got - expected).abs().max() <= TOL
 
 
 @pytest.mark.parametrize("name", CONVERTED)
@@ -219,10 +248,15 @@ def test_per_sample_state_survives_a_mode_switch():
 
 
 def test_unconvertible_models_give_a_clear_error():
-    named = zoo.load("tiny:flux")
+    named = zoo.load("tiny:wan")
     gm, _ = capture(named)
-    with pytest.raises(BudgetConversionError, match="packed tokens"):
+    with pytest.raises(BudgetConversionError, match="video latents"):
         find_sites(gm, analyse(gm).roles)
+    named = zoo.load("tiny:flux")
+    gm, inputs = capture(named)
+    inputs = [torch.zeros_like(v) if v.shape == (16, 3) else v for v in inputs]
+    with pytest.raises(BudgetConversionError, match="row-major grid"):
+        find_sites(gm, analyse(gm).roles, inputs)
     named = zoo.load("DiT-T/2")
     gm, _ = capture(named)
     sites = find_sites(gm, analyse(gm).roles)

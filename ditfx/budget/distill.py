@@ -103,7 +103,7 @@ class _WeakTrainer:
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list):
         structure = analyse(gm)
-        sites = find_sites(gm, structure.roles)
+        sites = find_sites(gm, structure.roles, example_inputs)
         weak = weak_graph(gm, sites, self.patch, self.lora_rank)
         if not self.params:
             self.sites, self.weak = sites, weak
@@ -236,7 +236,7 @@ def _capture_sites(denoiser: torch.nn.Module, call: Recorded):
     found = {}
 
     def capture(gm, example_inputs):
-        found["sites"] = find_sites(gm, analyse(gm).roles)
+        found["sites"] = find_sites(gm, analyse(gm).roles, example_inputs)
         return gm.forward
 
     torch._dynamo.reset()
@@ -257,7 +257,7 @@ def zero_shot(pipe, example: Callable[[object], object], patch_size: int | None 
     found = {}
 
     def capture(gm, example_inputs):
-        sites = find_sites(gm, analyse(gm).roles)
+        sites = find_sites(gm, analyse(gm).roles, example_inputs)
         patch = patch_size or 2 * sites.patch
         found["adapter"] = BudgetAdapter(
             patch=patch, native_patch=sites.patch, tensors=zero_shot_tensors(gm, sites, example_inputs, patch, resize),

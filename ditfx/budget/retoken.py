@@ -161,8 +161,8 @@ class _Rewriter:
         return any(self.old(a) is not None and self.old(a) != self.new(a) for a in node.all_input_nodes)
 
     def rewrite(self, node: fx.Node) -> None:
-        if not self.changed(node):
-            return
+        if not self.changed(node) or ("example_value" not in node.meta and "val" not in node.meta):
+            return  # unchanged inputs, or a node the conversion added, written at the new sizes
         t, args = node.target, node.args
         if node.op == "call_method" and t in RESHAPES:
             sizes, packed = _flat_sizes(args, 1)
@@ -194,7 +194,17 @@ class _Rewriter:
             sizes, packed = _flat_sizes(args, start)
             node.args = _put_sizes(args, start, [_map_int(s, self.values) for s in sizes], packed)
         elif node.op == "call_method" and t == "repeat_interleave" and "output_size" in node.kwargs:
-            node.update_kwarg("output_size", _map_int(node.kwargs["output_size"], self.values))
+            self._repeat_interleave(node)
+
+    def _repeat_interleave(self, node: fx.Node) -> None:
+        """``output_size`` is the repeated dimension's new size: the input's (new) size there times the repeats."""
+        x, repeats = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("repeats")
+        dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else None)
+        new_in = self.new(x)
+        if not isinstance(repeats, int) or new_in is None:
+            raise RetokenError(f"{node.format_node()}: cannot recompute output_size at the new token count")
+        size = (new_in[dim] if dim is not None else math.prod(new_in)) * repeats
+        node.update_kwarg("output_size", size)
 
     def _unflatten(self, node: fx.Node) -> None:
         x, dim = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs["dim"]
@@ -277,9 +287,13 @@ class _Rewriter:
         d = dim % len(old)
         if old[d] == new[d]:
             return
+        olds = [self.old(t) for t in tensors]
+        if sum(o is None for o in olds) > 1:
+            return
+        known = sum(o[d] for o in olds if o is not None)  # a part new to the graph had the rest of the old size
         cuts, a, b = {}, 0, 0
-        for t in tensors:
-            a, b = a + self.old(t)[d], b + self.new(t)[d]
+        for t, o in zip(tensors, olds):
+            a, b = a + (o[d] if o is not None else old[d] - known), b + self.new(t)[d]
             cuts[a] = b
         self.parts[(old[d], new[d])] = cuts
 

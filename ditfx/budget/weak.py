@@ -45,8 +45,8 @@ class Sites:
     """Where the patch size lives in a captured graph."""
 
     latents: str
-    conv: str  # the patch-embedding convolution
-    embed_weight: str  # its kernel's placeholder, (D, C, p, p)
+    conv: str  # the patch embedding: a convolution of the latents, or the linear of packed tokens
+    embed_weight: str  # its kernel's placeholder, (D, C, p, p), or (D, C*p*p) for packed tokens
     patch: int
     grid: tuple[int, int]  # tokens per side
     width: int
@@ -58,6 +58,10 @@ class Sites:
     deembed_bias: str | None
     out_channels: int
     block_linears: list[tuple[str, str]] = field(default_factory=list)  # (linear node, module path) on the stream
+    # "conv": (B, C, H, W) latents patchified by a convolution; "packed": (B, h*w, C*p*p) tokens packed by the
+    # pipeline (Flux and kin), embedded by a linear, placed by position ids fed to the model's rotary embedding
+    kind: str = "conv"
+    ids: str | None = None  # packed: the image position-id input, (h*w, 3)
 
     @property
     def tokens(self) -> int:
@@ -90,17 +94,20 @@ def _conv_args(node: fx.Node) -> dict:
     return args
 
 
-def find_sites(gm: fx.GraphModule, roles: InputRoles) -> Sites:
-    """The patch embedding, positional table and de-embedding of ``gm``; raises :class:`BudgetConversionError`."""
+def find_sites(gm: fx.GraphModule, roles: InputRoles, example_inputs: list | None = None) -> Sites:
+    """The patch embedding, positional table and de-embedding of ``gm``; raises :class:`BudgetConversionError`.
+    ``example_inputs`` (real values) place packed tokens on their grid by their position ids."""
     if roles.latents is None:
         raise BudgetConversionError("no latents input found: token budgets need the latents the model patchifies")
     latents = next(n for n in gm.graph.find_nodes(op="placeholder") if n.name == roles.latents)
     shape = _shape(latents)
+    if shape is not None and len(shape) == 3:
+        return _packed_sites(gm, latents, shape, example_inputs)
     if shape is None or len(shape) != 4:
         raise BudgetConversionError(
             f"the latents input has shape {shape}: token budgets convert models that patchify (batch, channels, "
-            "height, width) latents with a convolution (DiT, PixArt, SD3, Sana...); models fed packed tokens "
-            "(Flux, Wan) are not converted yet")
+            "height, width) latents with a convolution (DiT, PixArt, SD3, Sana...) or take 2x2-packed tokens with "
+            "position ids (Flux); video latents (Wan, LTX) are not converted yet")
     convs = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _CONVS
              and _from_latents(n.args[0], latents)]
     if len(convs) != 1:
@@ -134,6 +141,68 @@ def find_sites(gm: fx.GraphModule, roles: InputRoles) -> Sites:
                  pos_operand=pos_operand and pos_operand.name, deembed=deembed.name,
                  deembed_weight=dargs["weight"].name, deembed_bias=bias.name if isinstance(bias, fx.Node) else None,
                  out_channels=c_out, block_linears=linears)
+
+
+PACK = 2  # diffusers' packed-token pipelines (Flux, Chroma) pack 2x2 latent pixels per token
+
+
+def _packed_sites(gm: fx.GraphModule, latents: fx.Node, shape, example_inputs) -> Sites:
+    """Flux-style: tokens (B, h*w, C*2*2) packed by the pipeline, a linear embedding, position ids for the rotary
+    embedding, and a final linear whose packed output is the model's output."""
+    embeds = [u for u in latents.users if u.op == "call_function" and u.target in _LINEARS and u.args[0] is latents]
+    if len(embeds) != 1 or not isinstance(embeds[0].args[1], fx.Node):
+        raise BudgetConversionError("packed-token latents need exactly one linear embedding of the tokens, found "
+                                    f"{len(embeds)}")
+    embed = embeds[0]
+    features = shape[2]
+    if features % (PACK * PACK):
+        raise BudgetConversionError(f"packed tokens of {features} features are not 2x2-packed latent channels")
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    ids = [p for p in placeholders if "img_ids" in p.name or (
+        (s := _shape(p)) is not None and len(s) == 2 and s == (shape[1], 3) and not meta.is_dynamo_weight(p))]
+    if len(ids) != 1:
+        raise BudgetConversionError("packed tokens need their (tokens, 3) image position ids as an input (Flux's "
+                                    "img_ids) to place the coarse tokens; found none or several")
+    grid = _packed_grid(ids[0], shape[1], placeholders, example_inputs)
+    out = gm.graph.find_nodes(op="output")[0]
+    flat: list[fx.Node] = []
+    fx.node.map_arg(out.args[0], flat.append)
+    final = flat[0] if flat else None
+    while final is not None and final.op == "call_method" and final.target in ("contiguous", "to"):
+        final = final.args[0]
+    if final is None or not (final.op == "call_function" and final.target in _LINEARS)             or _shape(final)[-2:] != (shape[1], features) and _shape(final)[-2] != shape[1]:
+        raise BudgetConversionError("packed tokens need the model's output to be a final linear's packed tokens")
+    out_features = _shape(final)[-1]
+    dargs = dict(zip(("input", "weight", "bias"), final.args))
+    dargs.update(final.kwargs)
+    bias = dargs.get("bias")
+    w = _shape(embed.args[1])
+    owner = find_blocks(gm)
+    linears = [(n.name, meta.module_stack(n)[-1][0]) for n in gm.graph.nodes
+               if n in owner and n.op == "call_function" and n.target in _LINEARS
+               and (s := _shape(n.args[0])) is not None and len(s) >= 3 and meta.module_stack(n)]
+    return Sites(latents=latents.name, conv=embed.name, embed_weight=embed.args[1].name, patch=PACK, grid=grid,
+                 width=w[0], in_channels=features // (PACK * PACK), pos_add=None, pos_operand=None,
+                 deembed=final.name, deembed_weight=dargs["weight"].name,
+                 deembed_bias=bias.name if isinstance(bias, fx.Node) else None,
+                 out_channels=out_features // (PACK * PACK), block_linears=linears, kind="packed", ids=ids[0].name)
+
+
+def _packed_grid(ids: fx.Node, tokens: int, placeholders, example_inputs) -> tuple[int, int]:
+    """The token grid, from the position ids' values (row, column in columns 1, 2), else square."""
+    if example_inputs is not None:
+        value = example_inputs[placeholders.index(ids)]
+        if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape[1] >= 3:
+            h, w = int(value[:, 1].max()) + 1, int(value[:, 2].max()) + 1
+            expected = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), -1).reshape(-1, 2)
+            if h * w == tokens and torch.equal(value[:, 1:3].round().long().cpu(), expected):
+                return h, w
+            raise BudgetConversionError("the image position ids are not a row-major grid of (row, column) ids: "
+                                        "cannot place coarse tokens")
+    side = int(round(tokens ** 0.5))
+    if side * side != tokens:
+        raise BudgetConversionError(f"{tokens} packed tokens and no position-id values to read the grid from")
+    return side, side
 
 
 def _batch_free(node: fx.Node) -> bool:
@@ -215,7 +284,10 @@ def adapter_shapes(sites: Sites, patch: int, lora_rank: int, gm: fx.GraphModule)
     s = patch // sites.patch
     tokens = (sites.grid[0] // s) * (sites.grid[1] // s)
     nodes = {n.name: n for n in gm.graph.nodes}
-    shapes = {"embed.weight": (sites.width, sites.in_channels, patch, patch)}
+    if sites.kind == "packed":  # features of s x s packed tokens, (ty, tx, c, py, px)
+        shapes = {"embed.weight": (sites.width, s * s * sites.in_channels * sites.patch ** 2)}
+    else:
+        shapes = {"embed.weight": (sites.width, sites.in_channels, patch, patch)}
     if sites.pos_operand is not None:
         pos = _shape(nodes[sites.pos_operand])
         shapes["pos_embed"] = (*pos[:-2], tokens, pos[-1])
@@ -250,25 +322,39 @@ def weak_graph(gm: fx.GraphModule, sites: Sites, patch: int, lora_rank: int = 0)
         with g.inserting_after(last):
             ph = g.placeholder("budget_" + key.replace(".", "_"))
         last = added[key] = ph
-    # patch embedding: the adapter's kernel, stride q
-    conv = nodes[sites.conv]
-    args = list(conv.args)
-    args[1] = added["embed.weight"]
-    if len(args) > 3:
-        args[3] = (patch, patch)
-    conv.args = tuple(args)
-    if "stride" in conv.kwargs or len(args) <= 3:
-        conv.update_kwarg("stride", (patch, patch))
+    if sites.kind == "packed":
+        _packed_weak(g, nodes, sites, s, added)
+    else:  # patch embedding: the adapter's kernel, stride q
+        conv = nodes[sites.conv]
+        args = list(conv.args)
+        args[1] = added["embed.weight"]
+        if len(args) > 3:
+            args[3] = (patch, patch)
+        conv.args = tuple(args)
+        if "stride" in conv.kwargs or len(args) <= 3:
+            conv.update_kwarg("stride", (patch, patch))
     # positional table
     if sites.pos_add is not None:
         nodes[sites.pos_add].replace_input_with(nodes[sites.pos_operand], added["pos_embed"])
     # de-embedding
     lin = nodes[sites.deembed]
+    users = list(lin.users)
     lin.replace_input_with(nodes[sites.deembed_weight], added["deembed.weight"])
     if sites.deembed_bias is not None:
         lin.replace_input_with(nodes[sites.deembed_bias], added["deembed.bias"])
     else:
         lin.args = (*lin.args[:2], added["deembed.bias"])
+    if sites.kind == "packed":  # the coarse tokens back to the native packed tokens the model returns
+        rows = meta.tensor_value(nodes[sites.latents]).shape[0]
+        h, w = sites.grid
+        with g.inserting_after(lin):
+            v = g.call_method("view", (lin, rows, h // s, w // s, s, s, -1))
+        with g.inserting_after(v):
+            t = g.call_method("permute", (v, 0, 1, 3, 2, 4, 5))
+        with g.inserting_after(t):
+            back = g.call_method("reshape", (t, rows, h * w, -1))
+        for u in users:
+            u.replace_input_with(lin, back)
     g.eliminate_dead_code()
     out.recompile()
     inputs = {ph.name: torch.empty(shapes[key], dtype=ref.dtype, device=ref.device) for key, ph in added.items()}
@@ -283,6 +369,34 @@ def weak_graph(gm: fx.GraphModule, sites: Sites, patch: int, lora_rank: int = 0)
         out.recompile()
         retoken(out, {}, {})
     return WeakGraph(out, sites, patch, list(shapes), [added[k].name for k in shapes], shapes, lora_rank)
+
+
+def _packed_weak(g: fx.Graph, nodes: dict, sites: Sites, s: int, added: dict[str, fx.Node]) -> None:
+    """Packed tokens grouped s x s into coarse tokens before the embedding, and the position ids at the coarse
+    tokens' centres (``s * i + s / 2`` in native token units) for the model's own rotary embedding."""
+    rows = meta.tensor_value(nodes[sites.latents]).shape[0]
+    h, w = sites.grid
+    latents, embed = nodes[sites.latents], nodes[sites.conv]
+    with g.inserting_before(embed):
+        v = g.call_method("view", (latents, rows, h // s, s, w // s, s, -1))
+        t = g.call_method("permute", (v, 0, 1, 3, 2, 4, 5))
+        coarse = g.call_method("reshape", (t, rows, (h // s) * (w // s), -1))
+    embed.replace_input_with(latents, coarse)
+    embed.replace_input_with(nodes[sites.embed_weight], added["embed.weight"])
+    ids = nodes[sites.ids]
+    users = list(ids.users)
+    with g.inserting_after(ids):
+        grid = g.call_method("view", (ids, h // s, s, w // s, s, -1))
+    with g.inserting_after(grid):
+        corner = g.call_function(operator.getitem, (grid, (slice(None), 0, slice(None), 0)))
+    with g.inserting_after(corner):
+        flat = g.call_method("reshape", (corner, (h // s) * (w // s), -1))
+    with g.inserting_after(flat):
+        offset = g.call_function(torch.tensor, ([0.0, s / 2, s / 2],), {"dtype": torch.float32})
+    with g.inserting_after(offset):
+        centred = g.call_function(operator.add, (flat, offset))
+    for u in users:
+        u.replace_input_with(ids, centred)
 
 
 def _insert_lora(g: fx.Graph, nodes: dict, sites: Sites, added: dict[str, fx.Node]) -> None:
@@ -331,6 +445,8 @@ def zero_shot_tensors(gm: fx.GraphModule, sites: Sites, example_inputs: list, pa
     de-embedding resized per channel, the positional table at coarse-patch centres."""
     values = {ph.name: v for ph, v in zip(gm.graph.find_nodes(op="placeholder"), example_inputs)}
     s = patch // sites.patch
+    if sites.kind == "packed":
+        return _packed_zero_shot(values, sites, s, resize)
     out = {"embed.weight": pi_resize(values[sites.embed_weight].detach(), patch, resize)}
     if sites.pos_operand is not None:
         table = evaluate(gm, sites.pos_operand, example_inputs).detach()
@@ -343,3 +459,24 @@ def zero_shot_tensors(gm: fx.GraphModule, sites: Sites, example_inputs: list, pa
     out["deembed.weight"], out["deembed.bias"] = resize_deembed(weight, bias, sites.patch, patch,
                                                                 sites.out_channels, "ppc", resize)
     return out
+
+
+def _packed_zero_shot(values: dict, sites: Sites, s: int, resize: str) -> dict[str, torch.Tensor]:
+    """PI-resize in latent pixels for packed tokens: a native token packs (c, py, px), a coarse one
+    (ty, tx, c, py, px) with pixel (p * ty + py, p * tx + px)."""
+    p, c, q = sites.patch, sites.in_channels, sites.patch * s
+    w = values[sites.embed_weight].detach()  # (D, c*p*p)
+    kernel = pi_resize(w.reshape(w.shape[0], c, p, p), q, resize)  # (D, c, q, q)
+    embed = kernel.reshape(w.shape[0], c, s, p, s, p).permute(0, 2, 4, 1, 3, 5).reshape(w.shape[0], -1)
+    weight = values[sites.deembed_weight].detach()  # (c_out*p*p, D)
+    bias = values[sites.deembed_bias].detach() if sites.deembed_bias else torch.zeros(weight.shape[0],
+                                                                                       dtype=weight.dtype)
+    c_out = sites.out_channels
+    dw, db = resize_deembed(weight, bias, p, q, c_out, "cpp", resize)  # (c_out*q*q, ...) as (c, Y, X)
+
+    def order(t: torch.Tensor) -> torch.Tensor:  # (c, ty, py, tx, px) -> (ty, tx, c, py, px)
+        rest = t.shape[1:]
+        return t.reshape(c_out, s, p, s, p, *rest).permute(1, 3, 0, 2, 4, *range(5, 5 + len(rest))).reshape(
+            c_out * q * q, *rest)
+
+    return {"embed.weight": embed, "deembed.weight": order(dw), "deembed.bias": order(db)}

@@ -105,6 +105,12 @@ def _tiny_sd3(r, t, batch):
     return m, kw, 1000.0
 
 
+def image_ids(h: int, w: int) -> torch.Tensor:
+    """(h*w, 3) position ids of a row-major token grid, (0, row, column), as diffusers' Flux pipeline makes."""
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    return torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).float()
+
+
 def _tiny_flux(r, t, batch):
     from diffusers import FluxTransformer2DModel
 
@@ -112,7 +118,7 @@ def _tiny_flux(r, t, batch):
                                attention_head_dim=8, num_attention_heads=2, joint_attention_dim=12,
                                pooled_projection_dim=10, axes_dims_rope=(2, 2, 4))
     kw = dict(hidden_states=r(batch, 16, 16), timestep=t / 1000, encoder_hidden_states=r(batch, 5, 12),
-              pooled_projections=r(batch, 10), img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(5, 3))
+              pooled_projections=r(batch, 10), img_ids=image_ids(4, 4), txt_ids=torch.zeros(5, 3))
     return m, kw, 1.0
 
 
@@ -177,7 +183,7 @@ def _tiny_chroma(r, t, batch):
                                  axes_dims_rope=(2, 2, 4), approximator_num_channels=8,
                                  approximator_hidden_dim=16, approximator_layers=1)
     kw = dict(hidden_states=r(batch, 16, 16), timestep=t / 1000, encoder_hidden_states=r(batch, 5, 12),
-              img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(5, 3))
+              img_ids=image_ids(4, 4), txt_ids=torch.zeros(5, 3))
     return m, kw, 1.0
 
 

@@ -44,7 +44,7 @@ def budget_pass(plan: Plan, ctx: PassContext) -> BudgetReport:
 
     cfg = ctx.config.budget
     gm, structure = plan.structure.gm, plan.structure
-    sites = find_sites(gm, structure.roles)
+    sites = find_sites(gm, structure.roles, ctx.example_inputs)
     adapter = cfg.adapter
     patch = adapter.patch if adapter is not None else (cfg.patch_size or 2 * sites.patch)
     if adapter is not None and adapter.native_patch != sites.patch:
