@@ -8,7 +8,8 @@ from pathlib import Path
 
 MODEL_HELP = ("a reference DiT config (DiT-S/2, DiT-XL/2, ..., DiT-T/2 for a tiny one) or tiny:<family> "
               "for a tiny random diffusers model (tiny:dit, tiny:pixart, tiny:sd3, tiny:flux, tiny:wan, tiny:sana, "
-              "tiny:auraflow, tiny:cogview4, tiny:qwenimage, tiny:chroma, tiny:hunyuan, tiny:ltx)")
+              "tiny:auraflow, tiny:cogview4, tiny:qwenimage, tiny:chroma, tiny:hunyuan, tiny:ltx), or digits "
+              "(the shipped, trained digits DiT)")
 
 
 def _cache_config(args):
@@ -22,6 +23,21 @@ def _cache_config(args):
     return None
 
 
+def _budget_config(args):
+    import ditfx
+
+    until, flops, adapter = (getattr(args, k, None) for k in ("budget_until", "budget_flops", "adapter"))
+    if until is None and flops is None:
+        if adapter is not None:
+            raise ValueError("--adapter needs --budget-until or --budget-flops")
+        return None
+    if adapter == "digits":
+        from ditfx.models.digits import budget_adapter
+
+        adapter = budget_adapter()
+    return ditfx.TokenBudget(adapter=adapter, weak_until=until, flops=flops, patch_size=args.patch)
+
+
 def cmd_inspect(args) -> int:
     import ditfx
     from ditfx.inspect import format_dot, format_text, inspect_model
@@ -29,7 +45,7 @@ def cmd_inspect(args) -> int:
 
     named = zoo.load(args.model, batch=args.batch)
     kernels = args.kernels or args.kernel_source is not None
-    config = ditfx.Config(cache=_cache_config(args), compiler="eager", kernels=kernels)
+    config = ditfx.Config(cache=_cache_config(args), compiler="eager", kernels=kernels, budget=_budget_config(args))
     report = inspect_model(args.model, named, config, args.steps)
     if args.kernel_source is not None:
         from ditfx.inspect.kernels import kernel_source
@@ -65,6 +81,49 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def cmd_calibrate_budget(args) -> int:
+    import torch
+
+    import ditfx
+    from ditfx.models import zoo
+
+    adapter = args.adapter
+    if adapter == "digits":
+        from ditfx.models.digits import budget_adapter
+
+        adapter = budget_adapter()
+    elif adapter is not None:
+        adapter = ditfx.budget.BudgetAdapter.load(adapter)
+    if args.model == "digits":  # the pipeline as users run it: guidance, the scheduler's steps
+        from ditfx.models.digits import pipeline
+
+        target = pipeline()
+        target.set_progress_bar_config(disable=True)
+
+        def run(pipe):
+            labels = torch.randint(10, (args.batch,)).tolist()
+            pipe(labels, guidance_scale=args.scale, num_inference_steps=args.steps,
+                 generator=torch.Generator().manual_seed(int(torch.randint(2**31 - 1, (1,)))))
+        time_scale = 1000.0
+    else:
+        named = zoo.load(args.model, batch=args.batch)
+        target, time_scale = named.model, named.time_scale
+
+        def run(model):
+            zoo.run_loop(named, model, steps=args.steps)
+    schedule = ditfx.budget.calibrate(target, run, adapter=adapter, patch_size=args.patch,
+                                      generations=args.generations, time_scale=time_scale,
+                                      progress=lambda msg: print(msg, file=sys.stderr))
+    if args.flops is not None:
+        schedule = schedule.choose(args.flops)
+    out = schedule.save(args.out)
+    png = schedule.plot(out.with_suffix(".png"))
+    weak = sum(schedule.weak) if schedule.weak else 0
+    print(f"wrote {out} and {png}: {len(schedule.times)} steps, weak/native FLOPs {schedule.flops_ratio:.3f}"
+          + (f", {weak} weak steps at flops {args.flops}" if args.flops is not None else ""))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from ditfx.demo import main as demo_main
 
@@ -92,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="StaticCache(per_block=False): the blocks recompute together (with --schedule)")
     p.add_argument("--forecast", choices=("none", "linear"), default="none",
                    help="how reused values are forecast (with --schedule or --threshold)")
+    p.add_argument("--budget-until", type=float, help="show a TokenBudget(weak_until=...): the per-step patch size")
+    p.add_argument("--budget-flops", type=float, help="show a TokenBudget(flops=...): the per-step patch size")
+    p.add_argument("--adapter", help="the budget adapter (.safetensors; 'digits': the shipped one); default zero-shot")
+    p.add_argument("--patch", type=int, help="the zero-shot weak patch size (default twice the native)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--dot", metavar="FILE", help="also write the region graph as Graphviz DOT")
     p.add_argument("--kernels", action="store_true",
@@ -111,6 +174,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=("residual", "output"), default="residual")
     p.add_argument("--out", default="schedule.json")
     p.set_defaults(run=cmd_calibrate)
+
+    p = sub.add_parser("calibrate-budget", help="measure the weak/native gap per step and write a token-budget "
+                       "schedule (TokenBudget(calibrated=...))")
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--adapter", help="the budget adapter (.safetensors; 'digits': the shipped one); default zero-shot")
+    p.add_argument("--patch", type=int, help="the zero-shot weak patch size (default twice the native)")
+    p.add_argument("--flops", type=float, help="choose the weak steps for this fraction of the native FLOPs")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--generations", type=int, default=2)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--scale", type=float, default=1.5, help="guidance scale (digits)")
+    p.add_argument("--out", default="budget_schedule.json")
+    p.set_defaults(run=cmd_calibrate_budget)
 
     args = parser.parse_args(argv)
     try:

@@ -252,9 +252,10 @@ class TokenBudget:
     * ``flops``: the fraction of the native FLOPs to spend at most: on the step count at hand (the pipeline's
       scheduler says it) the fewest leading steps that bring the cost model's FLOPs within it run weak; without a
       known step count, the same fraction of normalised time (warned);
-    * ``steps``: the calibrated set of weak steps in normalised time (a :class:`~ditfx.budget.BudgetSchedule`
-      or the path of one written by :func:`ditfx.budget.calibrate`): the steps where the measured weak/native
-      gap was smallest within a FLOPs budget.
+    * ``calibrated``: a :class:`~ditfx.budget.BudgetSchedule` (or the path of one) written by
+      :func:`ditfx.budget.calibrate`, the measured weak/native gap per step: with ``flops``, the steps with the
+      smallest gaps that bring the FLOPs within it run weak; alone, the weak steps the schedule has chosen.
+      A call runs as the calibrated step nearest in normalised time.
 
     ``time_scale``: the timestep at noise level 1 (None: the adapter's, else 1000).
     """
@@ -262,7 +263,7 @@ class TokenBudget:
     adapter: Any = field(default=None, repr=False)
     weak_until: float | None = None
     flops: float | None = None
-    steps: Any = field(default=None, repr=False)
+    calibrated: Any = field(default=None, repr=False)
     patch_size: int | None = None
     time_scale: float | None = None
     resize: str = "bilinear"
@@ -277,14 +278,17 @@ class TokenBudget:
         if self.adapter is not None and not isinstance(self.adapter, BudgetAdapter):
             raise WrongType("TokenBudget.adapter must be a ditfx.budget.BudgetAdapter, the path of one, or None "
                             f"(zero-shot), got {type(self.adapter).__name__}")
-        if isinstance(self.steps, (str, Path)):
-            _set(self, "steps", BudgetSchedule.load(self.steps))
-        if self.steps is not None and not isinstance(self.steps, BudgetSchedule):
-            raise WrongType("TokenBudget.steps must be a ditfx.budget.BudgetSchedule or the path of one written by "
-                            f"ditfx.budget.calibrate, got {type(self.steps).__name__}")
-        chosen = [n for n in ("weak_until", "flops", "steps") if getattr(self, n) is not None]
-        _check(len(chosen) == 1, f"TokenBudget needs exactly one of weak_until (normalised time), flops (a fraction "
-                                 f"of native FLOPs) or steps (a calibrated schedule), got {chosen or 'none'}")
+        if isinstance(self.calibrated, (str, Path)):
+            _set(self, "calibrated", BudgetSchedule.load(self.calibrated))
+        if self.calibrated is not None and not isinstance(self.calibrated, BudgetSchedule):
+            raise WrongType("TokenBudget.calibrated must be a ditfx.budget.BudgetSchedule or the path of one written "
+                            f"by ditfx.budget.calibrate, got {type(self.calibrated).__name__}")
+        _check(self.weak_until is None or (self.flops is None and self.calibrated is None),
+               "TokenBudget.weak_until cannot be combined with flops or calibrated: choose one schedule")
+        _check(self.weak_until is not None or self.flops is not None or (
+            self.calibrated is not None and bool(self.calibrated.weak)),
+            "TokenBudget needs weak_until (normalised time), flops (a fraction of the native FLOPs, with or without "
+            "a calibrated schedule) or a calibrated schedule whose weak steps are chosen")
         if self.weak_until is not None:
             _set(self, "weak_until", check_float(o, "weak_until", self.weak_until, 0))
             _check(self.weak_until <= 1, f"TokenBudget.weak_until is a fraction of normalised time in [0, 1], got "
@@ -293,6 +297,8 @@ class TokenBudget:
             _set(self, "flops", check_float(o, "flops", self.flops, 0))
             _check(0 < self.flops <= 1, f"TokenBudget.flops is a fraction of the native FLOPs in (0, 1], got "
                                         f"{self.flops}")
+            if self.calibrated is not None:
+                _set(self, "calibrated", self.calibrated.choose(self.flops))
         _set(self, "patch_size", check_int(o, "patch_size", self.patch_size, 1, none_ok=True,
                                            hint=" (the weak patch size of the zero-shot mode)"))
         if self.adapter is not None and self.patch_size is not None and self.patch_size != self.adapter.patch:

@@ -14,6 +14,7 @@ from ditfx.budget.adapter import AdapterError
 from ditfx.budget.schedule import weak_steps_for
 from ditfx.budget.weak import BudgetConversionError, find_sites, weak_graph, zero_shot_tensors
 from ditfx.graph.structure import analyse
+from ditfx.inspect.report import capture
 from ditfx.models import zoo
 from ditfx.models.dit import build_dit
 
@@ -21,18 +22,6 @@ TOL = 1e-5
 CONVERTED = ("DiT-T/2", "tiny:dit", "tiny:pixart", "tiny:sd3", "tiny:sana", "tiny:flux", "tiny:chroma")
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
-
-
-def capture(named):
-    got = {}
-
-    def backend(gm, example_inputs):
-        got["gm"], got["inputs"] = gm, list(example_inputs)
-        return gm.forward
-
-    with torch.no_grad():
-        named(torch.compile(named.model, backend=backend, dynamic=False))
-    return got["gm"], got["inputs"]
 
 
 def budget(named, **kw):

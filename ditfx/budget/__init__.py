@@ -23,6 +23,13 @@ def distill(*args, **kwargs):
     return run(*args, **kwargs)
 
 
+def calibrate(*args, **kwargs):
+    """See :func:`ditfx.budget.calibrate.calibrate`."""
+    from ditfx.budget.calibrate import calibrate as run
+
+    return run(*args, **kwargs)
+
+
 def zero_shot(*args, **kwargs):
     """See :func:`ditfx.budget.distill.zero_shot`."""
     from ditfx.budget.distill import zero_shot as run
@@ -30,5 +37,6 @@ def zero_shot(*args, **kwargs):
     return run(*args, **kwargs)
 
 
-__all__ = ["AdapterError", "BudgetAdapter", "BudgetConversionError", "BudgetSchedule", "coarse_sincos_pos_embed",
+__all__ = ["AdapterError", "BudgetAdapter", "BudgetConversionError", "BudgetSchedule", "calibrate",
+           "coarse_sincos_pos_embed",
            "coarse_table", "distill", "pi_resize", "resize_deembed", "resize_matrix", "zero_shot"]

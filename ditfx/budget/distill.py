@@ -26,6 +26,7 @@ import torch.fx as fx
 
 from ditfx.budget.adapter import BudgetAdapter
 from ditfx.budget.weak import WeakGraph, find_sites, weak_graph, zero_shot_tensors
+from ditfx.graph.cost import graph_flops
 from ditfx.graph.structure import analyse
 
 
@@ -91,20 +92,32 @@ def record_calls(denoiser: torch.nn.Module, run: Callable[[], object], time_scal
     return calls
 
 
-class _WeakTrainer:
+class WeakRunner:
     """A torch.compile backend that runs the weak graph of whatever Dynamo captures, with the adapter's tensors
-    (trainable leaves) appended: calling the compiled denoiser then runs the weak mode with autograd."""
+    appended: calling the compiled denoiser then runs the weak mode. Without ``adapter`` the tensors start at the
+    zero-shot mode (LoRA up-projections at zero) as trainable leaves, so it also trains with autograd."""
 
-    def __init__(self, patch: int, lora_rank: int, resize: str):
+    def __init__(self, patch: int, lora_rank: int, resize: str, adapter: BudgetAdapter | None = None):
         self.patch, self.lora_rank, self.resize = patch, lora_rank, resize
         self.params: dict[str, torch.Tensor] = {}
         self.weak: WeakGraph | None = None
         self.sites = None
+        self.native_flops = self.weak_flops = 0
+        if adapter is not None:
+            self.patch, self.lora_rank = adapter.patch, adapter.lora_rank
+            self.params = dict(adapter.tensors)
+            self._adapter = adapter
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list):
         structure = analyse(gm)
         sites = find_sites(gm, structure.roles, example_inputs)
         weak = weak_graph(gm, sites, self.patch, self.lora_rank)
+        if self.sites is None:
+            self.native_flops = int(graph_flops(list(gm.graph.nodes)))
+            self.weak_flops = int(graph_flops(list(weak.gm.graph.nodes)))
+        if self.params and self.sites is None:
+            self._adapter.check(weak.shapes)
+            self.sites, self.weak = sites, weak
         if not self.params:
             self.sites, self.weak = sites, weak
             init = zero_shot_tensors(gm, sites, example_inputs, self.patch, self.resize)
@@ -164,7 +177,7 @@ def distill(pipe, run: Callable[[object], object] | None = None, patch_size: int
     if not train or not held_out:
         raise ValueError(f"no denoiser calls fell in the weak range (t / {time_scale} > {1 - weak_until:.3f}): check "
                          "time_scale (the timestep at noise level 1) and that run(pipe) calls the denoiser")
-    trainer = _WeakTrainer(0, lora_rank, resize)
+    trainer = WeakRunner(0, lora_rank, resize)
     frozen = [p for p in denoiser.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)

@@ -49,6 +49,29 @@ class BudgetSchedule:
         i = min(range(len(self.times)), key=lambda k: abs(self.times[k] - u))
         return self.weak[i]
 
+    def plot(self, path) -> Path:
+        """The gap per step (PNG), the chosen weak steps marked."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5.5, 3.2))
+        ax.plot(self.times, self.gaps, "-o", ms=3, color="C0", label="weak/native gap")
+        if self.weak:
+            ax.scatter([t for t, w in zip(self.times, self.weak) if w], [g for g, w in zip(self.gaps, self.weak) if w],
+                       color="C3", zorder=3, label=f"weak at flops {self.budget}")
+        ax.invert_xaxis()
+        ax.set_xlabel("normalised time t / T (generation runs right)")
+        ax.set_ylabel("|weak - native| / |native|")
+        ax.set_title(f"patch {self.patch}: {self.flops_ratio:.3f} of the native FLOPs per call")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = Path(path)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
     def save(self, path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)

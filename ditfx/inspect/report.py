@@ -13,11 +13,11 @@ from ditfx.runtime.policy import policy_for
 
 
 def capture(named: NamedModel):
-    """The Dynamo graph of one call, as torch.compile would hand it to a backend."""
+    """The Dynamo graph of one call and its example inputs, as torch.compile would hand them to a backend."""
     graphs = []
 
     def keep(gm, example_inputs):
-        graphs.append(gm)
+        graphs.append((gm, list(example_inputs)))
         return gm.forward
 
     with torch.no_grad():
@@ -27,8 +27,8 @@ def capture(named: NamedModel):
 
 
 def inspect_model(name: str, named: NamedModel, config: Config, steps: int) -> dict:
-    gm = capture(named)
-    plan = build_plan(gm, config)
+    gm, example_inputs = capture(named)
+    plan = build_plan(gm, config, example_inputs=example_inputs)
     symbolic = symbolic_flops(named)
     regions = []
     for entry in plan.reports[0].regions:
@@ -48,6 +48,8 @@ def inspect_model(name: str, named: NamedModel, config: Config, steps: int) -> d
         "kernels": kernel_section(plan.reports),
         "total_flops": sum(plan.flops.values()),
         "plan": step_plan(plan, config, steps),
+        "budget": policy_for(config.budget, plan).describe(steps) if config.budget is not None and plan.modes
+        else None,
     }
     return report
 
@@ -88,6 +90,13 @@ def format_text(report: dict) -> str:
             lines.append(f"  {path:<32}" + "".join("#" if v else "." for v in row))
     else:
         lines.append("  " + plan["description"])
+    budget = report.get("budget")
+    if budget:
+        lines.append("")
+        lines.append(f"budget ({budget['mode']}: {budget['tokens']['native']} -> {budget['tokens'][budget['mode']]} "
+                     f"tokens, {budget['flops_ratio']:.3f} of the native FLOPs per call): {budget['weak_steps']}/"
+                     f"{budget['steps']} steps weak, {budget['flops_fraction']:.3f} of the native FLOPs")
+        lines.append("  patch per step: " + " ".join(str(p) if p != "native" else "n" for p in budget["patch"]))
     return "\n".join(lines)
 
 

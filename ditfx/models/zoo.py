@@ -31,7 +31,7 @@ class NamedModel:
 
 
 def names() -> list[str]:
-    return list(DIT_CONFIGS) + [f"tiny:{f}" for f in TINY_FAMILIES]
+    return list(DIT_CONFIGS) + [f"tiny:{f}" for f in TINY_FAMILIES] + ["digits"]
 
 
 def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch.nn.Module:
@@ -52,6 +52,13 @@ def load(name: str, batch: int = 2, seed: int = 0) -> NamedModel:
         return torch.randn(*shape, generator=g)
 
     t = torch.full((batch,), 700.0)
+    if name == "digits":  # the shipped, trained digits DiT (diffusers DiTTransformer2DModel, flow matching)
+        from ditfx.models.digits import load_transformer
+
+        m = load_transformer()
+        labels = torch.arange(batch) % 10
+        return NamedModel(m, dict(hidden_states=r(batch, 1, 16, 16), timestep=t, class_labels=labels),
+                          "hidden_states", "timestep", 1000.0, True)
     if name in DIT_CONFIGS:
         torch.manual_seed(seed)
         m = build_dit(name)

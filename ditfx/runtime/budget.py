@@ -40,8 +40,8 @@ class TokenBudgetPolicy(Policy):
 
     def is_weak(self, u: float, step: int, steps: int | None) -> bool:
         cfg = self.cfg
-        if cfg.steps is not None:
-            return cfg.steps.is_weak(u)
+        if cfg.calibrated is not None:
+            return cfg.calibrated.is_weak(u)
         if cfg.flops is not None and steps:
             return step < weak_steps_for(steps, self.ratio, cfg.flops)
         return u > 1 - self.weak_fraction() + 1e-9
@@ -53,7 +53,7 @@ class TokenBudgetPolicy(Policy):
             self._warn("timestep", "ditfx: TokenBudget needs the denoiser's timestep to place a call in the "
                        "generation, and this graph has none ditfx reads; every call runs at the native patch size")
             return None
-        if self.cfg.flops is not None and self.cfg.steps is None and not info.steps:
+        if self.cfg.flops is not None and self.cfg.calibrated is None and not info.steps:
             self._warn("steps", "ditfx: TokenBudget(flops=...) does not know this generation's step count (no "
                        "pipeline scheduler states it): the weak mode covers the same fraction of normalised time "
                        f"({self.weak_fraction():.3f}), which meets the FLOPs on a uniform time grid")
