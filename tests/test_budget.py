@@ -159,7 +159,7 @@ def test_bad_adapter_files_are_refused_naming_the_file(tmp_path):
     bad.write_bytes(b"not a safetensors file")
     with pytest.raises(AdapterError, match="bad.safetensors"):
         ditfx.TokenBudget(adapter=bad, weak_until=0.5)
-    with pytest.raises(ValueError, match="exactly one of weak_until"):
+    with pytest.raises(ValueError, match="cannot be combined"):
         ditfx.TokenBudget(weak_until=0.5, flops=0.6)
     with pytest.raises(ValueError, match="in \\(0, 1\\]"):
         ditfx.TokenBudget(flops=1.5)
@@ -253,3 +253,54 @@ def test_unconvertible_models_give_a_clear_error():
         weak_graph(gm, sites, 3)
     with pytest.raises(BudgetConversionError, match="does not tile"):
         weak_graph(gm, sites, 16)
+
+
+def test_distillation_trains_the_weak_mode_on_the_models_own_predictions(tmp_path):
+    named = zoo.load("tiny:dit", batch=2)
+    before = {k: v.clone() for k, v in named.model.state_dict().items()}
+    adapter = ditfx.budget.distill(named.model, lambda m: zoo.run_loop(named, m, steps=6), steps=60, lora_rank=2,
+                                   weak_until=0.75, time_scale=named.time_scale, generations=2, lr=3e-3,
+                                   progress=None)
+    r = adapter.record
+    assert r["steps"] == 60 and r["held_out_loss"] < r["held_out_loss_zero_shot"] and r["loss_curve"]
+    assert all(torch.equal(v, named.model.state_dict()[k]) for k, v in before.items())  # the model untouched
+    assert all(p.requires_grad for p in named.model.parameters())
+    path = adapter.save(tmp_path / "tiny.safetensors")
+    from ditfx.budget.training import plot_loss
+
+    plot_loss(adapter, tmp_path / "loss.png")
+    assert (tmp_path / "loss.png").stat().st_size > 0
+    loaded = BudgetAdapter.load(path)
+    assert loaded.record["steps"] == 60 and loaded.lora_rank == 2
+    torch._dynamo.reset()
+    expected = zoo.run_loop(named, steps=4)
+    got, fast = generate(named, ditfx.Config(compiler="eager", budget=budget(named, adapter=loaded, weak_until=0.0)))
+    assert torch.equal(got, expected)
+
+
+def test_distillation_refuses_an_optimized_model():
+    named = zoo.load("tiny:dit")
+    fast = ditfx.optimize(named.model, ditfx.Config(compiler="eager"))
+    with pytest.raises(ValueError, match="before ditfx.optimize"):
+        ditfx.budget.distill(fast, lambda m: None, steps=1, progress=None)
+    with pytest.raises(ValueError, match="needs run"):
+        ditfx.budget.distill(named.model, progress=None)
+
+
+def test_calibration_measures_the_gap_per_step_and_the_budget_runs_the_smallest(tmp_path):
+    named = zoo.load("tiny:dit")
+    schedule = ditfx.budget.calibrate(named.model, lambda m: zoo.run_loop(named, m, steps=8), generations=1,
+                                      time_scale=named.time_scale, progress=None)
+    assert len(schedule.times) == 8 and all(g > 0 for g in schedule.gaps) and 0.2 < schedule.flops_ratio < 0.35
+    path = schedule.save(tmp_path / "schedule.json")
+    schedule.plot(tmp_path / "schedule.png")
+    config = budget(named, calibrated=path, flops=0.7)
+    chosen = config.calibrated
+    smallest = sorted(range(8), key=lambda i: chosen.gaps[i])[:sum(chosen.weak)]
+    assert sorted(i for i, w in enumerate(chosen.weak) if w) == sorted(smallest)
+    got, fast = generate(named, ditfx.Config(compiler="eager", budget=config), steps=8)
+    assert ditfx.stats(fast).modes["p4"]["calls"] == sum(chosen.weak)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(ValueError, match="not a ditfx budget schedule"):
+        BudgetSchedule.load(bad)

@@ -5,7 +5,8 @@
 * :mod:`ditfx.budget.resize`: the layer conversions (PI-resize, de-embedding resize, sin-cos tables at coarse
   centres);
 * :mod:`ditfx.budget.adapter`: :class:`BudgetAdapter`, the weak mode's tensors in one safetensors file;
-* :mod:`ditfx.budget.distill`: :func:`distill`, training the weak mode on the model's own predictions;
+* :mod:`ditfx.budget.training`: :func:`distill`, training the weak mode on the model's own predictions;
+* :mod:`ditfx.budget.gaps`: :func:`calibrate`, the weak/native gap per step;
 * :mod:`ditfx.budget.schedule`: :class:`BudgetSchedule`, calibrated weak steps.
 
 ``ditfx.TokenBudget`` turns it on; docs/token_budget.md.
@@ -14,29 +15,10 @@ from ditfx.budget.adapter import AdapterError, BudgetAdapter
 from ditfx.budget.resize import coarse_sincos_pos_embed, coarse_table, pi_resize, resize_deembed, resize_matrix
 from ditfx.budget.schedule import BudgetSchedule
 from ditfx.budget.weak import BudgetConversionError
-
-
-def distill(*args, **kwargs):
-    """See :func:`ditfx.budget.distill.distill` (imported on use: it needs the compiler stack)."""
-    from ditfx.budget.distill import distill as run
-
-    return run(*args, **kwargs)
-
-
-def calibrate(*args, **kwargs):
-    """See :func:`ditfx.budget.calibrate.calibrate`."""
-    from ditfx.budget.calibrate import calibrate as run
-
-    return run(*args, **kwargs)
-
-
-def zero_shot(*args, **kwargs):
-    """See :func:`ditfx.budget.distill.zero_shot`."""
-    from ditfx.budget.distill import zero_shot as run
-
-    return run(*args, **kwargs)
+from ditfx.budget.training import distill, plot_loss, zero_shot
+from ditfx.budget.gaps import calibrate
 
 
 __all__ = ["AdapterError", "BudgetAdapter", "BudgetConversionError", "BudgetSchedule", "calibrate",
            "coarse_sincos_pos_embed",
-           "coarse_table", "distill", "pi_resize", "resize_deembed", "resize_matrix", "zero_shot"]
+           "coarse_table", "distill", "pi_resize", "plot_loss", "resize_deembed", "resize_matrix", "zero_shot"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from .budget import budget_adapter
 from .metrics import metrics
 from .model import NULL_CLASS
 from .pipeline import DigitsPipeline, make_scheduler
@@ -23,6 +24,7 @@ from .shipped import WEIGHTS_DIR, load_classifier, load_transformer
 __all__ = [
     "NULL_CLASS",
     "WEIGHTS_DIR",
+    "budget_adapter",
     "DigitsPipeline",
     "load_classifier",
     "load_transformer",

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ditfx.budget.adapter import BudgetAdapter
-from ditfx.budget.distill import distill, plot_loss
+from ditfx.budget.training import distill, plot_loss
 
 from .shipped import WEIGHTS_DIR, shipped_file
 
@@ -28,7 +28,7 @@ STEP_COUNTS = (25, 50)
 
 def budget_run(pipe, batch: int = 64) -> None:
     """One recording generation: random labels, a guidance scale and a step count drawn from the settings users
-    run (the global RNG, which :func:`~ditfx.budget.distill` seeds per generation)."""
+    run (the global RNG, which :func:`~ditfx.budget.training.distill` seeds per generation)."""
     labels = torch.randint(10, (batch,)).tolist()
     scale = SCALES[int(torch.randint(len(SCALES), (1,)))]
     steps = STEP_COUNTS[int(torch.randint(len(STEP_COUNTS), (1,)))]

@@ -160,7 +160,7 @@ def distill(pipe, run: Callable[[object], object] | None = None, patch_size: int
     if not isinstance(denoiser, torch.nn.Module):
         raise TypeError(f"ditfx.budget.distill takes a pipeline with a .transformer or a torch.nn.Module, got "
                         f"{type(pipe).__name__}")
-    if type(denoiser).__name__ == "OptimizedModule" or hasattr(denoiser, "_orig_mod"):
+    if hasattr(denoiser, "_orig_mod") or getattr(denoiser, "_compiled_call_impl", None) is not None:
         raise ValueError("ditfx.budget.distill takes the pipeline before ditfx.optimize/torch.compile: pass the "
                          "original")
     if not 0 < weak_until <= 1:

@@ -1,7 +1,7 @@
 """Budget calibration: how far the weak mode's prediction is from the native one at each step of a generation.
 
 ``run(pipe)`` drives generations as they will be run; every denoiser call is recorded with its native prediction
-(:func:`~ditfx.budget.distill.record_calls`) and the weak mode is run on the same inputs. The relative gap
+(:func:`~ditfx.budget.training.record_calls`) and the weak mode is run on the same inputs. The relative gap
 ``|weak - native| / |native|`` per step (averaged over calls at the same normalised time) is a
 :class:`~ditfx.budget.schedule.BudgetSchedule`: ``TokenBudget(adapter=..., flops=0.6, calibrated=schedule)``
 runs weak the steps with the smallest gaps that bring the FLOPs within the budget.
@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 
 from ditfx.budget.adapter import BudgetAdapter
-from ditfx.budget.distill import WeakRunner, _first_tensor, record_calls
+from ditfx.budget.training import WeakRunner, _first_tensor, record_calls
 from ditfx.budget.schedule import BudgetSchedule
 
 
@@ -35,7 +35,7 @@ def calibrate(pipe, run: Callable[[object], object], adapter: BudgetAdapter | No
         raise ValueError("run(pipe) made no denoiser call")
     runner = WeakRunner(patch_size or 0, 0, "bilinear", adapter)
     if runner.patch == 0:
-        from ditfx.budget.distill import _capture_sites
+        from ditfx.budget.training import _capture_sites
 
         runner.patch = 2 * _capture_sites(denoiser, calls[0]).patch
     torch._dynamo.reset()
