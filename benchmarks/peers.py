@@ -585,10 +585,16 @@ AG_GAMMA = 0.995  # the demo's gamma
 def ditfx_methods() -> list[Method]:
     import ditfx
 
-    def config(cache, ctx: Context, guidance=None):
+    def config(cache, ctx: Context, guidance=None, budget=None):
         # Every region compiled, like transformer.compile() of the whole model that the peers get; the
         # default, compile_regions="blocks", leaves the prologue and epilogue uncompiled for a faster first call.
-        return ditfx.Config(cache=cache, guidance=guidance, compiler=ctx.compiler, compile_regions="all")
+        return ditfx.Config(cache=cache, guidance=guidance, compiler=ctx.compiler, compile_regions="all",
+                            budget=budget)
+
+    def budget(flops):
+        from ditfx.models.digits import budget_adapter
+
+        return ditfx.TokenBudget(adapter=budget_adapter(), flops=flops)
 
     def schedule(ctx: Context) -> ditfx.CacheSchedule:
         return ditfx.CacheSchedule(**ctx.prepared[SCHEDULE]["schedule"])
@@ -626,6 +632,17 @@ def ditfx_methods() -> list[Method]:
                      prepare=prepare_ditfx_schedule, prepared_as=SCHEDULE,
                      notes="the cache above with Adaptive Guidance at its default gamma (0.99), fill='delta': a "
                            "switched sample keeps its last guidance direction, fading to zero at t = 0."),
+        ditfx_method("TokenBudget", "flops", [0.8, 0.7, 0.6, 0.5, 0.45],
+                     lambda v, ctx: config(None, ctx, budget=budget(v)),
+                     notes="FlexiDiT: the first steps at patch 4 (16 tokens instead of 64) with the shipped distilled "
+                           "adapter (ditfx.models.digits.budget_adapter()), as few as bring the FLOPs to the knob's "
+                           "fraction of native."),
+        ditfx_method("TokenBudget 0.7 + StaticCache together+linear + AdaptiveGuidance fill=delta", "delta",
+                     together_deltas,
+                     lambda v, ctx: config(together(v, ctx), ctx, ditfx.AdaptiveGuidance(fill="delta"), budget(0.7)),
+                     prepare=prepare_ditfx_schedule, prepared_as=SCHEDULE,
+                     notes="the token budget at 0.7 of the native FLOPs with the cache and guidance skipping above: "
+                           "the cache keeps one state per patch size, guidance state carries across."),
     ]
 
 

@@ -60,6 +60,8 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
+    if args.budget:
+        return cmd_calibrate_budget(args)
     from tqdm import tqdm
 
     import ditfx
@@ -173,20 +175,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="heatmap and summary for per_block=False (the blocks recompute together)")
     p.add_argument("--mode", choices=("residual", "output"), default="residual")
     p.add_argument("--out", default="schedule.json")
+    p.add_argument("--budget", action="store_true",
+                   help="write a token-budget schedule instead: the weak/native prediction gap per step "
+                        "(TokenBudget(calibrated=...)); with --adapter, --patch, --flops, --scale")
+    p.add_argument("--adapter", help="(--budget) the budget adapter (.safetensors; 'digits': the shipped one); "
+                                     "default zero-shot")
+    p.add_argument("--patch", type=int, help="(--budget) the zero-shot weak patch size (default twice the native)")
+    p.add_argument("--flops", type=float, help="(--budget) choose the weak steps for this fraction of the native FLOPs")
+    p.add_argument("--scale", type=float, default=1.5, help="(--budget) guidance scale of the digits pipeline")
     p.set_defaults(run=cmd_calibrate)
-
-    p = sub.add_parser("calibrate-budget", help="measure the weak/native gap per step and write a token-budget "
-                       "schedule (TokenBudget(calibrated=...))")
-    p.add_argument("model", help=MODEL_HELP)
-    p.add_argument("--adapter", help="the budget adapter (.safetensors; 'digits': the shipped one); default zero-shot")
-    p.add_argument("--patch", type=int, help="the zero-shot weak patch size (default twice the native)")
-    p.add_argument("--flops", type=float, help="choose the weak steps for this fraction of the native FLOPs")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--generations", type=int, default=2)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--scale", type=float, default=1.5, help="guidance scale (digits)")
-    p.add_argument("--out", default="budget_schedule.json")
-    p.set_defaults(run=cmd_calibrate_budget)
 
     args = parser.parse_args(argv)
     try:

@@ -258,6 +258,11 @@ class TokenBudget:
       A call runs as the calibrated step nearest in normalised time.
 
     ``time_scale``: the timestep at noise level 1 (None: the adapter's, else 1000).
+
+    More than two levels: ``adapter`` (or, zero-shot, ``patch_size``) a list of several patch sizes and
+    ``weak_until`` a list of the same length, each level's fraction of normalised time; a call runs at the
+    coarsest level whose fraction covers it (``adapter=[p8, p4], weak_until=[0.2, 0.5]``: patch 8 for
+    ``u > 0.8``, patch 4 for ``0.5 < u <= 0.8``, native after).
     """
 
     adapter: Any = field(default=None, repr=False)
@@ -273,11 +278,14 @@ class TokenBudget:
         from ditfx.budget.schedule import BudgetSchedule
 
         o = "TokenBudget"
+        several = [n for n in ("adapter", "patch_size", "weak_until") if isinstance(getattr(self, n), (list, tuple))]
+        if several:
+            return self._check_levels(several)
         if isinstance(self.adapter, (str, Path)):
             _set(self, "adapter", BudgetAdapter.load(self.adapter))
         if self.adapter is not None and not isinstance(self.adapter, BudgetAdapter):
-            raise WrongType("TokenBudget.adapter must be a ditfx.budget.BudgetAdapter, the path of one, or None "
-                            f"(zero-shot), got {type(self.adapter).__name__}")
+            raise WrongType("TokenBudget.adapter must be a ditfx.budget.BudgetAdapter, the path of one, a list of "
+                            f"them (several levels), or None (zero-shot), got {type(self.adapter).__name__}")
         if isinstance(self.calibrated, (str, Path)):
             _set(self, "calibrated", BudgetSchedule.load(self.calibrated))
         if self.calibrated is not None and not isinstance(self.calibrated, BudgetSchedule):
@@ -310,11 +318,50 @@ class TokenBudget:
         check_choice(o, "resize", self.resize, ("bilinear", "bicubic"),
                      f"TokenBudget.resize must be 'bilinear' or 'bicubic', got {self.resize!r}")
 
+    def _check_levels(self, several: list[str]) -> None:
+        from ditfx.budget.adapter import BudgetAdapter
+
+        o = "TokenBudget"
+        _check(self.flops is None and self.calibrated is None,
+               "TokenBudget with several levels takes weak_until per level, not flops or calibrated")
+        _check(isinstance(self.weak_until, (list, tuple)),
+               "TokenBudget with several adapters or patch sizes needs weak_until as a list, one fraction per level")
+        n = len(self.weak_until)
+        weak = tuple(check_float(o, "weak_until", w, 0) for w in self.weak_until)
+        _check(all(w <= 1 for w in weak), f"TokenBudget.weak_until values are fractions in [0, 1], got {weak}")
+        if self.adapter is not None:
+            adapters = self.adapter if isinstance(self.adapter, (list, tuple)) else [self.adapter]
+            adapters = tuple(BudgetAdapter.load(a) if isinstance(a, (str, Path)) else a for a in adapters)
+            if not all(isinstance(a, BudgetAdapter) for a in adapters):
+                raise WrongType("TokenBudget.adapter entries must be ditfx.budget.BudgetAdapter or paths of them")
+            _check(self.patch_size is None, "leave TokenBudget.patch_size unset with adapters")
+            patches = tuple(a.patch for a in adapters)
+            _set(self, "adapter", adapters)
+        else:
+            patches = self.patch_size if isinstance(self.patch_size, (list, tuple)) else (self.patch_size,)
+            patches = tuple(check_int(o, "patch_size", p, 1) for p in patches)
+            _set(self, "patch_size", patches)
+        _check(len(patches) == n and n >= 1, f"TokenBudget: {len(patches)} level(s) of patch sizes and {n} weak_until "
+                                             "values: give one weak_until per level")
+        _check(len(set(patches)) == n, f"TokenBudget: each level needs its own patch size, got {patches}")
+        _set(self, "weak_until", weak)
+        if self.time_scale is not None:
+            _set(self, "time_scale", check_float(o, "time_scale", self.time_scale))
+
+    def levels(self) -> list[tuple[int | None, Any, float | None]]:
+        """(patch size or None for the zero-shot default, adapter or None, weak_until) per level."""
+        if isinstance(self.weak_until, tuple):
+            if self.adapter is not None:
+                return [(a.patch, a, w) for a, w in zip(self.adapter, self.weak_until)]
+            return [(p, None, w) for p, w in zip(self.patch_size, self.weak_until)]
+        return [(self.adapter.patch if self.adapter is not None else self.patch_size, self.adapter, self.weak_until)]
+
     @property
     def effective_time_scale(self) -> float:
         if self.time_scale is not None:
             return self.time_scale
-        return self.adapter.time_scale if self.adapter is not None else 1000.0
+        adapter = self.adapter[0] if isinstance(self.adapter, tuple) else self.adapter
+        return adapter.time_scale if adapter is not None else 1000.0
 
 # the "kind" of a dict-form cache or guidance in torch.compile options
 CACHE_OPTION_KINDS = {"dynamic": DynamicCache, "static": StaticCache}

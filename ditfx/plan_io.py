@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 import torch.fx as fx
 
 import ditfx.config as config_module
@@ -27,7 +28,7 @@ FORMAT = "ditfx.plan/1"
 _CONFIGS = {cls.__name__: cls for cls in (config_module.DynamicCache, config_module.StaticCache,
                                           config_module.CacheCalibration, config_module.AdaptiveGuidance,
                                           config_module.GuidanceWindow, config_module.LinearAG,
-                                          config_module.GuidanceRecording)}
+                                          config_module.GuidanceRecording, config_module.TokenBudget)}
 
 
 # ------------------------------------------------------------------------------------------ saving
@@ -54,8 +55,14 @@ def save_plan(plan: Plan, directory: str | Path) -> Path:
         "policies": [_config_to_json(c, directory, k) for k, c in enumerate(plan.policies)],
         "state": _state_declarations(plan),
         "null_class": plan.null_class,
+        "tokens": plan.tokens,
         "graphs": graphs,
+        "modes": sorted(plan.modes),
     }
+    for name, sub in plan.modes.items():  # each mode is a plan of its own, with the adapter tensors it takes
+        save_plan(sub, directory / "modes" / name)
+        save_file({str(i): t.detach().contiguous().cpu() for i, t in enumerate(plan.mode_inputs[name])},
+                  str(directory / "modes" / name / "inputs.safetensors"))
     (directory / "plan.json").write_text(json.dumps(data, indent=1))
     return directory
 
@@ -114,8 +121,8 @@ def _config_to_json(cfg, directory: Path, k: int) -> dict:
     fields = {}
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        if hasattr(value, "save"):  # a schedule or coefficient file travels beside the plan
-            name = f"policy{k}.{f.name}.json"
+        if hasattr(value, "save"):  # a schedule, coefficient or adapter file travels beside the plan
+            name = f"policy{k}.{f.name}{getattr(value, 'FILE_SUFFIX', '.json')}"
             value.save(directory / name)
             value = {"file": name}
         fields[f.name] = value
@@ -154,7 +161,11 @@ def load_plan(directory: str | Path) -> Plan:
                        [n for n, role in io.input_roles.items() if role in ("condition", "labels", "timestep")],
                        [n for n, role in io.input_roles.items() if role == "weight"])
     structure = DiTStructure(None, roles, blocks, [rm.region for rm in regions], [], [])
-    plan = Plan(structure, io, regions, data["flops"], null_class=data["null_class"])
+    plan = Plan(structure, io, regions, data["flops"], null_class=data["null_class"], tokens=data.get("tokens", 0))
+    for name in data.get("modes", []):
+        plan.modes[name] = load_plan(directory / "modes" / name)
+        inputs = load_file(str(directory / "modes" / name / "inputs.safetensors"))
+        plan.mode_inputs[name] = [inputs[str(i)] for i in range(len(inputs))]
     plan.transforms = {name: Transform(name, _not_buildable, t["after_rows"]) for name, t in data["transforms"].items()}
     plan.offers = {name: set(offered) for name, offered in data["offers"].items()}
     plan.policies = [_config_from_json(c, directory) for c in data["policies"]]

@@ -304,3 +304,19 @@ def test_calibration_measures_the_gap_per_step_and_the_budget_runs_the_smallest(
     bad.write_text("{}")
     with pytest.raises(ValueError, match="not a ditfx budget schedule"):
         BudgetSchedule.load(bad)
+
+
+def test_more_than_two_levels():
+    """Patch 8 first, then 4, then native: each call at the coarsest level whose fraction covers it."""
+    model = zoo.randomize(build_dit("DiT-T/2", input_size=16))  # 8x8 patch-2 tokens: 16 at patch 4, 4 at patch 8
+    named = zoo.NamedModel(model, dict(x=torch.randn(2, 4, 16, 16), t=torch.full((2,), 700.0), y=torch.tensor([1, 2])),
+                           "x", "t", 1000.0, False)
+    config = ditfx.Config(compiler="eager", budget=budget(named, patch_size=[8, 4], weak_until=[0.25, 0.5]))
+    got, fast = generate(named, config, steps=8)
+    modes = ditfx.stats(fast).modes
+    assert {m: v["calls"] for m, v in modes.items()} == {"p8": 2, "p4": 2, "native": 4}
+    assert modes["p8"]["tokens"] == 2 * 2 * 4 and modes["p4"]["tokens"] == 2 * 2 * 16
+    with pytest.raises(ValueError, match="one weak_until per level"):
+        ditfx.TokenBudget(patch_size=[8, 4], weak_until=[0.5])
+    with pytest.raises(ValueError, match="not flops"):
+        ditfx.TokenBudget(patch_size=[8, 4], weak_until=[0.2, 0.5], flops=0.5)

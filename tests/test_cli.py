@@ -21,3 +21,15 @@ def test_calibrate_then_inspect_the_plan_with_blocks_together(tmp_path, capsys):
 def test_bad_schedule_path_is_a_clear_error(tmp_path, capsys):
     assert cli.main(["inspect", "DiT-T/2", "--schedule", str(tmp_path / "missing.json")]) == 2
     assert "ditfx calibrate" in capsys.readouterr().err
+
+
+def test_calibrate_writes_a_budget_schedule_and_inspect_shows_the_patch_per_step(tmp_path, capsys):
+    from ditfx.cli import main
+
+    out = tmp_path / "budget.json"
+    assert main(["calibrate", "tiny:dit", "--budget", "--flops", "0.7", "--steps", "6", "--generations", "1",
+                 "--out", str(out)]) == 0
+    assert out.is_file() and out.with_suffix(".png").is_file()
+    assert "weak steps at flops 0.7" in capsys.readouterr().out
+    assert main(["inspect", "tiny:dit", "--budget-until", "0.5", "--steps", "6"]) == 0
+    assert "patch per step: 4 4 4 n n n" in capsys.readouterr().out

@@ -55,6 +55,20 @@ def test_a_saved_plan_loads_and_runs_exactly(family, tmp_path):
     assert {"policy": "cache", "slot": "cache", "scope": "branch", "per_row": True} in state
 
 
+def test_a_saved_plan_keeps_its_modes(tmp_path):
+    """A token budget's weak mode is a plan of its own: saved beside the native one with its adapter tensors."""
+    gm, inputs = captured("dit")
+    config = ditfx.Config(budget=ditfx.TokenBudget(weak_until=1.0, time_scale=1.0))
+    plan = build_plan(gm, config, example_inputs=inputs)
+    with torch.no_grad():
+        expected = flat(executor(plan, inputs)(*inputs))
+        plan.save(tmp_path)
+        loaded = Plan.load(tmp_path)
+        got = flat(executor(loaded, inputs)(*inputs))
+    assert set(loaded.modes) == {"p4"} and loaded.modes["p4"].tokens == 4
+    assert torch.equal(got, expected) or (got - expected).abs().max() <= 1e-6
+
+
 def test_the_variant_table_is_keyed_by_structure_transforms_and_rows():
     gm, _ = captured("reference")
     plan = build_plan(gm, ditfx.Config(cache=ditfx.DynamicCache(threshold=0.1)))

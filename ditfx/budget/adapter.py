@@ -27,6 +27,8 @@ class AdapterError(TechniqueUnavailable):
 class BudgetAdapter:
     """The weak mode at ``patch`` of a model whose native patch size is ``native_patch``."""
 
+    FILE_SUFFIX = ".safetensors"  # how a plan saves it beside its policies
+
     patch: int
     native_patch: int
     tensors: dict[str, torch.Tensor]

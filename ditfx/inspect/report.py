@@ -93,9 +93,10 @@ def format_text(report: dict) -> str:
     budget = report.get("budget")
     if budget:
         lines.append("")
-        lines.append(f"budget ({budget['mode']}: {budget['tokens']['native']} -> {budget['tokens'][budget['mode']]} "
-                     f"tokens, {budget['flops_ratio']:.3f} of the native FLOPs per call): {budget['weak_steps']}/"
-                     f"{budget['steps']} steps weak, {budget['flops_fraction']:.3f} of the native FLOPs")
+        modes = ", ".join(f"{m}: {budget['tokens']['native']} -> {budget['tokens'][m]} tokens, "
+                          f"{budget['flops_ratio'][m]:.3f} of the native FLOPs per call" for m in budget["modes"])
+        lines.append(f"budget ({modes}): {budget['weak_steps']}/{budget['steps']} steps weak, "
+                     f"{budget['flops_fraction']:.3f} of the native FLOPs")
         lines.append("  patch per step: " + " ".join(str(p) if p != "native" else "n" for p in budget["patch"]))
     return "\n".join(lines)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from ditfx.budget.adapter import AdapterError
 from ditfx.budget.weak import BudgetConversionError, find_sites, weak_graph, zero_shot_tensors
 from ditfx.graph.structure import StructureError
 from ditfx.passes.context import PassContext
@@ -23,20 +24,23 @@ class BudgetReport(PassReport):
 
     pass_name = "budget"
 
-    mode: str
+    modes: list[str]  # coarsest first
     native_patch: int
-    patch: int
-    tokens: tuple[int, int]  # native, weak (per sample)
-    flops_ratio: float  # weak call / native call, cost model
-    zero_shot: bool
-    lora_rank: int
+    patches: list[int]
+    tokens: list[int]  # per sample: native, then each mode
+    flops_ratio: list[float]  # a call of each mode / a native call, cost model
+    zero_shot: list[bool]
+    lora_rank: list[int]
     pos_table: bool
 
     def summary(self) -> str:
-        kind = "zero-shot (PI-resize)" if self.zero_shot else f"adapter (LoRA rank {self.lora_rank})"
-        return (f"budget: weak mode {self.mode} at patch {self.patch} (native {self.native_patch}), "
-                f"{self.tokens[0]} -> {self.tokens[1]} tokens, {self.flops_ratio:.3f} of the native FLOPs per call, "
-                f"{kind}")
+        lines = []
+        for k, mode in enumerate(self.modes):
+            kind = "zero-shot (PI-resize)" if self.zero_shot[k] else f"adapter (LoRA rank {self.lora_rank[k]})"
+            lines.append(f"budget: weak mode {mode} at patch {self.patches[k]} (native {self.native_patch}), "
+                         f"{self.tokens[0]} -> {self.tokens[k + 1]} tokens, {self.flops_ratio[k]:.3f} of the native "
+                         f"FLOPs per call, {kind}")
+        return "\n".join(lines)
 
 
 def budget_pass(plan: Plan, ctx: PassContext) -> BudgetReport:
@@ -45,32 +49,38 @@ def budget_pass(plan: Plan, ctx: PassContext) -> BudgetReport:
     cfg = ctx.config.budget
     gm, structure = plan.structure.gm, plan.structure
     sites = find_sites(gm, structure.roles, ctx.example_inputs)
-    adapter = cfg.adapter
-    patch = adapter.patch if adapter is not None else (cfg.patch_size or 2 * sites.patch)
-    if adapter is not None and adapter.native_patch != sites.patch:
-        raise ValueError(f"the budget adapter was made for native patch size {adapter.native_patch}, this model's is "
-                         f"{sites.patch}")
-    weak = weak_graph(gm, sites, patch, adapter.lora_rank if adapter is not None else 0)
-    if adapter is not None:
-        adapter.check(weak.shapes)
-        tensors = adapter.tensors
-    else:
-        if ctx.example_inputs is None:
-            raise ValueError("the zero-shot weak mode needs the model's weights: pass a TokenBudget adapter")
-        tensors = zero_shot_tensors(gm, sites, ctx.example_inputs, patch, cfg.resize)
-    ref = next(v for ph, v in zip(gm.graph.find_nodes(op="placeholder"), ctx.example_inputs or [])
-               if ph.name == sites.embed_weight) if ctx.example_inputs else None
-    inputs = [tensors[k].to(device=ref.device, dtype=ref.dtype) if ref is not None else tensors[k]
-              for k in weak.keys]
+    ref = next((v for ph, v in zip(gm.graph.find_nodes(op="placeholder"), ctx.example_inputs or [])
+                if ph.name == sites.embed_weight), None)
     sub_config = dataclasses.replace(ctx.config, budget=None)
-    try:
-        sub = build_plan(weak.gm, sub_config, weight_names=set(weak.placeholders), facts=ctx.facts)
-    except StructureError as e:
-        raise BudgetConversionError(f"the graph at patch size {patch} has no DiT structure ditfx can split: {e}") from e
-    name = f"p{patch}"
-    plan.modes[name] = sub
-    plan.mode_inputs[name] = inputs
-    ratio = sum(sub.flops.values()) / max(1, sum(plan.flops.values()))
-    return BudgetReport(mode=name, native_patch=sites.patch, patch=patch, tokens=(plan.tokens, sub.tokens),
-                        flops_ratio=ratio, zero_shot=adapter is None, lora_rank=weak.lora_rank,
+    built = []
+    for patch, adapter, _ in cfg.levels():
+        patch = patch or 2 * sites.patch
+        if adapter is not None and adapter.native_patch != sites.patch:
+            raise AdapterError(f"the budget adapter was made for native patch size {adapter.native_patch}, this "
+                               f"model's is {sites.patch}")
+        weak = weak_graph(gm, sites, patch, adapter.lora_rank if adapter is not None else 0)
+        if adapter is not None:
+            adapter.check(weak.shapes)
+            tensors = adapter.tensors
+        elif ctx.example_inputs is None:
+            raise BudgetConversionError("the zero-shot weak mode needs the model's weights: pass a TokenBudget "
+                                        "adapter")
+        else:
+            tensors = zero_shot_tensors(gm, sites, ctx.example_inputs, patch, cfg.resize)
+        try:
+            sub = build_plan(weak.gm, sub_config, weight_names=set(weak.placeholders), facts=ctx.facts)
+        except StructureError as e:
+            raise BudgetConversionError(f"the graph at patch size {patch} has no DiT structure ditfx can split: "
+                                        f"{e}") from e
+        inputs = [tensors[k].to(device=ref.device, dtype=ref.dtype) if ref is not None else tensors[k]
+                  for k in weak.keys]
+        built.append((f"p{patch}", sub, inputs, adapter, weak.lora_rank, patch))
+    for name, sub, inputs, *_ in built:  # the plan changes only once every level converted
+        plan.modes[name] = sub
+        plan.mode_inputs[name] = inputs
+    total = max(1, sum(plan.flops.values()))
+    return BudgetReport(modes=[name for name, *_ in built], native_patch=sites.patch,
+                        patches=[patch for *_, patch in built], tokens=[plan.tokens] + [sub.tokens for _, sub, *_ in built],
+                        flops_ratio=[sum(sub.flops.values()) / total for _, sub, *_ in built],
+                        zero_shot=[a is None for *_, a, _, _ in built], lora_rank=[r for *_, r, _ in built],
                         pos_table=sites.pos_operand is not None)

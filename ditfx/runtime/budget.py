@@ -23,7 +23,9 @@ class TokenBudgetPolicy(Policy):
     def __init__(self, cfg: TokenBudget, plan: Plan):
         super().__init__(cfg, plan)
         self.cfg = cfg
-        self.weak = next(iter(plan.modes), None)
+        # (mode, weak_until), coarsest first: the pass built one mode per level, in the config's order
+        self.levels = sorted(zip(plan.modes, [w for *_, w in cfg.levels()]), key=lambda m: -int(m[0][1:]))
+        self.weak = self.levels[-1][0] if self.levels else None  # the finest weak mode (flops, calibrated)
         sub = plan.modes.get(self.weak)
         self.ratio = sum(sub.flops.values()) / max(1, sum(plan.flops.values())) if sub is not None else 1.0
         self.time_scale = cfg.effective_time_scale
@@ -38,13 +40,16 @@ class TokenBudgetPolicy(Policy):
             return self.cfg.weak_until
         return min(1.0, max(0.0, (1 - self.cfg.flops) / (1 - self.ratio))) if self.ratio < 1 else 0.0
 
-    def is_weak(self, u: float, step: int, steps: int | None) -> bool:
+    def mode_at(self, u: float, step: int, steps: int | None) -> str | None:
+        """The mode of a call at normalised time ``u``, step ``step`` of ``steps`` (None: native)."""
         cfg = self.cfg
         if cfg.calibrated is not None:
-            return cfg.calibrated.is_weak(u)
+            return self.weak if cfg.calibrated.is_weak(u) else None
         if cfg.flops is not None and steps:
-            return step < weak_steps_for(steps, self.ratio, cfg.flops)
-        return u > 1 - self.weak_fraction() + 1e-9
+            return self.weak if step < weak_steps_for(steps, self.ratio, cfg.flops) else None
+        if cfg.flops is not None:
+            return self.weak if u > 1 - self.weak_fraction() + 1e-9 else None
+        return next((mode for mode, until in self.levels if u > 1 - until + 1e-9), None)
 
     def choose_mode(self, info: CallInfo) -> str | None:
         if self.weak is None:
@@ -57,22 +62,21 @@ class TokenBudgetPolicy(Policy):
             self._warn("steps", "ditfx: TokenBudget(flops=...) does not know this generation's step count (no "
                        "pipeline scheduler states it): the weak mode covers the same fraction of normalised time "
                        f"({self.weak_fraction():.3f}), which meets the FLOPs on a uniform time grid")
-        u = info.timestep / self.time_scale
-        return self.weak if self.is_weak(u, info.step, info.steps) else None
+        return self.mode_at(info.timestep / self.time_scale, info.step, info.steps)
 
     def begin_call(self, ctx: CallContext) -> None:
         pass
 
     def describe(self, steps: int) -> dict:
         """The per-step patch size on ``steps`` uniform steps, for ``ditfx inspect``."""
-        sub = self.plan.modes.get(self.weak)
-        weak_patch = int(self.weak[1:]) if self.weak else None
-        native = [self.is_weak(1 - k / steps, k, steps) for k in range(steps)]
-        return {"kind": "budget", "mode": self.weak, "flops_ratio": self.ratio,
-                "patch": [weak_patch if w else "native" for w in native],
-                "weak_steps": sum(native), "steps": steps,
-                "flops_fraction": (sum(native) * self.ratio + steps - sum(native)) / steps,
-                "tokens": {"native": self.plan.tokens, self.weak: sub.tokens if sub is not None else None}}
+        total = max(1, sum(self.plan.flops.values()))
+        ratios = {m: sum(sub.flops.values()) / total for m, sub in self.plan.modes.items()}
+        modes = [self.mode_at(1 - k / steps, k, steps) for k in range(steps)]
+        return {"kind": "budget", "mode": self.weak, "modes": [m for m, _ in self.levels], "flops_ratio": ratios,
+                "patch": [int(m[1:]) if m else "native" for m in modes],
+                "weak_steps": sum(m is not None for m in modes), "steps": steps,
+                "flops_fraction": sum(ratios[m] if m else 1.0 for m in modes) / steps,
+                "tokens": {"native": self.plan.tokens, **{m: sub.tokens for m, sub in self.plan.modes.items()}}}
 
     def _warn(self, key: str, message: str) -> None:
         if key not in self._warned:
