@@ -257,7 +257,9 @@ class TokenBudget:
       smallest gaps that bring the FLOPs within it run weak; alone, the weak steps the schedule has chosen.
       A call runs as the calibrated step nearest in normalised time.
 
-    ``time_scale``: the timestep at noise level 1 (None: the adapter's, else 1000).
+    ``time_scale``: the timestep at noise level 1 (None: the adapter's, else 1000). ``merge_lora``: fold the
+    adapter's low-rank updates into weak-mode copies of the block weights (a weak call then costs what the base
+    linears cost; one more copy of those weights in memory); False runs the low-rank path.
 
     More than two levels: ``adapter`` (or, zero-shot, ``patch_size``) a list of several patch sizes and
     ``weak_until`` a list of the same length, each level's fraction of normalised time; a call runs at the
@@ -272,6 +274,7 @@ class TokenBudget:
     patch_size: int | None = None
     time_scale: float | None = None
     resize: str = "bilinear"
+    merge_lora: bool = True
 
     def __post_init__(self):
         from ditfx.budget.adapter import BudgetAdapter
@@ -317,6 +320,7 @@ class TokenBudget:
             _check(self.time_scale > 0, f"TokenBudget.time_scale must be > 0, got {self.time_scale}")
         check_choice(o, "resize", self.resize, ("bilinear", "bicubic"),
                      f"TokenBudget.resize must be 'bilinear' or 'bicubic', got {self.resize!r}")
+        check_bool(o, "merge_lora", self.merge_lora)
 
     def _check_levels(self, several: list[str]) -> None:
         from ditfx.budget.adapter import BudgetAdapter

@@ -320,3 +320,16 @@ def test_more_than_two_levels():
         ditfx.TokenBudget(patch_size=[8, 4], weak_until=[0.5])
     with pytest.raises(ValueError, match="not flops"):
         ditfx.TokenBudget(patch_size=[8, 4], weak_until=[0.2, 0.5], flops=0.5)
+
+
+def test_merged_lora_is_the_low_rank_path_at_the_base_cost():
+    named = zoo.load("tiny:dit")
+    adapter = random_adapter(named, rank=2)
+    runs = {}
+    for merge in (True, False):
+        torch._dynamo.reset()
+        cfg = ditfx.Config(compiler="eager", budget=budget(named, adapter=adapter, weak_until=1.0, merge_lora=merge))
+        got, fast = generate(named, cfg)
+        runs[merge] = (got, ditfx.stats(fast).modes["p4"]["flops"])
+    assert (runs[True][0] - runs[False][0]).abs().max() <= TOL
+    assert runs[True][1] < runs[False][1]

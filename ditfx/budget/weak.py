@@ -10,7 +10,7 @@ Three sites of the captured graph change (shared/research/methods.md 3.7); the b
   (``deembed.weight``/``deembed.bias``), and the unpatchify follows;
 
 then :func:`~ditfx.budget.retoken.retoken` moves every size literal that followed the token count. Optionally
-each linear of the blocks on the token stream gains a low-rank update (LoRA, ``lora.<module>.down/up``) that
+each linear of the blocks (the token stream's and the adaLN modulation's) gains a low-rank update (LoRA, ``lora.<module>.down/up``) that
 exists only in this graph, so the native mode stays the captured graph, bit for bit.
 Where a site is missing, :class:`BudgetConversionError` says which.
 """
@@ -57,7 +57,7 @@ class Sites:
     deembed_weight: str
     deembed_bias: str | None
     out_channels: int
-    block_linears: list[tuple[str, str]] = field(default_factory=list)  # (linear node, module path) on the stream
+    block_linears: list[tuple[str, str]] = field(default_factory=list)  # (linear node, module path) in the blocks
     # "conv": (B, C, H, W) latents patchified by a convolution; "packed": (B, h*w, C*p*p) tokens packed by the
     # pipeline (Flux and kin), embedded by a linear, placed by position ids fed to the model's rotary embedding
     kind: str = "conv"
@@ -132,10 +132,7 @@ def find_sites(gm: fx.GraphModule, roles: InputRoles, example_inputs: list | Non
     dargs = dict(zip(("input", "weight", "bias"), deembed.args))
     dargs.update(deembed.kwargs)
     bias = dargs.get("bias")
-    owner = find_blocks(gm)
-    linears = [(n.name, meta.module_stack(n)[-1][0]) for n in gm.graph.nodes
-               if n in owner and n.op == "call_function" and n.target in _LINEARS
-               and (s := _shape(n.args[0])) is not None and len(s) >= 3 and meta.module_stack(n)]
+    linears = _block_linears(gm)
     return Sites(latents=latents.name, conv=conv.name, embed_weight=weight.name, patch=patch, grid=grid,
                  width=w_shape[0], in_channels=w_shape[1], pos_add=pos_add and pos_add.name,
                  pos_operand=pos_operand and pos_operand.name, deembed=deembed.name,
@@ -177,10 +174,7 @@ def _packed_sites(gm: fx.GraphModule, latents: fx.Node, shape, example_inputs) -
     dargs.update(final.kwargs)
     bias = dargs.get("bias")
     w = _shape(embed.args[1])
-    owner = find_blocks(gm)
-    linears = [(n.name, meta.module_stack(n)[-1][0]) for n in gm.graph.nodes
-               if n in owner and n.op == "call_function" and n.target in _LINEARS
-               and (s := _shape(n.args[0])) is not None and len(s) >= 3 and meta.module_stack(n)]
+    linears = _block_linears(gm)
     return Sites(latents=latents.name, conv=embed.name, embed_weight=embed.args[1].name, patch=PACK, grid=grid,
                  width=w[0], in_channels=features // (PACK * PACK), pos_add=None, pos_operand=None,
                  deembed=final.name, deembed_weight=dargs["weight"].name,
@@ -203,6 +197,15 @@ def _packed_grid(ids: fx.Node, tokens: int, placeholders, example_inputs) -> tup
     if side * side != tokens:
         raise BudgetConversionError(f"{tokens} packed tokens and no position-id values to read the grid from")
     return side, side
+
+
+def _block_linears(gm: fx.GraphModule) -> list[tuple[str, str]]:
+    """(node, module path) of every linear inside the repeated blocks: the token stream's and the blocks' own
+    conditioning (adaLN modulation), so the weak mode can adapt both."""
+    owner = find_blocks(gm)
+    return [(n.name, meta.module_stack(n)[-1][0]) for n in gm.graph.nodes
+            if n in owner and n.op == "call_function" and n.target in _LINEARS
+            and isinstance(n.args[1], fx.Node) and meta.module_stack(n)]
 
 
 def _batch_free(node: fx.Node) -> bool:
@@ -279,8 +282,10 @@ class WeakGraph:
         return self.patch // self.sites.patch
 
 
-def adapter_shapes(sites: Sites, patch: int, lora_rank: int, gm: fx.GraphModule) -> dict[str, tuple[int, ...]]:
-    """The adapter tensors a weak mode at ``patch`` takes, by name."""
+def adapter_shapes(sites: Sites, patch: int, lora_rank: int, gm: fx.GraphModule,
+                   merged: bool = False) -> dict[str, tuple[int, ...]]:
+    """The tensors a weak mode at ``patch`` takes, by name (``merged``: one merged weight per block linear in place
+    of the low-rank pair)."""
     s = patch // sites.patch
     tokens = (sites.grid[0] // s) * (sites.grid[1] // s)
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -297,13 +302,31 @@ def adapter_shapes(sites: Sites, patch: int, lora_rank: int, gm: fx.GraphModule)
     if lora_rank:
         for name, path in sites.block_linears:
             w = _shape(nodes[name].args[1])
-            shapes[f"lora.{path}.down"] = (lora_rank, w[1])
-            shapes[f"lora.{path}.up"] = (w[0], lora_rank)
+            if merged:
+                shapes[f"lora.{path}.merged"] = w
+            else:
+                shapes[f"lora.{path}.down"] = (lora_rank, w[1])
+                shapes[f"lora.{path}.up"] = (w[0], lora_rank)
     return shapes
 
 
-def weak_graph(gm: fx.GraphModule, sites: Sites, patch: int, lora_rank: int = 0) -> WeakGraph:
-    """A copy of ``gm`` at patch size ``patch`` (a multiple of the native one dividing the grid)."""
+def merge_lora(gm: fx.GraphModule, sites: Sites, example_inputs: list,
+               tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The adapter's tensors with each low-rank pair folded into its linear's weight, ``W + up @ down``: the weak
+    mode then costs what the base model's linears cost (a rank-r update on a width-D linear adds 2r/D)."""
+    values = {ph.name: v for ph, v in zip(gm.graph.find_nodes(op="placeholder"), example_inputs)}
+    nodes = {n.name: n for n in gm.graph.nodes}
+    out = {k: v for k, v in tensors.items() if not k.startswith("lora.")}
+    for name, path in sites.block_linears:
+        w = values[nodes[name].args[1].name].detach()
+        delta = tensors[f"lora.{path}.up"].double() @ tensors[f"lora.{path}.down"].double()
+        out[f"lora.{path}.merged"] = (w.double() + delta.to(w.device)).to(w.dtype)
+    return out
+
+
+def weak_graph(gm: fx.GraphModule, sites: Sites, patch: int, lora_rank: int = 0, merged: bool = False) -> WeakGraph:
+    """A copy of ``gm`` at patch size ``patch`` (a multiple of the native one dividing the grid); with
+    ``lora_rank``, its block linears take a low-rank update, or (``merged``) merged weights (:func:`merge_lora`)."""
     p = sites.patch
     if patch <= p or patch % p:
         raise BudgetConversionError(f"the weak patch size must be a multiple of the native {p} above it, got {patch}")
@@ -311,7 +334,7 @@ def weak_graph(gm: fx.GraphModule, sites: Sites, patch: int, lora_rank: int = 0)
     if sites.grid[0] % s or sites.grid[1] % s:
         raise BudgetConversionError(f"patch size {patch} does not tile the {sites.grid[0]}x{sites.grid[1]} grid of "
                                     f"native {p}x{p} patches")
-    shapes = adapter_shapes(sites, patch, lora_rank, gm)
+    shapes = adapter_shapes(sites, patch, lora_rank, gm, merged)
     out = copy.deepcopy(gm)
     g = out.graph
     nodes = {n.name: n for n in g.nodes}
@@ -364,7 +387,11 @@ def weak_graph(gm: fx.GraphModule, sites: Sites, patch: int, lora_rank: int = 0)
         retoken(out, inputs, seeds)
     except RetokenError as e:
         raise BudgetConversionError(f"cannot run this graph at patch size {patch}: {e}") from e
-    if lora_rank:  # after the literals moved: the low-rank path has none, and its nodes get the new shapes
+    if lora_rank and merged:
+        for name, path in sites.block_linears:
+            nodes[name].replace_input_with(nodes[name].args[1], added[f"lora.{path}.merged"])
+        out.recompile()
+    elif lora_rank:  # after the literals moved: the low-rank path has none, and its nodes get the new shapes
         _insert_lora(g, nodes, sites, added)
         out.recompile()
         retoken(out, {}, {})

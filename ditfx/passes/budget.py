@@ -11,7 +11,8 @@ import dataclasses
 from dataclasses import dataclass
 
 from ditfx.budget.adapter import AdapterError
-from ditfx.budget.weak import BudgetConversionError, find_sites, weak_graph, zero_shot_tensors
+from ditfx.budget.weak import (BudgetConversionError, adapter_shapes, find_sites, merge_lora, weak_graph,
+                               zero_shot_tensors)
 from ditfx.graph.structure import StructureError
 from ditfx.passes.context import PassContext
 from ditfx.plan import Plan
@@ -58,10 +59,12 @@ def budget_pass(plan: Plan, ctx: PassContext) -> BudgetReport:
         if adapter is not None and adapter.native_patch != sites.patch:
             raise AdapterError(f"the budget adapter was made for native patch size {adapter.native_patch}, this "
                                f"model's is {sites.patch}")
-        weak = weak_graph(gm, sites, patch, adapter.lora_rank if adapter is not None else 0)
+        rank = adapter.lora_rank if adapter is not None else 0
+        merged = bool(rank) and cfg.merge_lora and ctx.example_inputs is not None
+        weak = weak_graph(gm, sites, patch, rank, merged)
         if adapter is not None:
-            adapter.check(weak.shapes)
-            tensors = adapter.tensors
+            adapter.check(adapter_shapes(sites, patch, rank, gm))
+            tensors = merge_lora(gm, sites, ctx.example_inputs, adapter.tensors) if merged else adapter.tensors
         elif ctx.example_inputs is None:
             raise BudgetConversionError("the zero-shot weak mode needs the model's weights: pass a TokenBudget "
                                         "adapter")

@@ -21,7 +21,7 @@ from ditfx.budget.training import distill, plot_loss
 from .shipped import WEIGHTS_DIR, shipped_file
 
 ADAPTER_FILE = "budget_p4.safetensors"
-COMMAND = "python -m ditfx.models.digits.budget --out ditfx/models/digits/weights --minutes 20 --threads 1"
+COMMAND = "python -m ditfx.models.digits.budget --out ditfx/models/digits/weights --minutes 20"
 SCALES = (1.5, 2.5, 4.0)
 STEP_COUNTS = (25, 50)
 
@@ -49,11 +49,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--minutes", type=float, default=20.0)
     p.add_argument("--steps", type=int, default=None, help="train this many steps instead of --minutes")
     p.add_argument("--patch", type=int, default=4)
-    p.add_argument("--rank", type=int, default=8, help="LoRA rank on the blocks' linears (0: none)")
+    p.add_argument("--rank", type=int, default=32, help="LoRA rank on the blocks' linears (0: none)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--weak-until", type=float, default=0.75)
+    p.add_argument("--weak-until", type=float, default=0.7)
     p.add_argument("--generations", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.threads:
