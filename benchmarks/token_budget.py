@@ -4,9 +4,10 @@ For each sampling setting (guidance scale, step count) and the same seeds: the u
 quality reference), ditfx without a budget (the speed reference), and token budgets at several FLOPs fractions:
 weak-early (the first steps weak, FlexiDiT's schedule) with the shipped distilled adapter and with the zero-shot
 mode, weak-late at the same FLOPs (the last steps weak), and the calibrated schedule (the steps with the
-smallest measured weak/native gap). FLOPs are the cost model's, counted by ``ditfx.stats``; wall time is the
-median of interleaved rounds against ditfx without a budget, so the realized speed-up can be set against the
-FLOPs ratio.
+smallest measured weak/native gap). FLOPs are the cost model's, counted by ``ditfx.stats``; quality points run
+with the eager inner backend (one generation each). Wall time, for the first setting: the median of interleaved
+rounds of Inductor-compiled ditfx with and without the budget (weak-early, distilled), so the realized speed-up
+can be set against the FLOPs ratio.
 
     python benchmarks/token_budget.py --json docs/results/token_budget.json
 """
@@ -55,8 +56,6 @@ def late_schedule(steps: int, ratio: float, flops: float) -> BudgetSchedule:
 
 def run_point(name, knob, config, labels, args, reference, scale, steps) -> dict:
     pipe = make_pipe(config)
-    sample(pipe, labels, steps, scale, args.seed)  # warm-up: compiles every mode and batch size it uses
-    ditfx.reset_stats(pipe)
     images, wall = sample(pipe, labels, steps, scale, args.seed)
     s = ditfx.stats(pipe)
     q = digits.metrics(images, labels, reference=reference)
@@ -87,18 +86,19 @@ def main(argv=None):
     p.add_argument("--flops", type=float, nargs="+", default=list(FLOPS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
-    p.add_argument("--compiler", default="inductor")
+    p.add_argument("--compiler", default="inductor", help="inner backend of the timed rounds")
+    p.add_argument("--adapter", help="a budget adapter file (default: the shipped digits adapter)")
     p.add_argument("--json", nargs="?", const="-", help="write JSON to this path ('-': stdout)")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     labels = class_grid(args.per_class)
-    adapter = digits.budget_adapter()
+    adapter = ditfx.budget.BudgetAdapter.load(args.adapter) if args.adapter else digits.budget_adapter()
     report = {"benchmark": "token_budget", "settings": vars(args), "adapter": adapter.record,
               "machine": {"platform": platform.platform(), "torch": torch.__version__,
                           "threads": torch.get_num_threads()}, "results": []}
 
-    def config(**budget):
-        return ditfx.Config(compiler=args.compiler, budget=ditfx.TokenBudget(**budget) if budget else None)
+    def config(compiler="eager", **budget):
+        return ditfx.Config(compiler=compiler, budget=ditfx.TokenBudget(**budget) if budget else None)
 
     for setting in args.settings:
         scale, steps = float(setting.split("x")[0]), int(setting.split("x")[1])
@@ -122,16 +122,19 @@ def main(argv=None):
             q["flops_fraction"] = q["flops"] / native_flops
             print(f"  {q['method']:<22}{str(q['knob']):<6} flops {q['flops_fraction']:.3f}  fd {q['fd']:7.1f}  "
                   f"acc {q['accuracy']:.3f}  psnr {q['psnr']:5.1f}", file=sys.stderr)
-        timing = timed_rounds({"native": config(), **{f"early {f}": config(adapter=adapter, flops=f)
-                                                      for f in args.flops}}, labels, args, scale, steps)
-        speed = [{"flops": f, "flops_ratio": native_flops / next(q["flops"] for q in points
-                                                                 if q["method"] == "distilled early"
-                                                                 and q["knob"] == f),
-                  "speedup": timing["native"] / timing[f"early {f}"]} for f in args.flops]
-        for s in speed:
-            s["realized"] = s["speedup"] / s["flops_ratio"]
-            print(f"  early {s['flops']}: FLOPs ratio {s['flops_ratio']:.2f}x, wall {s['speedup']:.2f}x "
-                  f"({s['realized']:.2f} of it)", file=sys.stderr)
+        timing, speed = None, None
+        if setting == args.settings[0]:
+            timing = timed_rounds({"native": config(args.compiler), **{
+                f"early {f}": config(args.compiler, adapter=adapter, flops=f) for f in args.flops}},
+                labels, args, scale, steps)
+            speed = [{"flops": f, "flops_ratio": native_flops / next(q["flops"] for q in points
+                                                                     if q["method"] == "distilled early"
+                                                                     and q["knob"] == f),
+                      "speedup": timing["native"] / timing[f"early {f}"]} for f in args.flops]
+            for s in speed:
+                s["realized"] = s["speedup"] / s["flops_ratio"]
+                print(f"  early {s['flops']}: FLOPs ratio {s['flops_ratio']:.2f}x, wall {s['speedup']:.2f}x "
+                      f"({s['realized']:.2f} of it)", file=sys.stderr)
         report["results"].append({"guidance_scale": scale, "steps": steps, "eager_s": eager_s, "baseline": base,
                                   "gaps": {"times": gaps.times, "gaps": gaps.gaps, "flops_ratio": gaps.flops_ratio},
                                   "points": points, "timing_s": timing, "speed": speed})

@@ -333,3 +333,14 @@ def test_merged_lora_is_the_low_rank_path_at_the_base_cost():
         runs[merge] = (got, ditfx.stats(fast).modes["p4"]["flops"])
     assert (runs[True][0] - runs[False][0]).abs().max() <= TOL
     assert runs[True][1] < runs[False][1]
+
+
+def test_a_zero_shot_adapter_is_the_zero_shot_mode(tmp_path):
+    named = zoo.load("tiny:sd3")
+    adapter = ditfx.budget.zero_shot(named.model, lambda m: named(m), time_scale=named.time_scale)
+    assert adapter.zero_shot and adapter.patch == 4 and not adapter.lora_rank
+    adapter = BudgetAdapter.load(adapter.save(tmp_path))
+    got, _ = generate(named, ditfx.Config(compiler="eager", budget=budget(named, adapter=adapter, weak_until=0.5)))
+    torch._dynamo.reset()
+    expected, _ = generate(named, ditfx.Config(compiler="eager", budget=budget(named, weak_until=0.5)))
+    assert (got - expected).abs().max() <= TOL
