@@ -8,7 +8,7 @@ from ditfx.api import (calibrate, calibrate_guidance, generation, guidance_trace
 from ditfx.backend import ditfx_backend
 from ditfx import budget
 from ditfx.config import (AdaptiveGuidance, CacheCalibration, Config, DynamicCache, GuidanceWindow, LinearAG,
-                          StaticCache, TokenBudget)
+                          HistoryAttention, StaticCache, TokenBudget)
 from ditfx.runtime.linear_ag import LinearAGCoefficients
 from ditfx.graph.structure import StructureError
 from ditfx.runtime.schedule import CacheSchedule
@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdaptiveGuidance", "CacheCalibration", "CacheSchedule", "Config", "DynamicCache", "GuidanceWindow", "LinearAG",
-    "LinearAGCoefficients", "StaticCache", "Stats", "StructureError", "TokenBudget", "budget",
+    "HistoryAttention", "LinearAGCoefficients", "StaticCache", "Stats", "StructureError", "TokenBudget", "budget",
     "calibrate", "calibrate_guidance", "ditfx_backend", "generation", "guidance_trace", "optimize",
     "repeated_blocks", "reset_stats", "stats",
 ]

@@ -367,6 +367,23 @@ class TokenBudget:
         adapter = self.adapter[0] if isinstance(self.adapter, tuple) else self.adapter
         return adapter.time_scale if adapter is not None else 1000.0
 
+@dataclass(frozen=True)
+class HistoryAttention:
+    """History attention (ARD): in the lower ``layers`` blocks, each call's self-attention also reads the keys and
+    values of this generation's earlier calls, from a static buffer of ``steps`` steps per sample (a generation
+    of at most ``steps`` steps; the buffer is freed when it ends). ``layers=0`` is the model without history.
+    Meant for students distilled with it (``ditfx.models.digits.pipeline(student="ard")``); it cannot run with
+    block caching (a skipped block computes no keys for the history)."""
+
+    layers: int
+    steps: int = 4
+
+    def __post_init__(self):
+        o = "HistoryAttention"
+        _set(self, "layers", check_int(o, "layers", self.layers, 0, hint=" (0: no history)"))
+        _set(self, "steps", check_int(o, "steps", self.steps, 1, hint=" (the steps of history the buffer holds)"))
+
+
 # the "kind" of a dict-form cache or guidance in torch.compile options
 CACHE_OPTION_KINDS = {"dynamic": DynamicCache, "static": StaticCache}
 GUIDANCE_OPTION_KINDS = {"adaptive": AdaptiveGuidance, "window": GuidanceWindow, "linear": LinearAG}
@@ -418,6 +435,7 @@ class Config:
     compile_regions: str = "blocks"
     kernels: bool = False  # lower adaLN / gated-residual patterns to torch.ops.ditfx kernels (passes/fusion.py)
     budget: TokenBudget | None = None
+    history: HistoryAttention | None = None
 
     def __post_init__(self):
         check_bool("Config", "kernels", self.kernels,
@@ -434,6 +452,11 @@ class Config:
         if not (self.budget is None or isinstance(self.budget, TokenBudget)):
             raise WrongType(f"Config.budget must be ditfx.TokenBudget or None, got {type(self.budget).__name__}: "
                             "build one, e.g. ditfx.TokenBudget(adapter=..., flops=0.6)")
+        if not (self.history is None or isinstance(self.history, HistoryAttention)):
+            raise WrongType(f"Config.history must be ditfx.HistoryAttention or None, got {type(self.history).__name__}")
+        if self.history is not None and self.cache is not None:
+            raise ValueError("Config.history and Config.cache cannot be combined: a block the cache skips computes "
+                             "no keys and values for the history; drop one of them")
         if not (self.guidance is None or isinstance(self.guidance, GUIDANCE_KINDS)):
             raise WrongType("Config.guidance must be ditfx.AdaptiveGuidance, ditfx.LinearAG, ditfx.GuidanceWindow or "
                             f"None, got {self.guidance!r} ({type(self.guidance).__name__}): build one, e.g. "

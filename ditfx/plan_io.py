@@ -28,7 +28,8 @@ FORMAT = "ditfx.plan/1"
 _CONFIGS = {cls.__name__: cls for cls in (config_module.DynamicCache, config_module.StaticCache,
                                           config_module.CacheCalibration, config_module.AdaptiveGuidance,
                                           config_module.GuidanceWindow, config_module.LinearAG,
-                                          config_module.GuidanceRecording, config_module.TokenBudget)}
+                                          config_module.GuidanceRecording, config_module.TokenBudget,
+                                          config_module.HistoryAttention)}
 
 
 # ------------------------------------------------------------------------------------------ saving

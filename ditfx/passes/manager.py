@@ -19,6 +19,7 @@ from ditfx.graph import cost, meta, regions
 from ditfx.graph.structure import DiTStructure, analyse
 from ditfx.passes.block_cache import BlockCacheReport, cache_pass
 from ditfx.passes.budget import budget_pass
+from ditfx.passes.history import history_pass
 from ditfx.passes.context import PassContext
 from ditfx.passes.fusion import FusionReport, fusion_pass
 from ditfx.passes.guidance import guidance_pass
@@ -65,6 +66,7 @@ class Pass:
 # cache acts on them)
 PASSES: list[Pass] = [
     Pass("budget", "budget", budget_pass),
+    Pass("history", "history", history_pass),
     Pass("guidance", "guidance", guidance_pass),
     Pass("block_cache", "cache", cache_pass),
 ]

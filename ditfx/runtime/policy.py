@@ -147,7 +147,7 @@ def register_policy(config_type: type):
     return register
 
 
-BUILTIN = ("ditfx.runtime.block_cache", "ditfx.runtime.guidance", "ditfx.runtime.budget")  # modules that register ditfx's own policies
+BUILTIN = ("ditfx.runtime.block_cache", "ditfx.runtime.guidance", "ditfx.runtime.budget", "ditfx.runtime.history")  # modules that register ditfx's own policies
 
 
 def policy_for(config, plan: Plan) -> Policy:

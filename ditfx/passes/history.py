@@ -1,0 +1,133 @@
+"""The history-attention pass (ARD): the lower N blocks' self-attention also reads this generation's earlier steps.
+
+In each of the first N blocks on the latent stream, every scaled-dot-product attention whose keys come from the
+block's own stream (self-attention over the image tokens, or joint text + image attention, whose text keys are
+kept per step) gets the ``history.kv`` variant::
+
+    sdpa(q, k, v)   ->   sdpa(q, cat(K_hist, k), cat(V_hist, v), mask = cat(valid_hist, ones))   and returns k, v
+
+``K_hist``/``V_hist`` are a static buffer of ``steps x keys`` positions per sample (gpt-fast's KV cache: written at
+positions, never reallocated, one graph for every step) and ``valid_hist`` marks the positions written so far;
+the policy (:mod:`ditfx.runtime.history`) writes each call's k, v at its step's positions. Cross-attention (keys
+from the text only) is unchanged.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from ditfx.graph import meta
+from ditfx.graph.regions import RegionModule
+from ditfx.passes.block_cache import latent_blocks
+from ditfx.passes.context import PassContext
+from ditfx.plan import Plan, Transform, VariantUnavailable
+from ditfx.report import PassReport, TechniqueUnavailable
+
+HISTORY = "history.kv"
+
+
+@dataclass
+class HistoryReport(PassReport):
+    pass_name = "history"
+
+    layers: int
+    steps: int
+    blocks: list[str] = field(default_factory=list)
+    sites: dict[str, int] = field(default_factory=dict)  # block -> attention sites with history
+
+    def summary(self) -> str:
+        return (f"history: the lower {self.layers} block(s) {self.blocks} attend to up to {self.steps} steps of "
+                f"history ({sum(self.sites.values())} attention site(s))")
+
+
+def _is_sdpa(n: fx.Node) -> bool:
+    return n.op == "call_function" and "scaled_dot_product" in meta.target_name(n) and "backward" not in \
+        meta.target_name(n)
+
+
+def history_sites(gm: fx.GraphModule, stream_input: int) -> list[fx.Node]:
+    """The attention calls of a block region whose keys come from the block's stream input."""
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    stream = placeholders[stream_input]
+    depends: set[fx.Node] = {stream}
+    for n in gm.graph.nodes:
+        if any(a in depends for a in n.all_input_nodes):
+            depends.add(n)
+    return [n for n in gm.graph.nodes if _is_sdpa(n) and n.args[1] in depends and n.args[0] in depends]
+
+
+def history_variant(gm: fx.GraphModule, stream_input: int, steps: int) -> fx.GraphModule:
+    """The block reading ``steps`` x keys of history per attention site: extra inputs (k_hist, v_hist, valid)
+    per site after the block's own, extra outputs (k, v) per site after its own."""
+    gm = copy.deepcopy(gm)
+    g = gm.graph
+    sites = history_sites(gm, stream_input)
+    if not sites:
+        raise VariantUnavailable("the block has no self-attention over its own stream")
+    last = list(g.find_nodes(op="placeholder"))[-1]
+    out = g.find_nodes(op="output")[0]
+    extra_out: list[fx.Node] = []
+    for j, n in enumerate(sites):
+        if len(n.args) > 3 or set(n.kwargs) - {"scale", "enable_gqa"} or n.kwargs.get("enable_gqa"):
+            raise VariantUnavailable(f"{n.name} has a mask, dropout or causal flag: history attention needs plain "
+                                     "self-attention")
+        q, k, v = n.args[:3]
+        kv = meta.tensor_value(k)
+        if kv is None or kv.dim() != 4:
+            raise VariantUnavailable(f"{n.name}: keys of shape {None if kv is None else tuple(kv.shape)}, need "
+                                     "(batch, heads, keys, head_dim)")
+        b, h, length, d = kv.shape
+        size = steps * length
+        names = (f"hist_k{j}", f"hist_v{j}", f"hist_valid{j}")
+        shapes = ((b, h, size, d), (b, h, size, meta.tensor_value(v).shape[-1]), (b, size))
+        dtypes = (kv.dtype, meta.tensor_value(v).dtype, torch.bool)
+        new = []
+        for name, shape, dtype in zip(names, shapes, dtypes):
+            with g.inserting_after(last):
+                last = g.placeholder(name)
+            last.meta["example_value"] = torch.empty(shape, dtype=dtype, device="meta")
+            new.append(last)
+        hk, hv, valid = new
+        with g.inserting_before(n):
+            keys = g.call_function(torch.cat, ([hk, k],), {"dim": 2})
+            values = g.call_function(torch.cat, ([hv, v],), {"dim": 2})
+            own = g.call_function(torch.ones_like, (g.call_function(
+                torch.select, (g.call_function(torch.select, (k, 1, 0)), 2, 0)),), {"dtype": torch.bool})
+            mask = g.call_function(torch.cat, ([valid, own],), {"dim": 1})
+            mask4 = g.call_method("view", (mask, -1, 1, 1, size + length))
+        n.args = (q, keys, values)
+        n.kwargs = {**n.kwargs, "attn_mask": mask4}
+        extra_out += [k, v]
+    out.args = (tuple(out.args[0]) + tuple(extra_out),)
+    gm.recompile()
+    return gm
+
+
+def history_pass(plan: Plan, ctx: PassContext) -> HistoryReport:
+    cfg = ctx.config.history
+    lower = latent_blocks(plan.structure)[:cfg.layers]
+    if len(lower) < cfg.layers:
+        raise TechniqueUnavailable(f"HistoryAttention(layers={cfg.layers}) asks for more blocks than the "
+                                   f"{len(latent_blocks(plan.structure))} on this model's latent stream")
+
+    def build(rm: RegionModule, gm: fx.GraphModule) -> fx.GraphModule:
+        return history_variant(gm, rm.region.streams[rm.region.primary_stream][1], cfg.steps)
+
+    plan.transforms[HISTORY] = Transform(HISTORY, build)
+    report = HistoryReport(cfg.layers, cfg.steps)
+    for rm in plan.regions:
+        if rm.region.kind == "block" and rm.region.block.index in lower:
+            if rm.region.primary_stream is None:
+                raise TechniqueUnavailable(f"{rm.region.name} has no residual stream ditfx can follow")
+            plan.offers.setdefault(rm.region.name, set()).add(HISTORY)
+            try:  # built now: a block that cannot take history says so before the first call
+                gm = plan.graph(rm, plan.key(rm, (HISTORY,)))
+            except VariantUnavailable as e:
+                raise TechniqueUnavailable(f"{rm.region.name}: {e}") from e
+            report.blocks.append(rm.region.block.path)
+            report.sites[rm.region.block.path] = (len(gm.graph.find_nodes(op="placeholder"))
+                                                  - len(rm.region.inputs)) // 3
+    return report
