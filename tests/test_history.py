@@ -132,3 +132,60 @@ def test_a_generation_longer_than_the_buffer_is_refused(teacher_forced):
     with pytest.raises(ValueError, match="cannot be combined"):
         ditfx.Config(history=ditfx.HistoryAttention(2), cache=ditfx.DynamicCache(0.1))
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("layers", [0, 2])
+def test_the_one_shot_forward_equals_the_cached_steps(teacher_forced, layers):
+    """The masked one-shot training forward on the stacked teacher-forced inputs, against the step-by-step
+    inference with the key/value history, per step."""
+    import ditfx
+    from ditfx.history.oneshot import one_shot
+
+    model, xs, ts, y = teacher_forced
+    torch._dynamo.reset()
+    with torch.no_grad():
+        stacked = one_shot(model, steps=3, layers=layers)(torch.cat(xs), torch.cat(ts), y.repeat(3))
+    torch._dynamo.reset()
+    fast = ditfx.optimize(model, ditfx.Config(compiler="eager", history=ditfx.HistoryAttention(layers, steps=3)))
+    cached = student_steps(fast, xs, ts, y)
+    for step in range(3):
+        assert (stacked[2 * step:2 * step + 2] - cached[step]).abs().max() <= 1e-5, step
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name", ["tiny:dit", "tiny:sd3", "tiny:pixart"])
+def test_one_shot_equals_cached_on_diffusers_families(name):
+    """Self-attention (DiT), joint text + image attention (SD3: the text keys are kept per step) and
+    self- plus cross-attention (PixArt: the cross-attention reads no history)."""
+    import ditfx
+    from ditfx.history.oneshot import one_shot
+    from ditfx.models import zoo
+
+    named = zoo.load(name, batch=2)
+    batch, steps = 2, 3
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randn(named.inputs[named.latents].shape, generator=g) for _ in range(steps)]
+    ts = [torch.full((batch,), named.time_scale * (1 - k / steps)) for k in range(steps)]
+
+    def per_step(k):
+        return {**named.inputs, named.latents: xs[k], named.timestep: ts[k]}
+
+    def stacked_inputs():
+        out = {}
+        for key, value in named.inputs.items():
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == batch:
+                out[key] = torch.cat([per_step(k)[key] for k in range(steps)])
+            else:
+                out[key] = value
+        return out
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        stacked = one_shot(named.model, steps, 1)(**stacked_inputs(), return_dict=False)[0]
+    torch._dynamo.reset()
+    fast = ditfx.optimize(named.model, ditfx.Config(compiler="eager", history=ditfx.HistoryAttention(1, steps)))
+    with ditfx.generation(fast), torch.no_grad():
+        cached = [fast(**per_step(k), return_dict=False)[0] for k in range(steps)]
+    for k in range(steps):
+        assert (stacked[k * batch:(k + 1) * batch] - cached[k]).abs().max() <= 1e-5, k
+    torch._dynamo.reset()

@@ -48,6 +48,14 @@ def _is_sdpa(n: fx.Node) -> bool:
         meta.target_name(n)
 
 
+_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "enable_gqa": False}
+
+
+def plain_attention(n: fx.Node) -> bool:
+    """``sdpa(q, k, v)`` with no mask, dropout or causal flag (the defaults spelled out are fine); a scale is."""
+    return len(n.args) <= 3 and all(k == "scale" or (k in _DEFAULTS and v == _DEFAULTS[k]) for k, v in n.kwargs.items())
+
+
 def history_sites(gm: fx.GraphModule, stream_input: int) -> list[fx.Node]:
     """The attention calls of a block region whose keys come from the block's stream input."""
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
@@ -71,7 +79,7 @@ def history_variant(gm: fx.GraphModule, stream_input: int, steps: int) -> fx.Gra
     out = g.find_nodes(op="output")[0]
     extra_out: list[fx.Node] = []
     for j, n in enumerate(sites):
-        if len(n.args) > 3 or set(n.kwargs) - {"scale", "enable_gqa"} or n.kwargs.get("enable_gqa"):
+        if not plain_attention(n):
             raise VariantUnavailable(f"{n.name} has a mask, dropout or causal flag: history attention needs plain "
                                      "self-attention")
         q, k, v = n.args[:3]
@@ -99,7 +107,7 @@ def history_variant(gm: fx.GraphModule, stream_input: int, steps: int) -> fx.Gra
             mask = g.call_function(torch.cat, ([valid, own],), {"dim": 1})
             mask4 = g.call_method("view", (mask, -1, 1, 1, size + length))
         n.args = (q, keys, values)
-        n.kwargs = {**n.kwargs, "attn_mask": mask4}
+        n.kwargs = {**({"scale": n.kwargs["scale"]} if "scale" in n.kwargs else {}), "attn_mask": mask4}
         extra_out += [k, v]
     out.args = (tuple(out.args[0]) + tuple(extra_out),)
     gm.recompile()

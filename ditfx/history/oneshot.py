@@ -1,0 +1,95 @@
+"""ARD's one-shot training forward: all S steps of a generation in one call, teacher-forced.
+
+The steps are stacked along the batch, step-major (rows ``s*B .. s*B+B-1`` are step s): each row carries its own
+timestep, so the per-token time embedding of the paper (each step's tokens modulated by their own time) is the
+model's own per-sample conditioning, with no rewrite. Only the attention changes: in the lower N blocks a row's
+queries attend to the keys of the same sample's steps <= s (block-causal, :func:`stepwise_attention` over a
+flex_attention BlockMask), above to its own step's keys (block-diagonal: the unchanged attention of each row).
+Run step by step with the key/value history (:mod:`ditfx.passes.history`), the same model gives the same
+outputs (tests/test_history.py).
+"""
+from __future__ import annotations
+
+import copy
+import functools
+
+import torch
+import torch.fx as fx
+
+from ditfx.graph import meta
+from ditfx.graph.structure import analyse, find_blocks
+from ditfx.history.masks import block_causal, block_mask
+from ditfx.passes.block_cache import latent_blocks
+from ditfx.passes.history import plain_attention
+
+
+@functools.lru_cache(maxsize=16)
+def _causal_mask(tokens: int, steps: int, device: str):
+    return block_mask(block_causal(tokens), tokens * steps, device=device)
+
+
+def stepwise_attention(q, k, v, steps: int, scale=None):
+    """Attention of (S*B, H, L, d) queries over the keys of the same sample's steps <= their own (rows stacked
+    step-major): block-causal over the S*L tokens of each sample."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    rows, heads, length = q.shape[:3]
+    batch = rows // steps
+
+    def per_sample(x):  # (S*B, H, L, d) -> (B, H, S*L, d)
+        return x.reshape(steps, batch, heads, x.shape[2], x.shape[3]).permute(1, 2, 0, 3, 4).reshape(
+            batch, heads, steps * x.shape[2], x.shape[3])
+
+    out = flex_attention(per_sample(q), per_sample(k), per_sample(v), scale=scale,
+                         block_mask=_causal_mask(length, steps, str(q.device)))
+    return out.reshape(batch, heads, steps, length, out.shape[-1]).permute(2, 0, 1, 3, 4).reshape(
+        rows, heads, length, out.shape[-1])
+
+
+def oneshot_graph(gm: fx.GraphModule, steps: int, layers: int) -> fx.GraphModule:
+    """A copy of the captured graph (at S*B rows) whose lower ``layers`` blocks' self-attention is block-causal
+    across the stacked steps."""
+    out = copy.deepcopy(gm)
+    structure = analyse(out)
+    lower = {structure.blocks[i].path for i in latent_blocks(structure)[:layers]}
+    owner = find_blocks(out)
+    latents = next(n for n in out.graph.find_nodes(op="placeholder") if n.name == structure.roles.latents)
+    stream: set[fx.Node] = {latents}
+    for n in out.graph.nodes:
+        if any(a in stream for a in n.all_input_nodes):
+            stream.add(n)
+    rewritten = 0
+    for n in list(out.graph.nodes):
+        if owner.get(n) not in lower or not meta.is_attention(n) or "scaled_dot_product" not in meta.target_name(n):
+            continue
+        if n.args[1] not in stream:  # cross-attention to the text: no history
+            continue
+        if not plain_attention(n):
+            raise ValueError(f"{n.name}: history attention needs plain self-attention (no mask, dropout or causal "
+                             "flag)")
+        with out.graph.inserting_before(n):
+            new = out.graph.call_function(stepwise_attention, tuple(n.args[:3]),
+                                          {"steps": steps, "scale": n.kwargs.get("scale")})
+        new.meta = dict(n.meta)
+        n.replace_all_uses_with(new)
+        out.graph.erase_node(n)
+        rewritten += 1
+    if layers and not rewritten:
+        raise ValueError("no self-attention found in the lower blocks")
+    out.recompile()
+    return out
+
+
+class OneShot:
+    """A torch.compile backend: whatever Dynamo captures (at S*B rows) runs as the one-shot training forward."""
+
+    def __init__(self, steps: int, layers: int):
+        self.steps, self.layers = steps, layers
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: list):
+        return oneshot_graph(gm, self.steps, self.layers).forward
+
+
+def one_shot(model: torch.nn.Module, steps: int, layers: int):
+    """``model`` as ARD's one-shot training forward over ``steps`` steps stacked along the batch (step-major)."""
+    return torch.compile(model, backend=OneShot(steps, layers), dynamic=False)
