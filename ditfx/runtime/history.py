@@ -13,14 +13,16 @@ import torch
 
 from ditfx.config import HistoryAttention
 from ditfx.graph import meta
-from ditfx.passes.history import HISTORY
 from ditfx.plan import Plan
 from ditfx.runtime.policy import CallContext, Policy, RegionCall, StateSlot, register_policy
 
 
+HISTORY = "history.kv"  # the block variant that reads and returns keys and values (passes/history.py)
+
+
 @dataclass
 class _History:
-    buffers: dict = field(default_factory=dict)  # signature-free key (block, site) -> [k, v, valid] (full rows)
+    buffers: dict = field(default_factory=dict)  # block index -> [k, v, valid] per attention site
 
 
 def _new_history(ctx: CallContext) -> _History:
