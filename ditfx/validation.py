@@ -212,7 +212,8 @@ def check_model(config: Config, module: torch.nn.Module) -> None:
 
     - :class:`~ditfx.DynamicCache`: ``first + last`` leaves at least one middle block to skip;
     - :class:`~ditfx.StaticCache`: the schedule was calibrated for these blocks (paths, and the shapes of
-      their weights when the schedule has a fingerprint).
+      their weights when the schedule has a fingerprint);
+    - :class:`~ditfx.TokenBudget`: each adapter was made for this model's class.
 
     The blocks are :func:`ditfx.api.repeated_blocks`; a model without repeated blocks passes (ditfx falls
     back to the inner compiler with a warning). Raises ValueError, or TypeError for wrong argument types.
@@ -226,6 +227,12 @@ def check_model(config: Config, module: torch.nn.Module) -> None:
         raise TypeError(f"check_model needs a ditfx.Config, got {type(config).__name__}")
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"check_model needs the denoiser nn.Module, got {type(module).__name__}")
+    if config.budget is not None:
+        for _, adapter, _ in config.budget.levels():
+            made_for = (adapter.model or {}).get("class") if adapter is not None else None
+            if made_for and made_for != type(module).__name__:
+                raise ValueError(f"TokenBudget: the adapter (patch {adapter.patch}) was made for a {made_for}, this "
+                                 f"model is a {type(module).__name__}: distil one for it with ditfx.budget.distill")
     cache = config.cache
     if not isinstance(cache, (DynamicCache, StaticCache)):
         return

@@ -344,3 +344,11 @@ def test_a_zero_shot_adapter_is_the_zero_shot_mode(tmp_path):
     torch._dynamo.reset()
     expected, _ = generate(named, ditfx.Config(compiler="eager", budget=budget(named, weak_until=0.5)))
     assert (got - expected).abs().max() <= TOL
+
+
+def test_an_adapter_for_another_model_class_is_refused_by_optimize():
+    named = zoo.load("tiny:dit")
+    adapter = random_adapter(named)
+    adapter.model = {"class": "PixArtTransformer2DModel"}
+    with pytest.raises(ValueError, match="made for a PixArtTransformer2DModel"):
+        ditfx.optimize(named.model, ditfx.Config(budget=ditfx.TokenBudget(adapter=adapter, weak_until=0.5)))
