@@ -85,7 +85,7 @@ def main(argv=None):
                    help="guidance scale x steps")
     p.add_argument("--flops", type=float, nargs="+", default=list(FLOPS))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (0: no timing)")
     p.add_argument("--compiler", default="inductor", help="inner backend of the timed rounds")
     p.add_argument("--adapter", help="a budget adapter file (default: the shipped digits adapter)")
     p.add_argument("--json", nargs="?", const="-", help="write JSON to this path ('-': stdout)")
@@ -123,7 +123,7 @@ def main(argv=None):
             print(f"  {q['method']:<22}{str(q['knob']):<6} flops {q['flops_fraction']:.3f}  fd {q['fd']:7.1f}  "
                   f"acc {q['accuracy']:.3f}  psnr {q['psnr']:5.1f}", file=sys.stderr)
         timing, speed = None, None
-        if setting == args.settings[0]:
+        if setting == args.settings[0] and args.rounds > 0:
             timing = timed_rounds({"native": config(args.compiler), **{
                 f"early {f}": config(args.compiler, adapter=adapter, flops=f) for f in args.flops}},
                 labels, args, scale, steps)

@@ -112,9 +112,10 @@ class WeakRunner:
         structure = analyse(gm)
         sites = find_sites(gm, structure.roles, example_inputs)
         weak = weak_graph(gm, sites, self.patch, self.lora_rank)
-        if self.sites is None:
+        if self.sites is None:  # the weak cost as the budget runs it: LoRA merged into the weights
             self.native_flops = int(graph_flops(list(gm.graph.nodes)))
-            self.weak_flops = int(graph_flops(list(weak.gm.graph.nodes)))
+            plain = weak if not self.lora_rank else weak_graph(gm, sites, self.patch)
+            self.weak_flops = int(graph_flops(list(plain.gm.graph.nodes)))
         if self.params and self.sites is None:
             self._adapter.check(weak.shapes)
             self.sites, self.weak = sites, weak
