@@ -377,11 +377,18 @@ class HistoryAttention:
 
     layers: int
     steps: int = 4
+    heads: Any = field(default=None, repr=False)  # {"weight": (S, out, in), "bias": (S, out)}: step-specific heads
 
     def __post_init__(self):
         o = "HistoryAttention"
         _set(self, "layers", check_int(o, "layers", self.layers, 0, hint=" (0: no history)"))
         _set(self, "steps", check_int(o, "steps", self.steps, 1, hint=" (the steps of history the buffer holds)"))
+        if self.heads is not None:
+            w, b = (self.heads.get(k) if isinstance(self.heads, dict) else None for k in ("weight", "bias"))
+            if not (hasattr(w, "dim") and hasattr(b, "dim") and w.dim() == 3 and b.dim() == 2
+                    and w.shape[0] == b.shape[0] == self.steps and w.shape[1] == b.shape[1]):
+                raise ValueError("HistoryAttention.heads must be {'weight': (steps, out, in), 'bias': (steps, out)} "
+                                 f"tensors, one output head per step ({self.steps})")
 
 
 # the "kind" of a dict-form cache or guidance in torch.compile options

@@ -126,6 +126,10 @@ def _config_to_json(cfg, directory: Path, k: int) -> dict:
             name = f"policy{k}.{f.name}{getattr(value, 'FILE_SUFFIX', '.json')}"
             value.save(directory / name)
             value = {"file": name}
+        elif isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
+            name = f"policy{k}.{f.name}.safetensors"  # tensors (step heads) travel beside the plan
+            save_file({key: t.detach().contiguous().cpu() for key, t in value.items()}, str(directory / name))
+            value = {"tensors": name}
         fields[f.name] = value
     return {"type": type(cfg).__name__, "fields": fields}
 
@@ -200,6 +204,7 @@ def _config_from_json(data: dict, directory: Path):
     cls = _CONFIGS.get(data.get("type"))
     if cls is None:
         raise ValueError(f"unknown policy config {data.get('type')!r} in {directory / 'plan.json'}")
-    fields = {k: (str(directory / v["file"]) if isinstance(v, dict) and set(v) == {"file"} else v)
+    fields = {k: (str(directory / v["file"]) if isinstance(v, dict) and set(v) == {"file"} else
+                  load_file(str(directory / v["tensors"])) if isinstance(v, dict) and set(v) == {"tensors"} else v)
               for k, v in data["fields"].items()}
     return cls(**fields)

@@ -189,3 +189,31 @@ def test_one_shot_equals_cached_on_diffusers_families(name):
     for k in range(steps):
         assert (stacked[k * batch:(k + 1) * batch] - cached[k]).abs().max() <= 1e-5, k
     torch._dynamo.reset()
+
+
+def test_step_heads_in_the_one_shot_forward_and_the_cached_steps(teacher_forced):
+    """Step-specific output heads (ARD's re-implementation: one de-embedding per student step): each step's rows
+    of the one-shot forward and each cached call use that step's head."""
+    import ditfx
+    from ditfx.history.oneshot import one_shot
+
+    model, xs, ts, y = teacher_forced
+    lin = model.final_layer.linear
+    g = torch.Generator().manual_seed(9)
+    heads = {"weight": torch.stack([lin.weight.detach() + 0.1 * torch.randn(lin.weight.shape, generator=g)
+                                    for _ in range(3)]),
+             "bias": torch.stack([lin.bias.detach() + 0.1 * torch.randn(lin.bias.shape, generator=g)
+                                  for _ in range(3)])}
+    torch._dynamo.reset()
+    with torch.no_grad():
+        stacked = one_shot(model, 3, 2, heads)(torch.cat(xs), torch.cat(ts), y.repeat(3))
+    torch._dynamo.reset()
+    fast = ditfx.optimize(model, ditfx.Config(compiler="eager", history=ditfx.HistoryAttention(2, 3, heads=heads)))
+    cached = student_steps(fast, xs, ts, y)
+    for step in range(3):
+        assert (stacked[2 * step:2 * step + 2] - cached[step]).abs().max() <= 1e-5, step
+    plain = reference_with_history(model, xs, ts, y, 2)
+    assert (cached[1] - plain[1]).abs().max() > 1e-3  # the heads changed the outputs
+    with pytest.raises(ValueError, match="one output head per step"):
+        ditfx.HistoryAttention(2, 4, heads=heads)
+    torch._dynamo.reset()

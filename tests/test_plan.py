@@ -97,3 +97,12 @@ def test_broken_plan_files_are_named(tmp_path):
     (tmp_path / "plan.json").write_text("{not json")
     with pytest.raises(ValueError, match="plan.json is not valid JSON"):
         Plan.load(tmp_path)
+
+
+def test_a_saved_plan_keeps_history_heads(tmp_path):
+    gm, inputs = captured("reference")
+    heads = {"weight": torch.randn(2, 32, 64), "bias": torch.randn(2, 32)}
+    plan = build_plan(gm, ditfx.Config(history=ditfx.HistoryAttention(2, 2, heads=heads)), example_inputs=inputs)
+    plan.save(tmp_path)
+    loaded = Plan.load(tmp_path)
+    assert torch.equal(loaded.policies[0].heads["weight"], heads["weight"])

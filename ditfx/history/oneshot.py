@@ -46,11 +46,25 @@ def stepwise_attention(q, k, v, steps: int, scale=None):
         rows, heads, length, out.shape[-1])
 
 
-def oneshot_graph(gm: fx.GraphModule, steps: int, layers: int) -> fx.GraphModule:
+def stepwise_linear(x, weight, bias, steps: int):
+    """The de-embedding with step-specific heads: rows of step s (stacked step-major) use ``weight[s]``,
+    ``bias[s]`` ((S, out, in), (S, out))."""
+    rows = x.shape[0]
+    per_step = x.reshape(steps, rows // steps, *x.shape[1:])
+    out = torch.einsum("s b ... i, s o i -> s b ... o", per_step, weight)
+    out = out + bias.reshape(steps, 1, *([1] * (x.dim() - 2)), bias.shape[-1])
+    return out.reshape(rows, *out.shape[2:])
+
+
+def oneshot_graph(gm: fx.GraphModule, steps: int, layers: int, heads: bool = False,
+                  example_inputs: list | None = None) -> fx.GraphModule:
     """A copy of the captured graph (at S*B rows) whose lower ``layers`` blocks' self-attention is block-causal
-    across the stacked steps."""
+    across the stacked steps; ``heads``: the de-embedding takes two more inputs, the step heads
+    ((S, out, in), (S, out))."""
     out = copy.deepcopy(gm)
     structure = analyse(out)
+    if heads:
+        _stepwise_heads(out, structure, steps, example_inputs)
     lower = {structure.blocks[i].path for i in latent_blocks(structure)[:layers]}
     owner = find_blocks(out)
     latents = next(n for n in out.graph.find_nodes(op="placeholder") if n.name == structure.roles.latents)
@@ -80,16 +94,40 @@ def oneshot_graph(gm: fx.GraphModule, steps: int, layers: int) -> fx.GraphModule
     return out
 
 
-class OneShot:
-    """A torch.compile backend: whatever Dynamo captures (at S*B rows) runs as the one-shot training forward."""
+def _stepwise_heads(gm: fx.GraphModule, structure, steps: int, example_inputs) -> None:
+    from ditfx.budget.weak import find_sites
 
-    def __init__(self, steps: int, layers: int):
-        self.steps, self.layers = steps, layers
+    sites = find_sites(gm, structure.roles, example_inputs)
+    g = gm.graph
+    nodes = {n.name: n for n in g.nodes}
+    last = list(g.find_nodes(op="placeholder"))[-1]
+    with g.inserting_after(last):
+        head_w = g.placeholder("head_weight")
+    with g.inserting_after(head_w):
+        head_b = g.placeholder("head_bias")
+    lin = nodes[sites.deembed]
+    with g.inserting_before(lin):
+        new = g.call_function(stepwise_linear, (lin.args[0], head_w, head_b), {"steps": steps})
+    new.meta = dict(lin.meta)
+    lin.replace_all_uses_with(new)
+    g.erase_node(lin)
+
+
+class OneShot:
+    """A torch.compile backend: whatever Dynamo captures (at S*B rows) runs as the one-shot training forward
+    (with ``heads``, {"weight": (S, out, in), "bias": (S, out)}, appended as the step heads)."""
+
+    def __init__(self, steps: int, layers: int, heads: dict | None = None):
+        self.steps, self.layers, self.heads = steps, layers, heads
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list):
-        return oneshot_graph(gm, self.steps, self.layers).forward
+        graph = oneshot_graph(gm, self.steps, self.layers, self.heads is not None, example_inputs)
+        if self.heads is None:
+            return graph.forward
+        heads = (self.heads["weight"], self.heads["bias"])
+        return lambda *args: graph(*args, *heads)
 
 
-def one_shot(model: torch.nn.Module, steps: int, layers: int):
+def one_shot(model: torch.nn.Module, steps: int, layers: int, heads: dict | None = None):
     """``model`` as ARD's one-shot training forward over ``steps`` steps stacked along the batch (step-major)."""
-    return torch.compile(model, backend=OneShot(steps, layers), dynamic=False)
+    return torch.compile(model, backend=OneShot(steps, layers, heads), dynamic=False)

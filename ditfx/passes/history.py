@@ -13,6 +13,7 @@ from the text only) is unchanged.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field
 
@@ -27,6 +28,7 @@ from ditfx.plan import Plan, Transform, VariantUnavailable
 from ditfx.report import PassReport, TechniqueUnavailable
 
 HISTORY = "history.kv"
+HEADS = "history.heads"
 
 
 @dataclass
@@ -96,7 +98,8 @@ def history_variant(gm: fx.GraphModule, stream_input: int, steps: int) -> fx.Gra
         for name, shape, dtype in zip(names, shapes, dtypes):
             with g.inserting_after(last):
                 last = g.placeholder(name)
-            last.meta["example_value"] = torch.empty(shape, dtype=dtype, device="meta")
+            with getattr(kv, "fake_mode", None) or contextlib.nullcontext():  # a fake value like the captured ones
+                last.meta["example_value"] = torch.empty(shape, dtype=dtype, device=kv.device)
             new.append(last)
         hk, hv, valid = new
         with g.inserting_before(n):
@@ -126,6 +129,8 @@ def history_pass(plan: Plan, ctx: PassContext) -> HistoryReport:
 
     plan.transforms[HISTORY] = Transform(HISTORY, build)
     report = HistoryReport(cfg.layers, cfg.steps)
+    if cfg.heads is not None:
+        _offer_heads(plan, ctx)
     for rm in plan.regions:
         if rm.region.kind == "block" and rm.region.block.index in lower:
             if rm.region.primary_stream is None:
@@ -139,3 +144,41 @@ def history_pass(plan: Plan, ctx: PassContext) -> HistoryReport:
             report.sites[rm.region.block.path] = (len(gm.graph.find_nodes(op="placeholder"))
                                                   - len(rm.region.inputs)) // 3
     return report
+
+
+def heads_variant(gm: fx.GraphModule, weight: int, bias: int | None) -> fx.GraphModule:
+    """The epilogue with its de-embedding's weight and bias read from two new inputs (the step's head)."""
+    gm = copy.deepcopy(gm)
+    g = gm.graph
+    placeholders = list(g.find_nodes(op="placeholder"))
+    last = placeholders[-1]
+    with g.inserting_after(last):
+        head_w = g.placeholder("head_weight")
+    with g.inserting_after(head_w):
+        head_b = g.placeholder("head_bias")
+    for new, old in ((head_w, placeholders[weight]), (head_b, placeholders[bias] if bias is not None else None)):
+        if old is not None:
+            new.meta = dict(old.meta)
+            old.replace_all_uses_with(new)
+    gm.recompile()
+    return gm
+
+
+def _offer_heads(plan: Plan, ctx: PassContext) -> None:
+    """Step-specific output heads: the epilogue's de-embedding linear takes each step's head."""
+    from ditfx.budget.weak import BudgetConversionError, find_sites
+
+    try:
+        sites = find_sites(plan.structure.gm, plan.structure.roles, ctx.example_inputs)
+    except BudgetConversionError as e:
+        raise TechniqueUnavailable(f"step heads need the de-embedding linear: {e}") from e
+    for rm in plan.regions:
+        names = [n.name for n in rm.region.inputs]
+        if sites.deembed in {n.name for n in rm.region.nodes} and sites.deembed_weight in names:
+            bias = names.index(sites.deembed_bias) if sites.deembed_bias in names else None
+            weight = names.index(sites.deembed_weight)
+            plan.transforms[HEADS] = Transform(HEADS, lambda _rm, gm, w=weight, b=bias: heads_variant(gm, w, b),
+                                               after_rows=True)  # the head is not a batch row
+            plan.offers.setdefault(rm.region.name, set()).add(HEADS)
+            return
+    raise TechniqueUnavailable("step heads: no region holds the de-embedding linear with its weight as an input")

@@ -18,6 +18,7 @@ from ditfx.runtime.policy import CallContext, Policy, RegionCall, StateSlot, reg
 
 
 HISTORY = "history.kv"  # the block variant that reads and returns keys and values (passes/history.py)
+HEADS = "history.heads"  # the epilogue variant whose de-embedding takes the step's head
 
 
 @dataclass
@@ -47,6 +48,11 @@ class HistoryPolicy(Policy):
 
     def run_region(self, ctx: CallContext, call: RegionCall, proceed) -> list:
         region = call.region
+        if self.cfg.heads is not None and HEADS in self.plan.offers.get(region.name, ()):
+            step = ctx.info.step
+            w, b = self.cfg.heads["weight"][step], self.cfg.heads["bias"][step]
+            ref = call.args[0]
+            return list(call.run((HEADS,), [*call.args, w.to(ref.device), b.to(ref.device)]))
         if region.kind != "block" or region.block.index not in self.lower:
             return proceed(call)
         state = ctx.state(self, "history")
