@@ -6,7 +6,7 @@ to the keys and values of its own earlier steps.
 * :mod:`ditfx.history.oneshot`: the one-shot training forward (steps stacked along the batch).
 
 The inference pass is :mod:`ditfx.passes.history`, its policy :mod:`ditfx.runtime.history`
-(``ditfx.Config(history=ditfx.HistoryAttention(layers=N))``). Not yet: step heads, the distillation, the students.
+(``ditfx.Config(history=ditfx.HistoryAttention(layers=N))``). Not yet: the distillation, the students.
 """
 from ditfx.history.cost import HistoryCost, history_flops
 from ditfx.history.masks import block_causal, block_diagonal, block_mask, dense
