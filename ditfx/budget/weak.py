@@ -87,11 +87,20 @@ def _from_latents(node: fx.Node, latents: fx.Node) -> bool:
     return True
 
 
-def _conv_args(node: fx.Node) -> dict:
-    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_LINEAR_ARGS = ("input", "weight", "bias")
+
+
+def _call_args(node: fx.Node, names: tuple[str, ...]) -> dict:
+    """A call's arguments by name, positional or keyword."""
     args = dict(zip(names, node.args))
     args.update(node.kwargs)
     return args
+
+
+def _bias_name(linear: fx.Node) -> str | None:
+    bias = _call_args(linear, _LINEAR_ARGS).get("bias")
+    return bias.name if isinstance(bias, fx.Node) else None
 
 
 def find_sites(gm: fx.GraphModule, roles: InputRoles, example_inputs: list | None = None) -> Sites:
@@ -114,7 +123,7 @@ def find_sites(gm: fx.GraphModule, roles: InputRoles, example_inputs: list | Non
         raise BudgetConversionError(f"found {len(convs)} convolutions of the latents, need exactly one: the patch "
                                     "embedding (kernel = stride = patch size)")
     conv = convs[0]
-    args = _conv_args(conv)
+    args = _call_args(conv, _CONV_ARGS)
     weight = args["weight"]
     w_shape = _shape(weight)
     stride = _ints(args.get("stride", 1))
@@ -127,16 +136,13 @@ def find_sites(gm: fx.GraphModule, roles: InputRoles, example_inputs: list | Non
     patch = w_shape[2]
     out = _shape(conv)
     grid = (out[2], out[3])
-    pos_add, pos_operand = _find_pos_add(gm, conv, grid[0] * grid[1], w_shape[0])
+    pos_add, pos_operand = _find_pos_add(conv, grid[0] * grid[1], w_shape[0])
     deembed, c_out = _find_deembed(gm, patch, grid)
-    dargs = dict(zip(("input", "weight", "bias"), deembed.args))
-    dargs.update(deembed.kwargs)
-    bias = dargs.get("bias")
     linears = _block_linears(gm)
     return Sites(latents=latents.name, conv=conv.name, embed_weight=weight.name, patch=patch, grid=grid,
                  width=w_shape[0], in_channels=w_shape[1], pos_add=pos_add and pos_add.name,
                  pos_operand=pos_operand and pos_operand.name, deembed=deembed.name,
-                 deembed_weight=dargs["weight"].name, deembed_bias=bias.name if isinstance(bias, fx.Node) else None,
+                 deembed_weight=_call_args(deembed, _LINEAR_ARGS)["weight"].name, deembed_bias=_bias_name(deembed),
                  out_channels=c_out, block_linears=linears)
 
 
@@ -170,15 +176,12 @@ def _packed_sites(gm: fx.GraphModule, latents: fx.Node, shape, example_inputs) -
     if final is None or not (final.op == "call_function" and final.target in _LINEARS)             or _shape(final)[-2:] != (shape[1], features) and _shape(final)[-2] != shape[1]:
         raise BudgetConversionError("packed tokens need the model's output to be a final linear's packed tokens")
     out_features = _shape(final)[-1]
-    dargs = dict(zip(("input", "weight", "bias"), final.args))
-    dargs.update(final.kwargs)
-    bias = dargs.get("bias")
     w = _shape(embed.args[1])
     linears = _block_linears(gm)
     return Sites(latents=latents.name, conv=embed.name, embed_weight=embed.args[1].name, patch=PACK, grid=grid,
                  width=w[0], in_channels=features // (PACK * PACK), pos_add=None, pos_operand=None,
-                 deembed=final.name, deembed_weight=dargs["weight"].name,
-                 deembed_bias=bias.name if isinstance(bias, fx.Node) else None,
+                 deembed=final.name, deembed_weight=_call_args(final, _LINEAR_ARGS)["weight"].name,
+                 deembed_bias=_bias_name(final),
                  out_channels=out_features // (PACK * PACK), block_linears=linears, kind="packed", ids=ids[0].name)
 
 
@@ -222,7 +225,7 @@ def _batch_free(node: fx.Node) -> bool:
     return True
 
 
-def _find_pos_add(gm, conv: fx.Node, tokens: int, width: int) -> tuple[fx.Node | None, fx.Node | None]:
+def _find_pos_add(conv: fx.Node, tokens: int, width: int) -> tuple[fx.Node | None, fx.Node | None]:
     node = conv
     while True:
         users = list(node.users)

@@ -13,7 +13,7 @@ from ditfx.budget.schedule import weak_steps_for
 from ditfx.config import TokenBudget
 from ditfx.plan import Plan
 from ditfx.runtime.lifecycle import CallInfo
-from ditfx.runtime.policy import CallContext, Policy, register_policy
+from ditfx.runtime.policy import Policy, register_policy
 
 
 @register_policy(TokenBudget)
@@ -63,9 +63,6 @@ class TokenBudgetPolicy(Policy):
                        "pipeline scheduler states it): the weak mode covers the same fraction of normalised time "
                        f"({self.weak_fraction():.3f}), which meets the FLOPs on a uniform time grid")
         return self.mode_at(info.timestep / self.time_scale, info.step, info.steps)
-
-    def begin_call(self, ctx: CallContext) -> None:
-        pass
 
     def describe(self, steps: int) -> dict:
         """The per-step patch size on ``steps`` uniform steps, for ``ditfx inspect``."""

@@ -50,7 +50,7 @@ class Executor:
         if info.new_generation or store.generation != info.generation:
             store.start(info.generation)
         mode = self.modes[self._choose_mode(info)]
-        ctx = CallContext(info, [*args, *mode.extra_inputs()], mode.plan, store, runtime.records, mode.name)
+        ctx = CallContext(info, [*args, *mode.extra], mode.plan, store, runtime.records, mode.name)
         for policy in mode.policies:
             policy.begin_call(ctx)
         rows = ctx.rows
@@ -98,12 +98,9 @@ class Mode:
         self.io = plan.io
         self.executor = executor
         self.policies: list[Policy] = [policy_for(c, plan) for c in plan.policies]
-        self._extra = list(extra or [])
+        self.extra = list(extra or [])  # the adapter tensors this mode's graph takes after the call's inputs
         self._refused: set[int] = set()  # row counts some region cannot run on
         self.tokens = plan.tokens
-
-    def extra_inputs(self) -> list:
-        return self._extra
 
     def run_regions(self, ctx: CallContext) -> tuple[list, dict]:
         io, rows = self.io, ctx.rows
