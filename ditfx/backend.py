@@ -42,7 +42,7 @@ class DitfxBackend:
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list):
         self.runtime.add(graphs=1)
-        _keep_dynamo_compiling()
+        keep_dynamo_compiling()
         if meta.has_symbolic_inputs(gm):
             return self._fallback(gm, example_inputs, "Dynamo captured this graph with symbolic shapes (torch.compile "
                                   "without dynamic=False recompiles a second batch size dynamically; data-dependent "
@@ -88,7 +88,7 @@ def _has_blocks(gm: fx.GraphModule) -> bool:
     return bool(find_blocks(gm))
 
 
-def _keep_dynamo_compiling() -> None:
+def keep_dynamo_compiling() -> None:
     """Leave Dynamo room for more graphs of ditfx's models: every optimized model (and batch size) is a cache
     entry of the same code object, and past ``recompile_limit`` Dynamo runs the model uncompiled."""
     global _GRAPHS

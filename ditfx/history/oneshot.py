@@ -16,9 +16,10 @@ import functools
 import torch
 import torch.fx as fx
 
+from ditfx.backend import keep_dynamo_compiling
 from ditfx.graph import meta
 from ditfx.graph.structure import analyse, find_blocks
-from ditfx.history.masks import block_causal, block_mask
+from ditfx.history.masks import block_causal, block_mask, dense
 from ditfx.passes.block_cache import latent_blocks
 from ditfx.passes.history import plain_attention
 
@@ -26,6 +27,11 @@ from ditfx.passes.history import plain_attention
 @functools.lru_cache(maxsize=16)
 def _causal_mask(tokens: int, steps: int, device: str):
     return block_mask(block_causal(tokens), tokens * steps, device=device)
+
+
+@functools.lru_cache(maxsize=16)
+def _dense_causal_mask(tokens: int, steps: int, device: str):
+    return dense(block_causal(tokens), tokens * steps).to(device)
 
 
 def stepwise_attention(q, k, v, steps: int, scale=None):
@@ -40,8 +46,13 @@ def stepwise_attention(q, k, v, steps: int, scale=None):
         return x.reshape(steps, batch, heads, x.shape[2], x.shape[3]).permute(1, 2, 0, 3, 4).reshape(
             batch, heads, steps * x.shape[2], x.shape[3])
 
-    out = flex_attention(per_sample(q), per_sample(k), per_sample(v), scale=scale,
-                         block_mask=_causal_mask(length, steps, str(q.device)))
+    q, k, v = per_sample(q), per_sample(k), per_sample(v)
+    if q.device.type == "cpu" and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        # flex_attention has no backward on CPU: training there uses SDPA with the same mask, dense
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=_dense_causal_mask(length, steps, str(q.device)), scale=scale)
+    else:
+        out = flex_attention(q, k, v, scale=scale, block_mask=_causal_mask(length, steps, str(q.device)))
     return out.reshape(batch, heads, steps, length, out.shape[-1]).permute(2, 0, 1, 3, 4).reshape(
         rows, heads, length, out.shape[-1])
 
@@ -121,6 +132,7 @@ class OneShot:
         self.steps, self.layers, self.heads = steps, layers, heads
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list):
+        keep_dynamo_compiling()
         graph = oneshot_graph(gm, self.steps, self.layers, self.heads is not None, example_inputs)
         if self.heads is None:
             return graph.forward

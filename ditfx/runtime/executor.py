@@ -120,7 +120,7 @@ class Mode:
                 evals["block_evals"] += ran > 0
                 evals["block_evals_skipped"] += ran == 0
             ran_flops = flops * ran // n if n else 0
-            evals["flops"] += ran_flops
+            evals["flops"] += ran_flops + call.extra_flops
             evals["flops_skipped"] += flops - ran_flops
             env.update(zip(io.region_outputs[k], outs))
             for name in io.release[k]:

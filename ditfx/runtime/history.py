@@ -72,6 +72,9 @@ class HistoryPolicy(Policy):
         for j in range(len(own) // 2):
             k, v = own[2 * j], own[2 * j + 1]
             length = k.shape[2]
+            # the work of reading the earlier steps' keys: Q K^T and A V over step * length more keys (the
+            # symbolic count, methods.md 4.4; the static buffer's masked positions are not useful work)
+            call.extra_flops += 4 * k.shape[0] * k.shape[1] * length * step * length * k.shape[3]
             hk, hv, valid = buffers[3 * j: 3 * j + 3]
             hk[:, :, step * length:(step + 1) * length] = k
             hv[:, :, step * length:(step + 1) * length] = v

@@ -86,6 +86,7 @@ class RegionCall:
     rows: int  # rows of this call's computation
     runner: Any  # the executor's variant runner
     ran_rows: int = field(default=-1)  # set by what actually ran (0: reused)
+    extra_flops: int = field(default=0)  # work a variant adds over the region's own cost (history keys)
 
     @property
     def region(self):

@@ -105,6 +105,16 @@ def digits_fd(images: torch.Tensor) -> float:
     return frechet_distance(*gaussian_statistics(features), *reference_statistics())
 
 
+def fd_between(images: torch.Tensor, other: torch.Tensor) -> float:
+    """FD between two sets of images (e.g. a student's samples and its teacher's), in the same feature space."""
+    check_images(images)
+    check_images(other, "other")
+    if min(len(images), len(other)) < 2:
+        raise ValueError("the Frechet distance needs at least 2 images on each side")
+    return frechet_distance(*gaussian_statistics(classifier_outputs(images)[0]),
+                            *gaussian_statistics(classifier_outputs(other)[0]))
+
+
 def real_floor_fd(count: int, seed: int = 0) -> float:
     """FD of `count` real train-split digits (seeded, class-balanced): the floor at N=count."""
     train = train_split()

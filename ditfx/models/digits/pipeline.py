@@ -72,6 +72,8 @@ class DigitsPipeline(DiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pt",
         return_dict: bool = True,
+        sigmas: list[float] | None = None,
+        callback_on_step_end=None,
     ):
         """Sample one digit per entry of ``class_labels`` (ints 0..9; 10 samples unconditionally).
 
@@ -110,7 +112,10 @@ class DigitsPipeline(DiffusionPipeline):
         else:
             class_labels_input = class_labels
 
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        if sigmas is not None:
+            self.scheduler.set_timesteps(sigmas=list(sigmas), device=device)
+        else:
+            self.scheduler.set_timesteps(num_inference_steps, device=device)
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             self._current_timestep = t
             latent_model_input = (
@@ -138,6 +143,8 @@ class DigitsPipeline(DiffusionPipeline):
             latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
             # The schedulers upcast to float32 internally; keep the model's dtype for the next call.
             latents = latents.to(self.transformer.dtype)
+            if callback_on_step_end is not None:
+                latents = callback_on_step_end(self, i, t, {"latents": latents}).get("latents", latents)
 
         self._current_timestep = None
         images = latents.float().clamp(-1.0, 1.0)
@@ -152,3 +159,31 @@ class DigitsPipeline(DiffusionPipeline):
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)
+
+
+class DigitsStudentPipeline(DigitsPipeline):
+    """A distilled few-step student of the digits pipeline (``ditfx.models.digits.pipeline(student=...)``): it
+    samples in its own steps at the noise levels it was distilled for (``sigmas``), without classifier-free
+    guidance, which the teacher's guided trajectories have distilled into it."""
+
+    def __init__(self, transformer: DiTTransformer2DModel, scheduler, sigmas: list[float] | None = None):
+        super().__init__(transformer=transformer, scheduler=scheduler)
+        self.student_sigmas = [float(s) for s in sigmas or ()]
+
+    @torch.no_grad()
+    def __call__(self, class_labels, num_inference_steps: int | None = None, guidance_scale: float = 1.0,
+                 generator=None, output_type: str = "pt", return_dict: bool = True, callback_on_step_end=None):
+        """Sample one digit per entry of ``class_labels`` in the student's steps (see DigitsPipeline)."""
+        steps = len(self.student_sigmas)
+        if not steps:
+            raise ValueError("this student pipeline has no sigmas: build it with "
+                             "ditfx.models.digits.pipeline(student='ard' | 'step')")
+        if num_inference_steps is not None and num_inference_steps != steps:
+            raise ValueError(f"this student was distilled for {steps} steps at sigmas {self.student_sigmas}; "
+                             f"num_inference_steps={num_inference_steps} is not supported (leave it out)")
+        if guidance_scale != 1.0:
+            raise ValueError("the student has the teacher's classifier-free guidance distilled into it and samples "
+                             f"without it: guidance_scale must be 1.0, got {guidance_scale}")
+        return super().__call__(class_labels, guidance_scale=1.0, generator=generator, output_type=output_type,
+                                return_dict=return_dict, sigmas=self.student_sigmas,
+                                callback_on_step_end=callback_on_step_end)
