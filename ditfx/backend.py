@@ -77,7 +77,7 @@ class DitfxBackend:
             if once in self._warned:
                 return compile_region(gm, example_inputs, self.config.compiler)
             self._warned.add(once)
-        techniques = [name for name in ("cache", "guidance", "budget") if getattr(self.config, name) is not None]
+        techniques = [name for name in ("cache", "guidance", "budget", "history") if getattr(self.config, name) is not None]
         off = f": {' and '.join(techniques)} off" if techniques else ""
         warnings.warn(f"ditfx: {why}. This graph is compiled with {self.config.compiler!r} without ditfx "
                       f"passes{off}.", stacklevel=2)

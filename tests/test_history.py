@@ -217,3 +217,36 @@ def test_step_heads_in_the_one_shot_forward_and_the_cached_steps(teacher_forced)
     with pytest.raises(ValueError, match="one output head per step"):
         ditfx.HistoryAttention(2, 4, heads=heads)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("family", ["reference", *__import__("ditfx.models.zoo", fromlist=["x"]).TINY_FAMILIES])
+def test_no_history_is_the_model_and_history_runs_or_says_why_on_every_family(family):
+    """layers=0 equals eager exactly with no warning; layers=1 either runs the history (its outputs then depend on
+    the earlier steps) or turns the technique off with a warning naming it, and stays exact."""
+    import warnings
+
+    import ditfx
+    from ditfx.models import zoo
+
+    named = zoo.load("DiT-T/2" if family == "reference" else f"tiny:{family}")
+    expected = zoo.run_loop(named, steps=3)
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fast = ditfx.optimize(named.model, ditfx.Config(compiler="eager", history=ditfx.HistoryAttention(0, 3)))
+        with ditfx.generation(fast):
+            got = zoo.run_loop(named, fast, steps=3)
+    assert (got - expected).abs().max() <= 1e-5
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fast = ditfx.optimize(named.model, ditfx.Config(compiler="eager", history=ditfx.HistoryAttention(1, 3)))
+        with ditfx.generation(fast):
+            got = zoo.run_loop(named, fast, steps=3)
+    off = [str(w.message) for w in caught if "history" in str(w.message).lower()]
+    (executor,) = ditfx.api._runtime(fast).executors
+    if executor.plan.blocks_offering("history.kv"):
+        assert got.isfinite().all() and (got - expected).abs().max() > 1e-6 and not off
+    else:
+        assert off and (got - expected).abs().max() <= 1e-5, off
+    torch._dynamo.reset()

@@ -21,7 +21,7 @@ from ditfx.graph import meta
 from ditfx.graph.structure import analyse, find_blocks
 from ditfx.history.masks import block_causal, block_mask, dense
 from ditfx.passes.block_cache import latent_blocks
-from ditfx.passes.history import plain_attention
+from ditfx.passes.history import plain_attention, positional_qkv, sdpa_qkv
 
 
 @functools.lru_cache(maxsize=16)
@@ -87,11 +87,12 @@ def oneshot_graph(gm: fx.GraphModule, steps: int, layers: int, heads: bool = Fal
     for n in list(out.graph.nodes):
         if owner.get(n) not in lower or not meta.is_attention(n) or "scaled_dot_product" not in meta.target_name(n):
             continue
-        if n.args[1] not in stream:  # cross-attention to the text: no history
+        if sdpa_qkv(n)[1] not in stream:  # cross-attention to the text: no history
             continue
         if not plain_attention(n):
             raise ValueError(f"{n.name}: history attention needs plain self-attention (no mask, dropout or causal "
                              "flag)")
+        positional_qkv(n)
         with out.graph.inserting_before(n):
             new = out.graph.call_function(stepwise_attention, tuple(n.args[:3]),
                                           {"steps": steps, "scale": n.kwargs.get("scale")})

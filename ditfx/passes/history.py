@@ -50,12 +50,27 @@ def _is_sdpa(n: fx.Node) -> bool:
         meta.target_name(n)
 
 
+_QKV = ("query", "key", "value")
+
+
+def sdpa_qkv(n: fx.Node) -> tuple:
+    """(q, k, v) of an attention call, positional or by keyword (diffusers' dispatch passes them by name)."""
+    return tuple(n.args[i] if i < len(n.args) else n.kwargs.get(name) for i, name in enumerate(_QKV))
+
+
+def positional_qkv(n: fx.Node) -> None:
+    """Rewrite the call so q, k, v are its first three positional arguments."""
+    n.args = (*sdpa_qkv(n), *n.args[3:])
+    n.kwargs = {k: v for k, v in n.kwargs.items() if k not in _QKV}
+
+
 _DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "enable_gqa": False}
 
 
 def plain_attention(n: fx.Node) -> bool:
     """``sdpa(q, k, v)`` with no mask, dropout or causal flag (the defaults spelled out are fine); a scale is."""
-    return len(n.args) <= 3 and all(k == "scale" or (k in _DEFAULTS and v == _DEFAULTS[k]) for k, v in n.kwargs.items())
+    return len(n.args) <= 3 and all(k in _QKV or k == "scale" or (k in _DEFAULTS and v == _DEFAULTS[k])
+                                    for k, v in n.kwargs.items())
 
 
 def history_sites(gm: fx.GraphModule, stream_input: int) -> list[fx.Node]:
@@ -66,7 +81,7 @@ def history_sites(gm: fx.GraphModule, stream_input: int) -> list[fx.Node]:
     for n in gm.graph.nodes:
         if any(a in depends for a in n.all_input_nodes):
             depends.add(n)
-    return [n for n in gm.graph.nodes if _is_sdpa(n) and n.args[1] in depends and n.args[0] in depends]
+    return [n for n in gm.graph.nodes if _is_sdpa(n) and sdpa_qkv(n)[1] in depends and sdpa_qkv(n)[0] in depends]
 
 
 def history_variant(gm: fx.GraphModule, stream_input: int, steps: int) -> fx.GraphModule:
@@ -84,6 +99,7 @@ def history_variant(gm: fx.GraphModule, stream_input: int, steps: int) -> fx.Gra
         if not plain_attention(n):
             raise VariantUnavailable(f"{n.name} has a mask, dropout or causal flag: history attention needs plain "
                                      "self-attention")
+        positional_qkv(n)
         q, k, v = n.args[:3]
         kv = meta.tensor_value(k)
         if kv is None or kv.dim() != 4:
@@ -139,6 +155,9 @@ def history_pass(plan: Plan, ctx: PassContext) -> HistoryReport:
             try:  # built now: a block that cannot take history says so before the first call
                 gm = plan.graph(rm, plan.key(rm, (HISTORY,)))
             except VariantUnavailable as e:
+                for offers in plan.offers.values():  # the technique is off: no region offers it
+                    offers.discard(HISTORY)
+                    offers.discard(HEADS)
                 raise TechniqueUnavailable(f"{rm.region.name}: {e}") from e
             report.blocks.append(rm.region.block.path)
             report.sites[rm.region.block.path] = (len(gm.graph.find_nodes(op="placeholder"))
