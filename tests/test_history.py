@@ -250,3 +250,23 @@ def test_no_history_is_the_model_and_history_runs_or_says_why_on_every_family(fa
     else:
         assert off and (got - expected).abs().max() <= 1e-5, off
     torch._dynamo.reset()
+
+
+def test_the_history_follows_the_rows_guidance_drops(teacher_forced):
+    """Adaptive Guidance stops computing the unconditional rows after the first step: the conditional rows keep
+    their own history (per-sample state, re-batched), so they equal a history run on them alone."""
+    import ditfx
+    from ditfx.api import null_class
+
+    model, xs, ts, y = teacher_forced
+    null = torch.full_like(y, null_class(model))
+    torch._dynamo.reset()
+    fast = ditfx.optimize(model, ditfx.Config(compiler="eager", history=ditfx.HistoryAttention(2, steps=3),
+                                              guidance=ditfx.AdaptiveGuidance(gamma=-1.0)))
+    both = student_steps(fast, [torch.cat([x, x]) for x in xs], [torch.cat([t, t]) for t in ts],
+                         torch.cat([null, y]))
+    alone = reference_with_history(model, xs, ts, y, 2)
+    for step, (a, b) in enumerate(zip(both, alone)):
+        assert (a[2:] - b).abs().max() <= 1e-5, step
+    assert ditfx.stats(fast).nfe_skipped > 0
+    torch._dynamo.reset()

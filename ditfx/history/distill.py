@@ -79,7 +79,7 @@ class Trajectories:
         x = self.states[:, rows]
         dt = (self.sigmas[1:] - self.sigmas[:-1]).to(x.dtype).reshape(-1, *[1] * (x.dim() - 1))
         targets = (x[1:] - x[:-1]) / dt  # (S, B, ...): one Euler step from x_s lands on x_{s+1}
-        kwargs[self.record["latents_key"]] = x[:-1].reshape(-1, *x.shape[2:])
+        kwargs[self.record.get("latents_key", "hidden_states")] = x[:-1].reshape(-1, *x.shape[2:])
         return kwargs, targets.reshape(-1, *x.shape[2:])
 
     def save(self, path) -> Path:
