@@ -150,3 +150,23 @@ def test_the_student_pipeline_refuses_guidance_and_other_step_counts(student):
         p([1], num_inference_steps=8)
     with pytest.raises(ValueError, match="Euler"):
         digits.pipeline(scheduler="dpm", student=student)
+
+
+@pytest.mark.parametrize("name, layers", [("ard", 2), ("step", 0)])
+def test_the_shipped_students_sample_digits_in_four_steps_without_guidance(name, layers):
+    student = digits.load_student(name)
+    assert student.layers == layers and student.steps == 4 and student.heads["weight"].shape[0] == 4
+    assert student.record["teacher"]["guidance_scale"] == 1.5 and student.record["teacher"]["teacher_steps"] == 50
+    assert student.record["held_out_loss"] < 0.2 * student.record["held_out_loss_teacher_init"]
+    pipe = digits.pipeline(student=name, compiler="eager")
+    pipe.set_progress_bar_config(disable=True)
+    labels = torch.arange(10).repeat(2)
+    images = pipe(labels, generator=torch.Generator().manual_seed(0)).images
+    assert digits.metrics(images, labels)["accuracy"] >= 0.9
+    stats = ditfx.stats(pipe)
+    assert stats.calls == 4 and stats.nfe == 4
+
+
+def test_an_unknown_student_is_named():
+    with pytest.raises(ValueError, match="student must be one of"):
+        digits.load_student("lcm")
