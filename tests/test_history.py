@@ -245,7 +245,7 @@ def test_no_history_is_the_model_and_history_runs_or_says_why_on_every_family(fa
             got = zoo.run_loop(named, fast, steps=3)
     off = [str(w.message) for w in caught if "history" in str(w.message).lower()]
     (executor,) = ditfx.api._runtime(fast).executors
-    if executor.plan.blocks_offering("history.kv"):
+    if executor.plan.blocks_offering("history.kv@0"):
         assert got.isfinite().all() and (got - expected).abs().max() > 1e-6 and not off
     else:
         assert off and (got - expected).abs().max() <= 1e-5, off

@@ -31,6 +31,12 @@ HISTORY = "history.kv"
 HEADS = "history.heads"
 
 
+def history_at(step: int) -> str:
+    """The block variant of step ``step``: it reads the ``step`` earlier steps' keys and values (a prefix of the
+    static buffer), so each step attends to the keys that exist and no more."""
+    return f"{HISTORY}@{step}"
+
+
 @dataclass
 class HistoryReport(PassReport):
     pass_name = "history"
@@ -85,8 +91,8 @@ def history_sites(gm: fx.GraphModule, stream_input: int) -> list[fx.Node]:
 
 
 def history_variant(gm: fx.GraphModule, stream_input: int, steps: int) -> fx.GraphModule:
-    """The block reading ``steps`` x keys of history per attention site: extra inputs (k_hist, v_hist, valid)
-    per site after the block's own, extra outputs (k, v) per site after its own."""
+    """The block reading ``steps`` x keys of history per attention site (0: none, it only returns its own): extra
+    inputs (k_hist, v_hist, valid) per site after the block's own, extra outputs (k, v) per site after its own."""
     gm = copy.deepcopy(gm)
     g = gm.graph
     sites = history_sites(gm, stream_input)
@@ -140,10 +146,10 @@ def history_pass(plan: Plan, ctx: PassContext) -> HistoryReport:
         raise TechniqueUnavailable(f"HistoryAttention(layers={cfg.layers}) asks for more blocks than the "
                                    f"{len(latent_blocks(plan.structure))} on this model's latent stream")
 
-    def build(rm: RegionModule, gm: fx.GraphModule) -> fx.GraphModule:
-        return history_variant(gm, rm.region.streams[rm.region.primary_stream][1], cfg.steps)
-
-    plan.transforms[HISTORY] = Transform(HISTORY, build)
+    names = [history_at(step) for step in range(cfg.steps)]
+    for step, name in enumerate(names):
+        plan.transforms[name] = Transform(name, lambda rm, gm, s=step: history_variant(
+            gm, rm.region.streams[rm.region.primary_stream][1], s))
     report = HistoryReport(cfg.layers, cfg.steps)
     if cfg.heads is not None:
         _offer_heads(plan, ctx)
@@ -151,13 +157,12 @@ def history_pass(plan: Plan, ctx: PassContext) -> HistoryReport:
         if rm.region.kind == "block" and rm.region.block.index in lower:
             if rm.region.primary_stream is None:
                 raise TechniqueUnavailable(f"{rm.region.name} has no residual stream ditfx can follow")
-            plan.offers.setdefault(rm.region.name, set()).add(HISTORY)
-            try:  # built now: a block that cannot take history says so before the first call
-                gm = plan.graph(rm, plan.key(rm, (HISTORY,)))
+            plan.offers.setdefault(rm.region.name, set()).update(names)
+            try:  # the first step's variant built now: a block that cannot take history says so before any call
+                gm = plan.graph(rm, plan.key(rm, (names[0],)))
             except VariantUnavailable as e:
                 for offers in plan.offers.values():  # the technique is off: no region offers it
-                    offers.discard(HISTORY)
-                    offers.discard(HEADS)
+                    offers.difference_update([*names, HEADS])
                 raise TechniqueUnavailable(f"{rm.region.name}: {e}") from e
             report.blocks.append(rm.region.block.path)
             report.sites[rm.region.block.path] = (len(gm.graph.find_nodes(op="placeholder"))

@@ -1,9 +1,11 @@
 """The history-attention policy (ARD): each lower block's keys and values, written at the call's step.
 
 State: per branch and per sample (``per_row``), one static buffer per attention site of the lower blocks,
-``steps x keys`` positions, and which positions hold a written step. A call at step s runs the ``history.kv``
-variant of each lower block with the buffers, then writes its own keys and values at step s's positions; upper
-blocks run as they are. The buffers belong to the generation and are freed when it ends.
+``(steps - 1) x keys`` positions (the last step's keys are never read), and which positions hold a written step.
+A call at step s runs each lower block's ``history.kv@s`` variant on the buffers' first ``s x keys`` positions
+(views: each step attends to the keys that exist, one graph per step), then writes its own keys and values at
+step s's positions; upper blocks run as they are. The buffers belong to the generation and are freed when it
+ends.
 """
 from __future__ import annotations
 
@@ -13,11 +15,11 @@ import torch
 
 from ditfx.config import HistoryAttention
 from ditfx.graph import meta
+from ditfx.passes.history import history_at
 from ditfx.plan import Plan
 from ditfx.runtime.policy import CallContext, Policy, RegionCall, StateSlot, register_policy
 
 
-HISTORY = "history.kv"  # the block variant that reads and returns keys and values (passes/history.py)
 HEADS = "history.heads"  # the epilogue variant whose de-embedding takes the step's head
 
 
@@ -38,7 +40,8 @@ class HistoryPolicy(Policy):
     def __init__(self, cfg: HistoryAttention, plan: Plan):
         super().__init__(cfg, plan)
         self.cfg = cfg
-        self.lower = set(plan.blocks_offering(HISTORY))
+        self.lower = set(plan.blocks_offering(history_at(0)))
+        self._inputs: dict[int, list[torch.Tensor]] = {}  # block -> its history inputs' values at one step
 
     def begin_call(self, ctx: CallContext) -> None:
         if self.lower and ctx.info.step >= self.cfg.steps:
@@ -48,8 +51,8 @@ class HistoryPolicy(Policy):
 
     def run_region(self, ctx: CallContext, call: RegionCall, proceed) -> list:
         region = call.region
+        step = ctx.info.step
         if self.cfg.heads is not None and HEADS in self.plan.offers.get(region.name, ()):
-            step = ctx.info.step
             w, b = self.cfg.heads["weight"][step], self.cfg.heads["bias"][step]
             ref = call.args[0]
             return list(call.run((HEADS,), [*call.args, w.to(ref.device), b.to(ref.device)]))
@@ -57,26 +60,48 @@ class HistoryPolicy(Policy):
             return proceed(call)
         state = ctx.state(self, "history")
         index = region.block.index
-        gm = self.plan.graph(call.rm, self.plan.key(call.rm, (HISTORY,)))
-        extra = list(gm.graph.find_nodes(op="placeholder"))[len(call.args):]
         buffers = state.buffers.get(index)
-        if buffers is None:  # allocated once per generation, at the rows this call computes
-            ref = call.args[0]
-            buffers = state.buffers[index] = [
-                torch.zeros((call.rows, *meta.tensor_value(p).shape[1:]), dtype=meta.tensor_value(p).dtype,
-                            device=ref.device) for p in extra]
-        outs = call.run((HISTORY,), [*call.args, *buffers])
+        if buffers is None:  # allocated once per generation, at the rows this call computes, for every step
+            buffers = state.buffers[index] = self._allocate(call)
+        # step s reads the prefix holding the s earlier steps (views of the static buffer, no copy)
+        reads = [buf[:, :, :step * _keys(one)] if buf.dim() == 4 else buf[:, :step * _keys(one)]
+                 for buf, one in zip(buffers, self._one_step(call))]
+        outs = call.run((history_at(step),), [*call.args, *reads])
         n = len(region.outputs)
         own = outs[n:]
-        step = ctx.info.step
         for j in range(len(own) // 2):
             k, v = own[2 * j], own[2 * j + 1]
             length = k.shape[2]
-            # the work of reading the earlier steps' keys: Q K^T and A V over step * length more keys (the
-            # symbolic count, methods.md 4.4; the static buffer's masked positions are not useful work)
+            # the work of reading the earlier steps' keys: Q K^T and A V over step * length more keys
             call.extra_flops += 4 * k.shape[0] * k.shape[1] * length * step * length * k.shape[3]
-            hk, hv, valid = buffers[3 * j: 3 * j + 3]
-            hk[:, :, step * length:(step + 1) * length] = k
-            hv[:, :, step * length:(step + 1) * length] = v
-            valid[:, step * length:(step + 1) * length] = True
+            if step + 1 < self.cfg.steps:  # a later step reads it
+                hk, hv, valid = buffers[3 * j: 3 * j + 3]
+                hk[:, :, step * length:(step + 1) * length] = k
+                hv[:, :, step * length:(step + 1) * length] = v
+                valid[:, step * length:(step + 1) * length] = True
         return list(outs[:n])
+
+    def _one_step(self, call: RegionCall) -> list[torch.Tensor]:
+        """The values of a block's history inputs at one step of history: keys and values (B, H, keys, d) and
+        written flags (B, keys) per attention site (the second step's variant; with steps=1, the first's, empty)."""
+        index = call.region.block.index
+        if index not in self._inputs:
+            key = self.plan.key(call.rm, (history_at(min(1, self.cfg.steps - 1)),))
+            gm = self.plan.graph(call.rm, key)
+            self._inputs[index] = [meta.tensor_value(p)
+                                   for p in list(gm.graph.find_nodes(op="placeholder"))[len(call.args):]]
+        return self._inputs[index]
+
+    def _allocate(self, call: RegionCall) -> list[torch.Tensor]:
+        """Buffers of ``steps - 1`` steps (the last step's keys are never read) per input, zeroed."""
+        out = []
+        for one in self._one_step(call):
+            shape = list(one.shape[1:])
+            shape[1 if one.dim() == 4 else 0] = _keys(one) * (self.cfg.steps - 1)
+            out.append(torch.zeros((call.rows, *shape), dtype=one.dtype, device=call.args[0].device))
+        return out
+
+
+def _keys(one_step: torch.Tensor) -> int:
+    """Positions one step of history takes in an input: dim 2 of keys and values, dim 1 of the flags."""
+    return one_step.shape[2] if one_step.dim() == 4 else one_step.shape[1]
