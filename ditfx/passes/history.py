@@ -21,7 +21,6 @@ import torch
 import torch.fx as fx
 
 from ditfx.graph import meta
-from ditfx.graph.regions import RegionModule
 from ditfx.passes.block_cache import latent_blocks
 from ditfx.passes.context import PassContext
 from ditfx.plan import Plan, Transform, VariantUnavailable
