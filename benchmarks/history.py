@@ -60,7 +60,7 @@ def generate(method: str, pipe, labels, seed: int) -> tuple[torch.Tensor, float]
 
 def pipes(compiler: str | None) -> dict:
     made = {"teacher": teacher_pipe(compiler), "teacher 4 steps": teacher_pipe(compiler)}
-    made.update({f"{name}": student_pipe(name, compiler or "eager") for name in STUDENTS})
+    made.update({name: student_pipe(name, compiler or "eager") for name in STUDENTS})
     return made
 
 

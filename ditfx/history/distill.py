@@ -33,6 +33,7 @@ from ditfx.backend import keep_dynamo_compiling
 from ditfx.budget.training import _first_tensor
 from ditfx.history.oneshot import one_shot
 from ditfx.history.student import HistoryStudent
+from ditfx.runtime.rows import is_per_row
 
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
 
@@ -63,7 +64,7 @@ class Trajectories:
         return self._rows(slice(0, m)), self._rows(slice(m, len(self)))
 
     def _rows(self, rows) -> Trajectories:
-        calls = [{k: v[rows] if _is_rows(v, len(self)) else v for k, v in c.items()} for c in self.calls]
+        calls = [{k: v[rows] if is_per_row(v, len(self)) else v for k, v in c.items()} for c in self.calls]
         return Trajectories(self.states[:, rows], self.sigmas, calls, dict(self.record))
 
     def batch(self, rows: torch.Tensor) -> tuple[dict, torch.Tensor]:
@@ -72,7 +73,7 @@ class Trajectories:
         kwargs: dict = {}
         for key in self.calls[0]:
             values = [c[key] for c in self.calls]
-            if _is_rows(values[0], len(self)):
+            if is_per_row(values[0], len(self)):
                 kwargs[key] = torch.cat([v[rows] for v in values])
             else:
                 kwargs[key] = values[0]
@@ -116,10 +117,6 @@ class Trajectories:
                 _, s, key = k.split(".", 2)
                 calls[int(s)][key] = v
         return cls(tensors["states"], tensors["sigmas"], calls, json.loads(meta.get("record", "{}")))
-
-
-def _is_rows(v, rows: int) -> bool:
-    return isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == rows
 
 
 def student_points(scheduler, teacher_steps: int, steps: int) -> tuple[list[int], list[float]]:
@@ -208,7 +205,7 @@ def record_trajectories(pipe, run: Callable, generations: int, steps: int = 4, t
     merged = []
     for s in range(steps):
         step_calls = calls[s]
-        merged.append({key: torch.cat([c[key] for c in step_calls]) if _is_rows(step_calls[0][key], rows)
+        merged.append({key: torch.cat([c[key] for c in step_calls]) if is_per_row(step_calls[0][key], rows)
                        else _constant(key, [c[key] for c in step_calls]) for key in step_calls[0]})
     record = {"latents_key": latents_key, "teacher_steps": teacher_steps, "guidance_scale": guidance_scale,
               "teacher_indices": indices, "generations": generations, "seed": seed,
@@ -315,7 +312,7 @@ def _teacher_heads(model: torch.nn.Module, trajectories: Trajectories) -> dict:
         return gm.forward
 
     kwargs, _ = trajectories.batch(torch.arange(1))
-    kwargs = {k: v[:1] if _is_rows(v, trajectories.steps) else v for k, v in kwargs.items()}
+    kwargs = {k: v[:1] if is_per_row(v, trajectories.steps) else v for k, v in kwargs.items()}
     with torch.no_grad(), torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
         torch.compile(model, backend=backend, dynamic=False)(**kwargs)
     by_id = {id(p): p for p in model.parameters()}

@@ -11,7 +11,6 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 import torch.fx as fx
 
 from ditfx.config import Config
@@ -26,6 +25,7 @@ from ditfx.passes.guidance import guidance_pass
 from ditfx.passes.rebatch import rebatch
 from ditfx.plan import IOSpec, Plan
 from ditfx.report import PassReport, TechniqueUnavailable
+from ditfx.runtime.rows import is_per_row
 
 
 @dataclass
@@ -163,8 +163,7 @@ def _batch_carrying(gm: fx.GraphModule, weights: list[str], rows: int | None) ->
     """Batch-sized tensors computed from the batch-sized non-weight inputs (through any op, tuples included)."""
 
     def sized(n: fx.Node) -> bool:
-        v = meta.tensor_value(n)
-        return isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == rows
+        return is_per_row(meta.tensor_value(n), rows)
 
     derived: set[str] = set()
     for n in gm.graph.nodes:

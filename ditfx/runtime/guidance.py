@@ -34,6 +34,7 @@ import torch
 from ditfx.config import AdaptiveGuidance, GuidanceRecording, GuidanceWindow, LinearAG
 from ditfx.runtime import linear_ag
 from ditfx.runtime.policy import CallContext, Policy, RegionCall, StateSlot, register_policy
+from ditfx.runtime.rows import is_per_row
 
 BUCKETS = 4  # unconditional rows are computed in multiples of ceil(B / BUCKETS)
 COSINE = ("guidance.cosine",)  # the epilogue variant that also returns AG's sums (passes/guidance.py)
@@ -337,7 +338,7 @@ class GuidancePolicy(Policy):
             return list(outs)
         full = []
         for o in outs:
-            if isinstance(o, torch.Tensor) and o.dim() > 0 and o.shape[0] == len(plan.rows):
+            if is_per_row(o, len(plan.rows)):
                 base = o.new_empty((rows, *o.shape[1:]))
                 full.append(base.index_copy(0, plan.rows.to(o.device), o))
             else:
@@ -356,11 +357,11 @@ class GuidancePolicy(Policy):
         if plan.estimate:
             estimate = self._estimate(state, cond)
             for o in full:
-                if _is_batch(o, 2 * h):
+                if is_per_row(o, 2 * h):
                     self._halves(o, h, first)[0].copy_(estimate if o is pred else self._halves(o, h, first)[1])
         elif plan.copy_from_cond is not None and len(plan.copy_from_cond):
             for o in full:
-                if _is_batch(o, 2 * h):
+                if is_per_row(o, 2 * h):
                     u, c = self._halves(o, h, first)
                     u[plan.copy_from_cond] = self._switched_uncond(state, plan.copy_from_cond, c, o is pred)
         self.after_step(state, uncond, cond, plan, cosine)
@@ -370,7 +371,7 @@ class GuidancePolicy(Policy):
         h = state.half
         if self._is_uncond_call(state, ctx):
             if plan.kind == "none":  # nothing computed: a fresh buffer for the slot
-                full = [torch.empty_like(o) if _is_batch(o, h) else o for o in outs]
+                full = [torch.empty_like(o) if is_per_row(o, h) else o for o in outs]
             else:
                 full = self._scatter(plan, outs, h)
             if state.cond_out is None:  # the conditional call comes next: it fills the slot and measures
@@ -395,7 +396,7 @@ class GuidancePolicy(Policy):
         idx = plan.copy_from_cond
         if idx is not None and len(idx):
             for k, (u, c) in enumerate(zip(uncond_full, cond_full)):
-                if _is_batch(u, state.half):
+                if is_per_row(u, state.half):
                     u[idx] = self._switched_uncond(state, idx, c, k == 0)
 
     def _switched_uncond(self, state: GuidanceState, idx: torch.Tensor, cond: torch.Tensor, is_pred: bool):
@@ -409,10 +410,6 @@ class GuidancePolicy(Policy):
 
     def _estimate(self, state: GuidanceState, cond: torch.Tensor) -> torch.Tensor:
         raise RuntimeError(f"{type(self.cfg).__name__} does not estimate unconditional predictions")
-
-
-def _is_batch(o, rows: int) -> bool:
-    return isinstance(o, torch.Tensor) and o.dim() > 0 and o.shape[0] == rows
 
 
 def cosine_from_sums(dot: torch.Tensor, uu: torch.Tensor, cc: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

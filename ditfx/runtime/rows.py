@@ -12,10 +12,15 @@ import dataclasses
 import torch
 
 
+def is_per_row(obj, rows: int) -> bool:
+    """Whether ``obj`` is a tensor with one entry per row (leading dimension ``rows``)."""
+    return isinstance(obj, torch.Tensor) and obj.dim() > 0 and obj.shape[0] == rows
+
+
 def gather(obj, ids: torch.Tensor, rows: int):
     """``obj`` with every per-row tensor (leading dimension ``rows``) restricted to ``ids``."""
     if isinstance(obj, torch.Tensor):
-        return obj.index_select(0, ids) if obj.dim() > 0 and obj.shape[0] == rows else obj
+        return obj.index_select(0, ids) if is_per_row(obj, rows) else obj
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return dataclasses.replace(obj, **{f.name: gather(getattr(obj, f.name), ids, rows)
                                            for f in dataclasses.fields(obj) if f.init})
