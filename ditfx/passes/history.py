@@ -25,15 +25,7 @@ from ditfx.passes.block_cache import latent_blocks
 from ditfx.passes.context import PassContext
 from ditfx.plan import Plan, Transform, VariantUnavailable
 from ditfx.report import PassReport, TechniqueUnavailable
-
-HISTORY = "history.kv"
-HEADS = "history.heads"
-
-
-def history_at(step: int) -> str:
-    """The block variant of step ``step``: it reads the ``step`` earlier steps' keys and values (a prefix of the
-    static buffer), so each step attends to the keys that exist and no more."""
-    return f"{HISTORY}@{step}"
+from ditfx.runtime.history import HEADS, history_at
 
 
 @dataclass

@@ -13,9 +13,9 @@ import torch
 
 from ditfx.config import CacheCalibration, DynamicCache, StaticCache
 from ditfx.graph.regions import RegionModule
-from ditfx.kernels.cache_residual.reference import relative_l1_from_sums
 from ditfx.runtime.lifecycle import CallInfo
 from ditfx.runtime.policy import CallContext, Policy, RegionCall, StateSlot, register_policy
+from ditfx.runtime.relative_change import relative_l1_from_sums
 from ditfx.runtime.schedule import CacheSchedule
 
 RESIDUAL = ("cache.residual",)

@@ -15,12 +15,18 @@ import torch
 
 from ditfx.config import HistoryAttention
 from ditfx.graph import meta
-from ditfx.passes.history import history_at
 from ditfx.plan import Plan
 from ditfx.runtime.policy import CallContext, Policy, RegionCall, StateSlot, register_policy
 
-
+# The variant names, shared with the pass (passes/history.py), kept here so that the runtime needs no pass module
+HISTORY = "history.kv"
 HEADS = "history.heads"  # the epilogue variant whose de-embedding takes the step's head
+
+
+def history_at(step: int) -> str:
+    """The block variant of step ``step``: it reads the ``step`` earlier steps' keys and values (a prefix of the
+    static buffer), so each step attends to the keys that exist and no more."""
+    return f"{HISTORY}@{step}"
 
 
 @dataclass

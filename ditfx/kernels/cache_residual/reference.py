@@ -7,20 +7,9 @@ barely moved since the cached step. One pass computes the new residual and the p
 
 import torch
 
+from ditfx.runtime.relative_change import relative_l1_from_sums  # the rule lives outside the kernels
+
 from .._common import upcast
-
-
-def relative_l1_from_sums(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    """``num / den`` per sample, with the zero-denominator rule.
-
-    When ``den == 0`` (the cached residual is all zeros) the relative change is undefined: return
-    ``+inf`` (always "changed", so the cache is refreshed) unless ``num`` is also 0, in which case
-    nothing changed and the result is 0. A NaN in either sum (a NaN in the sample) is ``+inf`` too: never read
-    as "unchanged". Shared with the Triton path so both follow one rule.
-    """
-    zero_den = torch.where(num > 0, torch.inf, 0.0)
-    change = torch.where(den > 0, num / den, zero_den)
-    return torch.where(num.isnan() | den.isnan(), torch.inf, change).to(torch.float32)
 
 
 def cache_residual_sums_reference(
