@@ -1,0 +1,211 @@
+"""``ditfx.export``: capture the model with ditfx's backend, plan it, and write a package that
+:func:`ditfx.load` runs without the model's code (the format: :mod:`ditfx.package`)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ditfx.config import Config
+from ditfx.package import manifest as manifest_io
+from ditfx.package.artifacts import DYNAMIC, compile_artifact, export_variant, needed_rows, needed_variants
+from ditfx.package.call import CallSpec
+from ditfx.plan import Plan, VariantUnavailable
+
+
+class ExportError(ValueError):
+    """A model or config that cannot be exported: what, and what to do."""
+
+
+def export(model_or_optimized, path, example_inputs=None, config: Config | None = None,
+           progress: Callable[[str], None] | None = None, overwrite: bool = False) -> Path:
+    """Write the package of a DiT denoiser (or a pipeline's ``transformer``, or what :func:`ditfx.optimize`
+    returned) to the directory ``path``, for the device its weights are on.
+
+    ``example_inputs``: one call's arguments, a dict of keyword arguments or a tuple of positional ones (for an
+    optimized model or pipeline: the inputs of the call shape to serve). The package serves calls of these shapes
+    (the batch rows may vary where the graph allows it); every non-tensor argument is fixed to its value here.
+    ``config``: the techniques (default: the optimized model's, else ``Config()``); every policy it sets runs
+    when loaded, with its schedules and coefficients stored in the package. ``progress`` is called with one line
+    per step. Returns the package's path.
+    """
+    from ditfx import api
+
+    start = time.perf_counter()
+    say = progress or (lambda line: None)
+    module, _ = api._denoiser(model_or_optimized)
+    module = getattr(module, "_orig_mod", module)
+    if config is None:
+        config = _config_of(model_or_optimized) or Config()
+    if not isinstance(config, Config):
+        raise TypeError(f"config must be a ditfx.Config, got {type(config).__name__}")
+    args, kwargs = _example(example_inputs)
+    path = Path(path)
+    if path.exists() and any(path.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{path} exists and is not empty: pass overwrite=True (--overwrite) or another path")
+        if not (path / manifest_io.MANIFEST).is_file():
+            raise FileExistsError(f"{path} is not a ditfx package; refusing to overwrite it")
+        shutil.rmtree(path)
+    from ditfx import validation
+
+    validation.check_model(config, module)
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+
+    say("capturing the model and building the plan")
+    plan, spec, stored = capture(module, config, args, kwargs)
+    work = path.with_name(path.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        _write(work, plan, spec, stored, say)
+        manifest_io.write(work, {**manifest_io.target(device), "model_class": _qualname(module),
+                                 "config": repr(config), "build_seconds": round(time.perf_counter() - start, 1)})
+        work.rename(path)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    say(f"wrote {path} in {time.perf_counter() - start:.1f} s")
+    return path
+
+
+def _example(example_inputs) -> tuple[tuple, dict]:
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    raise ExportError("example_inputs must be one call's arguments: a dict of keyword arguments or a tuple of "
+                      f"positional ones, got {type(example_inputs).__name__}")
+
+
+def _config_of(obj) -> Config | None:
+    from ditfx import api
+
+    try:
+        return api._runtime(obj).config
+    except ValueError:
+        return None
+
+
+def _qualname(module) -> str:
+    return f"{type(module).__module__}.{type(module).__qualname__}"
+
+
+def capture(module: torch.nn.Module, config: Config, args: tuple, kwargs: dict) -> tuple[Plan, CallSpec, dict]:
+    """Capture one call of ``module`` with ditfx's backend (its regions run uncompiled: only the plan is needed)
+    and record its call interface."""
+    from ditfx import api
+    from ditfx.backend import DitfxBackend
+    from ditfx.graph import meta
+    from ditfx.passes.manager import ModelFacts
+    from ditfx.runtime.state import ModelRuntime
+
+    runtime = ModelRuntime()
+    facts = ModelFacts(null_class=api.null_class(module), blocks=tuple(api.repeated_blocks(module)))
+    backend = DitfxBackend(dataclasses.replace(config, compiler="eager"), runtime, facts)
+    seen: list = []
+
+    def recording(gm, example_inputs):
+        executor = backend(gm, example_inputs)
+        users = [meta.user_input_name(p) for p in gm.graph.find_nodes(op="placeholder")]
+
+        def run(*inputs):
+            result = executor(*inputs)
+            seen.append((list(example_inputs), users, result))
+            return result
+
+        return run
+
+    torch._dynamo.reset()
+    compiled = torch.compile(module, backend=recording, dynamic=False)
+    try:
+        with torch.no_grad():
+            user_result = compiled(*args, **kwargs)
+    finally:
+        torch._dynamo.reset()
+    if runtime.fallbacks or len(runtime.executors) != 1 or len(seen) != 1:
+        why = "; ".join(runtime.fallbacks) or f"Dynamo captured {len(runtime.executors)} graphs"
+        raise ExportError(f"cannot export {type(module).__name__}: ditfx does not run it as one graph ({why}). "
+                          "Export needs the whole model in one graph with every technique on")
+    executor = runtime.executors[0]
+    example, users, graph_result = seen[0]
+    dataclass_result = None
+    if "return_dict" in kwargs and kwargs["return_dict"] is False:
+        with torch.no_grad():  # the model's output class, for calls with return_dict=True
+            dataclass_result = module(*args, **{**kwargs, "return_dict": True})
+    spec, stored = CallSpec.record(module, args, kwargs, example, executor.io.input_names, users, graph_result,
+                                   user_result, dataclass_result)
+    return executor.plan, spec, stored
+
+
+def _write(directory: Path, plan: Plan, spec: CallSpec, stored: dict, say) -> None:
+    from safetensors.torch import save_file
+
+    from ditfx.plan_io import plan_to_json
+
+    (directory / "call.json").write_text(json.dumps(spec.to_json(), indent=1))
+    unique: dict[int, str] = {}
+    weights = {}
+    for key, t in stored.items():  # tied weights are stored once, read under every name
+        weights[key] = t.detach().contiguous().cpu().clone() if id(t) not in unique else weights[unique[id(t)]]
+        unique.setdefault(id(t), key)
+    save_file(weights, str(directory / "weights.safetensors"))
+    plans = [("", plan), *((f"{name}.", sub) for name, sub in plan.modes.items())]
+    jobs = []
+    for prefix, p in plans:
+        for rm, transforms in needed_variants(p):
+            jobs.append((prefix, p, rm, transforms))
+    for prefix, p in plans:
+        tables = []
+        plan_dir = directory / "plan" / ("modes/" + prefix.rstrip(".") if prefix else "")
+        plan_dir.mkdir(parents=True, exist_ok=True)
+        for n, (pre, _, rm, transforms) in enumerate(j for j in jobs if j[0] == prefix):
+            tables += _compile_variant(directory, p, rm, transforms, f"{prefix}{n}", say)
+        data = plan_to_json(p, plan_dir)
+        data["artifacts"] = [e.to_json() for e in tables]
+        (plan_dir / "plan.json").write_text(json.dumps(data, indent=1))
+
+
+def _compile_variant(directory: Path, plan: Plan, rm, transforms, stem: str, say) -> list:
+    """The artifacts of one variant: dynamic batch where export allows it, else one per row count the runtime
+    may ask for. Each exported program is kept beside its compiled model."""
+    rows = needed_rows(plan)
+    what = f"{rm.region.name}{' ' + '+'.join(transforms) if transforms else ''}"
+    wanted: list[int | str] = []
+    try:
+        dynamic = export_variant(plan, rm, transforms, DYNAMIC) if plan.io.rows and plan.io.rows > 1 else None
+    except ValueError as e:
+        say(f"  {what}: no dynamic batch ({e}); one artifact per row count")
+        dynamic = None
+    built = []
+    if dynamic is not None:
+        built.append(dynamic)
+    else:
+        wanted = rows
+    for r in wanted:
+        try:
+            built.append(export_variant(plan, rm, transforms, r))
+        except VariantUnavailable as e:
+            say(f"  {what} on {r} rows: unavailable ({e}); those calls compute every row")
+    entries = []
+    for ep, entry in built:
+        entry.name = f"{stem}.{entry.rows}.pt2"
+        start = time.perf_counter()
+        (directory / "programs").mkdir(exist_ok=True)
+        torch.export.save(ep, directory / "programs" / entry.name)
+        compile_artifact(ep, directory / "artifacts" / entry.name)
+        say(f"  compiled {what} (batch {entry.rows}) in {time.perf_counter() - start:.1f} s")
+        entries.append(entry)
+    return entries
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)

@@ -1,0 +1,165 @@
+"""``ditfx.load``: a package run by the ordinary runtime over its compiled artifacts, with the model's call
+signature; no Dynamo, no compiler, no model code."""
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+
+from ditfx.package import manifest as manifest_io
+from ditfx.package.artifacts import DYNAMIC, Artifact, ArtifactEntry
+from ditfx.package.call import CallSpec
+from ditfx.plan import Plan, VariantKey, VariantUnavailable
+
+
+class PackagePlan(Plan):
+    """A plan whose variants are compiled artifacts: the graph of a key is the artifact that runs it."""
+
+    artifacts: dict[tuple, list[Artifact]]
+
+    def graph(self, rm, key: VariantKey):
+        found = self._graphs.get(key)
+        if found is not None:
+            return found
+        candidates = self.artifacts.get((key.signature, key.transforms), [])
+        exact = [a for a in candidates if a.entry.rows == key.rows]
+        dynamic = [a for a in candidates if a.entry.rows == DYNAMIC]
+        chosen = (exact or dynamic or [None])[0]
+        if chosen is None:
+            raise VariantUnavailable(f"the package has no artifact for {rm.region.name} with {list(key.transforms)} "
+                                     f"on {key.rows} rows (export the package with a config that runs it)")
+        self._graphs[key] = chosen
+        return chosen
+
+
+class LoadedModel(torch.nn.Module):
+    """A package as a module with the exported model's call signature: ``loaded(**kwargs)`` runs the ditfx
+    runtime (the plan's policies) over the package's artifacts. ``.config``, ``.dtype`` and ``.device`` are the
+    model's, so a diffusers pipeline takes it as its ``transformer``; ``cache_context`` relays the pipeline's
+    branch names to the policies, as the hook of an optimized diffusers model does."""
+
+    def __init__(self, path: Path, manifest: dict, call: CallSpec, executor, runtime, weights: dict):
+        super().__init__()
+        self.path = path
+        self.manifest = manifest
+        self.call_spec = call
+        self.executor = executor
+        self.ditfx_runtime = runtime
+        self._weights = weights
+        self._device = torch.device(manifest["device"]) if manifest["device"] != "cuda" else \
+            next(iter(weights.values())).device
+        self.config = _Config(call.config or {})
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.call_spec.dtype)
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def forward(self, *args, **kwargs):
+        inputs, return_dict = self.call_spec.graph_inputs(args, kwargs, self._weights)
+        self._check(inputs)
+        result = self.executor(*inputs)
+        return self.call_spec.result(result, return_dict)
+
+    def _check(self, inputs: list) -> None:
+        """Inputs against the plan: nothing else checks them (no Dynamo guards; AOTInductor checks nothing)."""
+        io = self.executor.io
+        for name, x, meta in zip(io.input_names, inputs, self._input_meta):
+            if meta is None:
+                continue
+            shape, dtype = meta
+            if tuple(x.shape) != shape or x.dtype != dtype or x.device.type != self._device.type:
+                source = self._source(name)
+                raise ValueError(f"{source}: got a {x.dtype} tensor of shape {tuple(x.shape)} on {x.device}, this "
+                                 f"package was exported for {dtype} {shape} on {self._device}: export it again "
+                                 "with example inputs of this shape")
+
+    def _source(self, name: str) -> str:
+        k = self.executor.io.input_names.index(name)
+        entry = self.call_spec.inputs[k]
+        return f"argument {entry['argument']}" if "argument" in entry else f"input {name}"
+
+    @property
+    def _input_meta(self) -> list:
+        found = getattr(self, "_meta_cache", None)
+        if found is None:
+            found = []
+            for entry in self.call_spec.inputs:
+                spec = self.call_spec.tensors.get(entry.get("argument"))
+                found.append(None if spec is None else (tuple(spec["shape"]), getattr(torch, spec["dtype"])))
+            self._meta_cache = found
+        return found
+
+    @contextlib.contextmanager
+    def cache_context(self, name: str):
+        """The pipeline names the branch of the calls inside (diffusers' ``CacheMixin.cache_context``)."""
+        lifecycle = self.ditfx_runtime.lifecycle
+        lifecycle.set_context(name)
+        try:
+            yield
+        finally:
+            lifecycle.set_context(None)
+
+    def _reset_stateful_cache(self, recurse: bool = True) -> None:
+        """Diffusers pipelines call this at the end of every generation: its state is freed."""
+        self.ditfx_runtime.lifecycle.end_generation()
+
+    def extra_repr(self) -> str:
+        return f"path={str(self.path)!r}, model={self.manifest['model_class']}, device={self._device}"
+
+
+class _Config(dict):
+    """The model's config, readable as attributes (``config.in_channels``) and keys, as diffusers' FrozenDict."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def load(path, device=None, verify: bool = True) -> LoadedModel:
+    """The package at ``path`` as a module with the exported model's call signature (see :class:`LoadedModel`).
+
+    ``device``: where to run (default: the device it was exported for); a package runs only on the device type,
+    GPU architecture or CPU ISA and torch version it was built with, and says so. ``verify``: check every file's
+    digest against the manifest first."""
+    from safetensors.torch import load_file
+
+    from ditfx.plan_io import plan_from_json, read_plan_json
+    from ditfx.runtime.compiler import RegionCompiler
+    from ditfx.runtime.executor import Executor
+    from ditfx.runtime.state import ModelRuntime
+
+    path = Path(path)
+    device = torch.device(device) if device is not None else None
+    manifest = manifest_io.read(path, device, verify=verify)
+    device = device or torch.device(manifest["device"])
+    call = CallSpec.from_json(json.loads((path / "call.json").read_text()))
+    weights = {k: t.to(device) for k, t in load_file(str(path / "weights.safetensors")).items()}
+
+    def load_plan(directory: Path) -> PackagePlan:
+        data = read_plan_json(directory)
+        plan = plan_from_json(data, directory, _no_graph, load_plan, plan_class=PackagePlan)
+        plan.artifacts = {}
+        for entry in map(ArtifactEntry.from_json, data["artifacts"]):
+            artifact = Artifact(path / "artifacts" / entry.name, entry, device)
+            plan.artifacts.setdefault((entry.signature, entry.transforms), []).append(artifact)
+        return plan
+
+    plan = load_plan(path / "plan")
+    runtime = ModelRuntime()
+    runtime.compiler = RegionCompiler("eager")  # the artifacts are compiled: run them as they are
+    inputs = [weights.get(e["weight"]) if "weight" in e else None for e in call.inputs]
+    executor = Executor(plan, runtime, inputs, compile_edges=True)
+    runtime.executors.append(executor)
+    return LoadedModel(path, manifest, call, executor, runtime, weights)
+
+
+def _no_graph(key):
+    raise VariantUnavailable("a package runs its compiled artifacts; it holds no graphs to build others from")
