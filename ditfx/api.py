@@ -95,6 +95,11 @@ def optimize(model_or_pipeline, config: Config | None = None):
 
 
 def _runtime(obj) -> ModelRuntime:
+    runtime = getattr(obj, "ditfx_runtime", None)  # a loaded package
+    if runtime is None and not isinstance(obj, nn.Module):
+        runtime = getattr(getattr(obj, "transformer", None), "ditfx_runtime", None)
+    if isinstance(runtime, ModelRuntime):
+        return runtime
     runtime = _RUNTIMES.get(obj) if _weakrefable(obj) else None
     if runtime is not None:
         return runtime

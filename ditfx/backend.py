@@ -35,6 +35,7 @@ class DitfxBackend:
     def __init__(self, config: Config, runtime: ModelRuntime | None = None, facts: ModelFacts | None = None):
         self.config = config
         self.runtime = runtime or ModelRuntime()
+        self.runtime.config = config
         self.facts = facts or ModelFacts()
         self._warned: set[str] = set()
         if self.runtime.compiler is None:

@@ -44,6 +44,17 @@ def save_plan(plan: Plan, directory: str | Path) -> Path:
         torch.export.save(_export(gm), directory / name)
         graphs.append({"file": name, "signature": key.signature, "transforms": list(key.transforms),
                        "rows": key.rows})
+    data = plan_to_json(plan, directory)
+    data["graphs"] = graphs
+    for name, sub in plan.modes.items():  # each mode is a plan of its own, with the adapter tensors it takes
+        save_plan(sub, directory / "modes" / name)
+    (directory / "plan.json").write_text(json.dumps(data, indent=1))
+    return directory
+
+
+def plan_to_json(plan: Plan, directory: Path) -> dict:
+    """The plan as JSON, without its graphs; the policies' files and each mode's adapter tensors are written to
+    ``directory`` (a mode's own plan goes to ``directory/modes/<name>``, which the caller writes)."""
     data = {
         "format": FORMAT,
         "torch": torch.__version__,
@@ -57,15 +68,13 @@ def save_plan(plan: Plan, directory: str | Path) -> Path:
         "state": _state_declarations(plan),
         "null_class": plan.null_class,
         "tokens": plan.tokens,
-        "graphs": graphs,
         "modes": sorted(plan.modes),
     }
-    for name, sub in plan.modes.items():  # each mode is a plan of its own, with the adapter tensors it takes
-        save_plan(sub, directory / "modes" / name)
+    for name in plan.modes:
+        (directory / "modes" / name).mkdir(parents=True, exist_ok=True)
         save_file({str(i): t.detach().contiguous().cpu() for i, t in enumerate(plan.mode_inputs[name])},
                   str(directory / "modes" / name / "inputs.safetensors"))
-    (directory / "plan.json").write_text(json.dumps(data, indent=1))
-    return directory
+    return data
 
 
 def _state_declarations(plan: Plan) -> list[dict]:
@@ -137,6 +146,17 @@ def _config_to_json(cfg, directory: Path, k: int) -> dict:
 # ----------------------------------------------------------------------------------------- loading
 def load_plan(directory: str | Path) -> Plan:
     directory = Path(directory)
+    data = read_plan_json(directory)
+    graphs = {}
+    for entry in data["graphs"]:
+        key = VariantKey(entry["signature"], tuple(entry["transforms"]), entry["rows"])
+        graphs[key] = torch.export.load(directory / entry["file"]).module()
+    plan = plan_from_json(data, directory, lambda key: graphs[key], load_plan)
+    plan._graphs.update(graphs)
+    return plan
+
+
+def read_plan_json(directory: Path) -> dict:
     path = directory / "plan.json"
     if not path.is_file():
         raise FileNotFoundError(f"no plan at {directory} (plan.json missing): write one with Plan.save")
@@ -146,35 +166,37 @@ def load_plan(directory: str | Path) -> Plan:
         raise ValueError(f"{path} is not valid JSON (line {e.lineno}): write the plan again") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ValueError(f"{path} is not a ditfx plan ({FORMAT}); got format {data.get('format')!r}")
+    return data
+
+
+def plan_from_json(data: dict, directory: Path, base_graph, load_mode, plan_class=Plan) -> Plan:
+    """The plan of ``data`` (read from ``directory``): ``base_graph(key)`` gives a region's captured graph when
+    first asked for, ``load_mode(path)`` each mode's plan."""
     io = _io_from_json(data["io"])
     blocks = [Block(**b) for b in data["blocks"]]
-    graphs = {}
-    for entry in data["graphs"]:
-        key = VariantKey(entry["signature"], tuple(entry["transforms"]), entry["rows"])
-        graphs[key] = torch.export.load(directory / entry["file"]).module()
     regions = []
     for r in data["regions"]:
         region = Region(r["name"], r["kind"], [], outputs=[None] * r["outputs"],
                         block=blocks[r["block"]] if r["block"] is not None else None,
                         streams=[tuple(s) for s in r["streams"]], primary_stream=r["primary_stream"],
                         latent_stream=r["latent_stream"])
-        base = graphs[VariantKey(r["signature"], (), io.rows)]
-        regions.append(RegionModule(region, r["signature"], lambda gm=base: gm))
+        key = VariantKey(r["signature"], (), io.rows)
+        regions.append(RegionModule(region, r["signature"], lambda key=key: base_graph(key)))
     roles = InputRoles(io.input_names[io.position("latents")] if io.position("latents") is not None else None,
                        io.input_names[io.position("timestep")] if io.position("timestep") is not None else None,
                        [n for n, role in io.input_roles.items() if role in ("latents", "tokens")],
                        [n for n, role in io.input_roles.items() if role in ("condition", "labels", "timestep")],
                        [n for n, role in io.input_roles.items() if role == "weight"])
     structure = DiTStructure(None, roles, blocks, [rm.region for rm in regions], [], [])
-    plan = Plan(structure, io, regions, data["flops"], null_class=data["null_class"], tokens=data.get("tokens", 0))
+    plan = plan_class(structure, io, regions, data["flops"], null_class=data["null_class"],
+                      tokens=data.get("tokens", 0))
     for name in data.get("modes", []):
-        plan.modes[name] = load_plan(directory / "modes" / name)
+        plan.modes[name] = load_mode(directory / "modes" / name)
         inputs = load_file(str(directory / "modes" / name / "inputs.safetensors"))
         plan.mode_inputs[name] = [inputs[str(i)] for i in range(len(inputs))]
     plan.transforms = {name: Transform(name, _not_buildable, t["after_rows"]) for name, t in data["transforms"].items()}
     plan.offers = {name: set(offered) for name, offered in data["offers"].items()}
     plan.policies = [_config_from_json(c, directory) for c in data["policies"]]
-    plan._graphs.update(graphs)
     return plan
 
 

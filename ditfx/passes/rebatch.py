@@ -23,6 +23,7 @@ mixes rows) refuses the variant, and guidance skipping falls back to full guidan
 from __future__ import annotations
 
 import copy
+import operator
 
 import torch
 import torch.fx as fx
@@ -63,6 +64,9 @@ def _rewrite_constant_rows(node: fx.Node, rows: int, new_rows: int) -> None:
     if node.op == "call_function" and node.target is torch.tensor and node.args:
         values = node.args[0]
         if isinstance(values, (list, tuple)) and len(values) == rows and len(set(map(repr, values))) == 1:
+            if isinstance(new_rows, fx.Node):
+                raise RebatchError(f"{node.format_node()} is a per-sample constant of {rows} values; it cannot "
+                                   "take a symbolic batch size")
             node.args = (type(values)([values[0]] * new_rows), *node.args[1:])
 
 
@@ -84,7 +88,11 @@ def _rewrite_output_size(node: fx.Node, rows: int, new_rows: int) -> None:
     if dim not in (0, None):  # flattened (dim None): a 1-d output whose leading size is every element
         return
     if size == value.shape[0] and size % rows == 0:
-        node.update_kwarg("output_size", size // rows * new_rows)
+        if isinstance(new_rows, fx.Node):  # symbolic rows: the product is a node of the graph
+            with node.graph.inserting_before(node):
+                node.update_kwarg("output_size", node.graph.call_function(operator.mul, (new_rows, size // rows)))
+        else:
+            node.update_kwarg("output_size", size // rows * new_rows)
 
 
 def _rewrite_sizes(node: fx.Node, rows: int, new_rows: int) -> None:
@@ -177,3 +185,25 @@ def _check_node(node: fx.Node, value, rows: int, new_rows: int) -> None:
                                                        for d in changed):
         raise RebatchError(f"{node.format_node()} has shape {new} at {new_rows} rows, captured {old} at {rows}: "
                            "the batch size is not the only thing that changes")
+
+
+def symbolic_batch(gm: fx.GraphModule, rows: int, batch_inputs: list[bool]) -> fx.GraphModule:
+    """A copy of ``gm`` whose batch literals read the leading size of its first batch input, for export with a
+    dynamic batch dimension (``view(x, 14, -1)`` -> ``view(x, x.size(0), -1)``); raises RebatchError.
+
+    The same literals as :func:`rebatch` are rewritten; export then checks that nothing else depends on the
+    batch size (a literal missed here specialises the dimension, and export refuses the dynamic one)."""
+    out = copy.deepcopy(gm)
+    related = _batch_related(out, rows, batch_inputs)
+    placeholders = list(out.graph.find_nodes(op="placeholder"))
+    first = next((p for p, flag in zip(placeholders, batch_inputs) if flag), None)
+    if first is None:
+        raise RebatchError("the graph has no batch input")
+    with out.graph.inserting_after(placeholders[-1]):
+        batch = out.graph.call_method("size", (first, 0))
+    for node in list(out.graph.nodes):
+        if node in related:
+            _rewrite_sizes(node, rows, batch)
+    out.graph.lint()
+    out.recompile()
+    return out

@@ -51,6 +51,7 @@ class ModelRuntime:
         self.stats = Stats()
         self.records: dict[str, list] = {}
         self.executors: list = []
+        self.config = None  # the ditfx.Config it runs (set by the backend)
         self.compiler = None  # the RegionCompiler every graph of the model shares (set by the backend)
         self.fallbacks: list[str] = []  # why graphs run without ditfx
         self._local = threading.local()
