@@ -1,9 +1,12 @@
 """Compile region graphs with the inner backend, once per structural signature and variant."""
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
+import inspect
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.fx as fx
@@ -20,7 +23,46 @@ def compile_region(gm: fx.GraphModule, args: list, backend: str) -> Callable:
     from torch._inductor.compile_fx import compile_fx
 
     # Inductor may mutate the graph it is given (pytorch#138980)
-    return compile_fx(copy.deepcopy(gm), args)
+    gm = copy.deepcopy(gm)
+    with _shape_env_context() as own:
+        if own:  # static shapes: the example inputs' sizes, as before (the ShapeEnv is there for the caches)
+            return compile_fx(gm, args, ignore_shape_env=True)
+        return compile_fx(gm, args)
+
+
+@contextlib.contextmanager
+def _shape_env_context() -> Iterator[bool]:
+    """A tracing context whose fake mode has a ShapeEnv, as Dynamo installs around its backends, when there is
+    none yet; yields whether it installed one.
+
+    Regions are compiled when they first run, outside Dynamo. Without a ShapeEnv, Inductor's FX graph cache and
+    AOTAutograd's cache skip every graph ("Bypassing FX Graph Cache because 'No shape env'"): nothing is
+    written, a new process compiles everything again and ``torch.compiler.save_cache_artifacts()`` has nothing to
+    save. With one (and ``ignore_shape_env``, so the inputs are fakified with static shapes, as
+    ``torch._inductor.standalone_compile(dynamic_shapes="from_example_inputs")`` does), both caches are used.
+    Inside a Dynamo backend (a fallback graph) Dynamo's own context is kept.
+    """
+    from torch._guards import TracingContext, tracing
+
+    if TracingContext.try_get() is not None or not _compile_fx_ignores_shape_env():
+        yield False
+        return
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    # allow_non_fake_inputs: as the fake mode compile_fx makes for itself when no context is installed
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv())
+    with tracing(TracingContext(fake_mode)):
+        yield True
+
+
+@functools.cache
+def _compile_fx_ignores_shape_env() -> bool:
+    """Whether this torch's ``compile_fx`` takes ``ignore_shape_env`` (it does since standalone_compile's
+    ``dynamic_shapes``, torch 2.8); without it the regions compile as before, uncached."""
+    from torch._inductor.compile_fx import compile_fx
+
+    return "ignore_shape_env" in inspect.signature(compile_fx).parameters
 
 
 class RegionCompiler:
