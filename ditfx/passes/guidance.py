@@ -16,6 +16,7 @@ the ``guidance.cosine`` transform (:func:`guidance_pass`).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import operator
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from ditfx.graph import meta
 from ditfx.passes.context import PassContext
 from ditfx.plan import Plan, Transform
 from ditfx.report import PassReport
@@ -43,6 +45,11 @@ def cosine_sums_variant(gm: fx.GraphModule, pred_index: int) -> fx.GraphModule:
     output = g.find_nodes(op="output")[0]
     results = tuple(output.args[0])
     pred = results[pred_index]
+    value = meta.tensor_value(pred)
+    if value is not None:  # one (uncond, cond) pair of rows per sample, like the captured values (export reads them)
+        with getattr(value, "fake_mode", None) or contextlib.nullcontext():
+            for rows in (uncond_rows, cond_rows):
+                rows.meta["example_value"] = torch.empty(value.shape[0] // 2, dtype=torch.long, device=value.device)
     with g.inserting_before(output):
 
         def rows_of(index: fx.Node) -> fx.Node:
