@@ -1,6 +1,7 @@
 """Statistics of one optimized model: what ran, what was skipped, what was compiled."""
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 
@@ -56,6 +57,8 @@ _STATS_FIELDS: dict[str, None] = dict.fromkeys(f.name for f in fields(Stats))  #
 
 
 def _dynamo_counts() -> tuple[int, int]:
+    if "torch._dynamo" not in sys.modules:  # nothing compiled (a loaded package): no breaks, and no 1 s import
+        return 0, 0
     from torch._dynamo.utils import counters
 
     breaks = sum(counters["graph_break"].values())
