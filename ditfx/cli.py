@@ -1,4 +1,5 @@
-"""The ``ditfx`` command: ``demo`` (the main job), ``inspect`` (regions, costs, plan), ``calibrate`` (schedules)."""
+"""The ``ditfx`` command: ``demo`` (the main job), ``inspect`` (regions, costs, plan), ``calibrate`` (schedules),
+``export`` (packages that ``ditfx.load`` runs)."""
 from __future__ import annotations
 
 import argparse
@@ -126,6 +127,41 @@ def cmd_calibrate_budget(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    import ditfx
+    from ditfx.models import zoo
+
+    if args.demo:
+        if args.model != "digits":
+            raise ValueError("--demo exports the digits model with the demo's config: use MODEL digits")
+        from ditfx.demo import DemoSettings, demo_config
+
+        settings = DemoSettings(per_class=args.per_class)
+        config = demo_config(settings)
+        batch = 10 * settings.per_class * (2 if settings.guidance_scale > 1 else 1)
+    else:
+        guidance = ditfx.AdaptiveGuidance(args.gamma, fill=args.fill) if args.gamma is not None else None
+        config = ditfx.Config(cache=_cache_config(args), guidance=guidance)
+        batch = args.batch
+    named = zoo.load(args.model, batch=batch)
+    inputs = {**named.inputs, **({"return_dict": False} if named.diffusers else {})}
+    path = ditfx.export(named.model, args.path, example_inputs=inputs, config=config, overwrite=args.overwrite,
+                        progress=lambda line: print(line, file=sys.stderr, flush=True))
+    manifest = json.loads((path / "manifest.json").read_text())
+    summary = {"path": str(path), "model": args.model, "batch": batch, "config": manifest["config"],
+               "build_seconds": manifest["build_seconds"], "artifacts": sum(1 for f in manifest["files"]
+                                                                            if f.startswith("artifacts/")),
+               "bytes": sum(f["bytes"] for f in manifest["files"].values()), "device": manifest["device"],
+               "arch": manifest["arch"], "torch": manifest["torch"]}
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        print(f"wrote {path}: {summary['artifacts']} compiled artifacts, {summary['bytes'] / 1e6:.1f} MB, built in "
+              f"{summary['build_seconds']:.0f} s for {summary['device']} ({summary['arch']}), torch "
+              f"{summary['torch']}. Load it with ditfx.load({str(path)!r})")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from ditfx.demo import main as demo_main
 
@@ -165,6 +201,26 @@ def main(argv: list[str] | None = None) -> int:
                    help="print the Triton source of a kernel listed by --kernels (a unique name prefix will do)")
     p.set_defaults(run=cmd_inspect)
 
+    p = sub.add_parser("export", help="write a package (plan, weights, AOTInductor artifacts) that ditfx.load runs "
+                                      "without the model's code or a compiler")
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("path", help="the package directory to write")
+    p.add_argument("--batch", type=int, default=2, help="rows of the example call (a batched CFG call counts both)")
+    p.add_argument("--threshold", type=float, help="DynamicCache with this threshold")
+    p.add_argument("--schedule", help="StaticCache with this schedule JSON (from ditfx calibrate)")
+    p.add_argument("--delta", type=float, default=0.1, help="StaticCache delta (with --schedule)")
+    p.add_argument("--together", action="store_true", help="StaticCache(per_block=False) (with --schedule)")
+    p.add_argument("--forecast", choices=("none", "linear"), default="none",
+                   help="how reused values are forecast (with --schedule or --threshold)")
+    p.add_argument("--gamma", type=float, help="AdaptiveGuidance with this gamma (the example batch is a CFG batch)")
+    p.add_argument("--fill", choices=("cond", "delta"), default="delta", help="AdaptiveGuidance fill (with --gamma)")
+    p.add_argument("--demo", action="store_true",
+                   help="digits with the demo's config and batch, for `ditfx demo --package PATH`")
+    p.add_argument("--per-class", type=int, default=8, help="(--demo) samples of each digit, as ditfx demo's")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing package at PATH")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(run=cmd_export)
+
     p = sub.add_parser("calibrate", help="record per-block change curves and write a static cache schedule")
     p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--steps", type=int, default=20)
@@ -188,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"ditfx {args.command}: {e}", file=sys.stderr)
         return 2
 
