@@ -39,6 +39,7 @@ class DemoSettings:
     compiler: str = "inductor"
     out: str = "ditfx_demo.png"
     student: str | None = "ard"  # the distilled few-step student of the last row (None: no such row)
+    package: str | None = None  # run the ditfx row from this exported package (ditfx export digits PATH --demo)
 
     def __post_init__(self):
         if self.per_class < 2:
@@ -95,6 +96,7 @@ def run_demo(settings: DemoSettings = DemoSettings()) -> dict:
     n, steps = len(labels), settings.steps
     cfg_rows = 2 if settings.guidance_scale > 1 else 1
 
+    packaged = _package_pipeline(settings, cfg_rows * n) if settings.package is not None else None
     baseline_model = digits.load_transformer()
     start = time.perf_counter()
     baseline = generate(baseline_model, labels, steps, settings.guidance_scale, settings.seed,
@@ -102,8 +104,12 @@ def run_demo(settings: DemoSettings = DemoSettings()) -> dict:
     baseline_s = time.perf_counter() - start
     n_blocks = len(baseline_model.transformer_blocks)
 
-    pipe = digits.pipeline()
-    ditfx.optimize(pipe, config)
+    guided = config.guidance is not None
+    if packaged is not None:
+        pipe, guided, config = packaged
+    else:
+        pipe = digits.pipeline()
+        ditfx.optimize(pipe, config)
     start = time.perf_counter()
     # An identical first generation compiles every region at every batch size the run needs (guidance
     # skipping computes fewer rows once samples switch); the second one is timed.
@@ -119,7 +125,7 @@ def run_demo(settings: DemoSettings = DemoSettings()) -> dict:
     fast_s = time.perf_counter() - start
     compile_s = max(0.0, warm_s - fast_s)
     stats = ditfx.stats(pipe)
-    nfe = stats.nfe if config.guidance is not None else cfg_rows * stats.calls
+    nfe = stats.nfe if guided else cfg_rows * stats.calls
 
     base_metrics = digits.metrics(baseline, labels)
     fast_metrics = digits.metrics(fast, labels, reference=baseline)
@@ -128,7 +134,7 @@ def run_demo(settings: DemoSettings = DemoSettings()) -> dict:
         {"method": "diffusers (eager)", "steps": steps, "nfe": cfg_rows * steps, "block_evals": n_blocks * steps,
          "flops": call_flops * steps, "wall_s": baseline_s, "compile_s": 0.0, "speedup": 1.0,
          "fd": base_metrics["fd"], "accuracy": base_metrics["accuracy"], "psnr": None},
-        {"method": "ditfx", "steps": stats.steps, "nfe": nfe, "block_evals": stats.block_evals,
+        {"method": "ditfx" if settings.package is None else "ditfx (package)", "steps": stats.steps, "nfe": nfe, "block_evals": stats.block_evals,
          "flops": stats.flops, "wall_s": fast_s, "compile_s": compile_s, "speedup": baseline_s / fast_s,
          "fd": fast_metrics["fd"], "accuracy": fast_metrics["accuracy"], "psnr": fast_metrics["psnr"]},
     ]
@@ -136,9 +142,27 @@ def run_demo(settings: DemoSettings = DemoSettings()) -> dict:
         rows.append(_student_row(settings, labels, baseline, baseline_s))
     png = write_grids(Path(settings.out), baseline, fast, settings.per_class,
                       ["diffusers (eager)", f"ditfx ({rows[1]['speedup']:.2f}x)"])
-    return {"settings": settings.__dict__, "config": repr(config), "png": str(png), "samples": n, "rows": rows,
+    return {"settings": settings.__dict__, "config": config if isinstance(config, str) else repr(config), "png": str(png), "samples": n, "rows": rows,
             "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(),
                         "cuda": torch.cuda.is_available()}}
+
+
+def _package_pipeline(settings: DemoSettings, rows: int):
+    """The digits pipeline whose transformer is the exported package, whether it skips guidance, and its config
+    (the package's)."""
+    import ditfx
+    from ditfx.models import digits
+
+    transformer = ditfx.load(settings.package)
+    exported = transformer.call_spec.tensors.get("hidden_states", {}).get("shape", [None])[0]
+    if exported != rows:
+        raise ValueError(f"the package {settings.package} was exported for calls of {exported} rows; this demo makes "
+                         f"calls of {rows} (--per-class {settings.per_class}, guidance scale "
+                         f"{settings.guidance_scale}): export it with `ditfx export digits PATH --demo "
+                         f"--per-class {settings.per_class}`")
+    guided = any(isinstance(c, ditfx.AdaptiveGuidance | ditfx.GuidanceWindow | ditfx.LinearAG)
+                 for c in transformer.executor.plan.policies)
+    return digits.DigitsPipeline(transformer, digits.make_scheduler()), guided, transformer.manifest["config"]
 
 
 def _student_row(settings: DemoSettings, labels, baseline: torch.Tensor, baseline_s: float) -> dict:
@@ -216,7 +240,7 @@ def format_table(result: dict) -> str:
 def main(args) -> int:
     settings = DemoSettings(per_class=args.per_class, steps=args.steps, guidance_scale=args.guidance_scale,
                             seed=args.seed, delta=args.delta, gamma=args.gamma, compiler=args.compiler, out=args.out,
-                            student=None if args.student == "none" else args.student)
+                            student=None if args.student == "none" else args.student, package=args.package)
     result = run_demo(settings)
     print(json.dumps(result, indent=1) if args.json else format_table(result))
     return 0
@@ -236,4 +260,6 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default=d.out, help="PNG with both grids")
     p.add_argument("--student", choices=["ard", "step", "none"], default=d.student,
                    help="the distilled 4-step student of the last row (none: no such row)")
+    p.add_argument("--package", help="run the ditfx row from this package (`ditfx export digits PATH --demo`) "
+                                     "instead of compiling in the process")
     p.add_argument("--json", action="store_true", help="print the table as JSON")

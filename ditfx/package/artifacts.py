@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ditfx.plan import Plan, VariantKey, VariantUnavailable
+from ditfx.plan import Plan, VariantUnavailable
 
 DYNAMIC = "dynamic"
 

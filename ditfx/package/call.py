@@ -11,7 +11,7 @@ import dataclasses
 import importlib
 import inspect
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -64,7 +64,6 @@ class CallSpec:
     output: dict  # how the result is built from the graph's flat outputs
     config: dict | None = None  # the model's config (diffusers' ``model.config``), for pipelines
     dtype: str = "float32"
-    _bound_defaults: dict = field(default_factory=dict, repr=False)
 
     # --------------------------------------------------------------------------------- recording
     @classmethod
@@ -81,7 +80,6 @@ class CallSpec:
         spec.tensors = {_key(p): {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
                         for p, t in leaves.items()}
         by_id = {id(t): _key(p) for p, t in leaves.items()}
-        weights = {}
         names = {}
         for name, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]:
             names.setdefault(id(t), name)
@@ -96,9 +94,8 @@ class CallSpec:
                 key = names[id(x)]
                 stored[key] = x
                 spec.inputs.append({"weight": key})
-            elif (user := user_names[k]) in constants and isinstance(constants[(user,)] if (user,) in constants
-                                                                        else None, (int, float)):
-                spec.inputs.append({"scalar": user, "dtype": str(x.dtype).removeprefix("torch.")})
+            elif _is_number(constants.get((user_names[k],))):  # a Python number Dynamo passes as a tensor
+                spec.inputs.append({"scalar": user_names[k], "dtype": str(x.dtype).removeprefix("torch.")})
             else:  # a tensor the model made or holds outside its parameters and buffers: a constant of the graph
                 key = f"__constant__.{k}"
                 stored[key] = x
@@ -142,8 +139,9 @@ class CallSpec:
         for path in [p for p in constants if p[:1] == (RETURN_DICT,)]:
             constants.pop(path)
         given = {_key(p): v for p, v in constants.items()}
+        scalars = {e["scalar"] for e in self.inputs if "scalar" in e}
         for path, value in self.constants.items():
-            if path not in given and path in self.tensors:
+            if path in scalars and _is_number(given.get(path)):
                 continue
             if given.get(path, _MISSING) != value and not (path in given and _same_repr(given[path], value)):
                 got = "a tensor" if any(_key(p) == path for p in leaves) else repr(given.get(path, "nothing"))
@@ -174,14 +172,12 @@ class CallSpec:
             module, _, name = out["class"].rpartition(".")
             cls = getattr(importlib.import_module(module), name)
             return cls(**dict(zip(out["fields"], values)))
-        if out["kind"] == "tensor" and not (return_dict is False and out.get("class")):
+        if out["kind"] == "tensor":
             return values[0]
         return tuple(values) if out["kind"] != "list" else list(values)
 
     def to_json(self) -> dict:
-        data = dataclasses.asdict(self)
-        data.pop("_bound_defaults")
-        return data
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_json(cls, data: dict) -> CallSpec:
@@ -189,6 +185,10 @@ class CallSpec:
 
 
 _MISSING = object()
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _same_repr(a, recorded) -> bool:
