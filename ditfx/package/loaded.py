@@ -96,9 +96,11 @@ class LoadedModel(torch.nn.Module):
         return found
 
     @contextlib.contextmanager
-    def cache_context(self, name: str):
-        """The pipeline names the branch of the calls inside (diffusers' ``CacheMixin.cache_context``)."""
+    def cache_context(self, name: str, **details):
+        """The pipeline names the branch of the calls inside (diffusers' ``CacheMixin.cache_context``; the step
+        details some pipelines add are not needed: the lifecycle places the call from its timestep)."""
         lifecycle = self.ditfx_runtime.lifecycle
+        lifecycle.pipeline_signals = True  # a caller that names its branches is a pipeline: it states them
         lifecycle.set_context(name)
         try:
             yield
