@@ -182,6 +182,7 @@ class Artifact:
         index = device.index if device.index is not None else (-1 if device.type == "cpu" else 0)
         # the C++ loader: unlike torch._inductor's Python one, it imports neither Inductor nor Dynamo
         self._loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, index)
+        self._checked: set[tuple] = set()
 
     def fits(self, args: list) -> str | None:
         """Why these region inputs do not fit this artifact, or None."""
@@ -208,5 +209,12 @@ class Artifact:
 
     def __call__(self, *args):
         tensors = [a.contiguous() for a in args if isinstance(a, torch.Tensor)]
+        sizes = tuple(a.shape[0] if a.dim() else -1 for a in tensors)
+        if sizes not in self._checked:  # once per row count: the shapes follow from the call's, checked already
+            why = self.fits(list(args))
+            if why is not None:
+                raise ValueError(f"{self.path.name} ({self.entry.signature[:8]}, {list(self.entry.transforms)}, batch "
+                                 f"{self.entry.rows}) cannot run these inputs: {why}")
+            self._checked.add(sizes)
         outs = iter(self._loader.run(tensors))
         return tuple(next(outs) if o == "tensor" else o for o in self.entry.outputs)

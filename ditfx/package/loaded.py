@@ -3,6 +3,7 @@ signature; no Dynamo, no compiler, no model code."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from pathlib import Path
 
@@ -51,6 +52,7 @@ class LoadedModel(torch.nn.Module):
         self._device = torch.device(manifest["device"]) if manifest["device"] != "cuda" else \
             next(iter(weights.values())).device
         self.config = _Config(call.config or {})
+        self._by_rows: dict[int, object] = {}
 
     @property
     def dtype(self) -> torch.dtype:
@@ -62,22 +64,53 @@ class LoadedModel(torch.nn.Module):
 
     def forward(self, *args, **kwargs):
         inputs, return_dict = self.call_spec.graph_inputs(args, kwargs, self._weights)
-        self._check(inputs)
-        result = self.executor(*inputs)
+        result = self._executor(self._rows(inputs))(*inputs)
         return self.call_spec.result(result, return_dict)
 
-    def _check(self, inputs: list) -> None:
-        """Inputs against the plan: nothing else checks them (no Dynamo guards; AOTInductor checks nothing)."""
+    def _rows(self, inputs: list) -> int | None:
+        """The call's batch rows, its inputs checked against the plan: nothing else checks them (no Dynamo guards;
+        AOTInductor checks nothing). The rows may differ from the exported call's where every region has a
+        dynamic-batch artifact; every other size, the dtype and the device must be the exported ones."""
         io = self.executor.io
-        for name, x, meta in zip(io.input_names, inputs, self._input_meta):
+        rows = None
+        for name, x, meta, batch in zip(io.input_names, inputs, self._input_meta, io.input_batch):
             if meta is None:
                 continue
             shape, dtype = meta
-            if tuple(x.shape) != shape or x.dtype != dtype or x.device.type != self._device.type:
-                source = self._source(name)
-                raise ValueError(f"{source}: got a {x.dtype} tensor of shape {tuple(x.shape)} on {x.device}, this "
-                                 f"package was exported for {dtype} {shape} on {self._device}: export it again "
+            same = x.dim() == len(shape) and tuple(x.shape[1:]) == shape[1:] and (batch or x.shape[0] == shape[0])
+            if not same or x.dtype != dtype or x.device.type != self._device.type:
+                raise ValueError(f"{self._source(name)}: got a {x.dtype} tensor of shape {tuple(x.shape)} on "
+                                 f"{x.device}, this package was exported for {dtype} {shape} on {self._device}"
+                                 f"{' (the batch may vary)' if batch and self._any_batch else ''}: export it again "
                                  "with example inputs of this shape")
+            if batch:
+                if rows is not None and x.shape[0] != rows:
+                    raise ValueError(f"{self._source(name)} has {x.shape[0]} rows, other inputs {rows}")
+                rows = x.shape[0]
+        if rows is not None and rows != io.rows and not self._any_batch:
+            raise ValueError(f"this package was exported for calls of {io.rows} rows and some of its graphs cannot "
+                             f"take another batch; got {rows}: export it again with example inputs of {rows} rows")
+        return rows
+
+    def _executor(self, rows: int | None):
+        """The executor of the plan at ``rows`` batch rows (one per batch size, sharing the runtime: as Dynamo
+        recompiles for a new batch, without compiling)."""
+        if rows is None or rows == self.executor.io.rows:
+            return self.executor
+        found = self._by_rows.get(rows)
+        if found is None:
+            from ditfx.runtime.executor import Executor
+
+            plan = _plan_at_rows(self.executor.plan, rows)
+            found = self._by_rows[rows] = Executor(plan, self.ditfx_runtime, [], compile_edges=True)
+        return found
+
+    @property
+    def _any_batch(self) -> bool:
+        """Whether every region (of every mode) has a dynamic-batch artifact."""
+        plans = [self.executor.plan, *self.executor.plan.modes.values()]
+        return all(any(a.entry.rows == DYNAMIC for a in p.artifacts.get((rm.signature, ()), []))
+                   for p in plans for rm in p.regions)
 
     def _source(self, name: str) -> str:
         k = self.executor.io.input_names.index(name)
@@ -161,6 +194,23 @@ def load(path, device=None, verify: bool = True) -> LoadedModel:
     executor = Executor(plan, runtime, inputs, compile_edges=True)
     runtime.executors.append(executor)
     return LoadedModel(path, manifest, call, executor, runtime, weights)
+
+
+def _plan_at_rows(plan: PackagePlan, rows: int) -> PackagePlan:
+    """The plan for calls of ``rows`` batch rows, over the same (dynamic-batch) artifacts."""
+    old = plan.io.rows
+
+    def scaled(meta):
+        if meta is None or not meta[0] or meta[0][0] != old:
+            return meta
+        return ((rows, *meta[0][1:]), *meta[1:])
+
+    io = dataclasses.replace(plan.io, rows=rows, output_meta=[scaled(m) for m in plan.io.output_meta])
+    out = dataclasses.replace(plan, io=io, flops={k: v * rows // old for k, v in plan.flops.items()},
+                              modes={k: _plan_at_rows(m, rows) for k, m in plan.modes.items()}, _graphs={},
+                              _refused={})
+    out.artifacts = plan.artifacts
+    return out
 
 
 def _no_graph(key):
