@@ -98,7 +98,7 @@ def cfg_loop(model, kw: dict, family: str, steps: int = 8, scale: float = 3.0, t
     half = batch // 2
     uncond = {k: _rows(v, slice(0, half), batch) for k, v in kw.items()}
     cond = {k: _rows(v, slice(half, batch), batch) for k, v in kw.items()}
-    null = null_class(model)
+    null = model.null_class if hasattr(model, "null_class") else null_class(model)  # a loaded package states it
     for k, v in uncond.items():  # a class-conditional model's unconditional branch is its null class
         if null is not None and isinstance(v, torch.Tensor) and v.dim() == 1 and not v.is_floating_point():
             uncond[k] = torch.full_like(v, null)

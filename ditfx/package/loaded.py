@@ -62,6 +62,11 @@ class LoadedModel(torch.nn.Module):
     def device(self) -> torch.device:
         return self._device
 
+    @property
+    def null_class(self) -> int | None:
+        """The class label of the unconditional branch (class-conditional models), as ditfx found it at export."""
+        return self.executor.plan.null_class
+
     def forward(self, *args, **kwargs):
         inputs, return_dict = self.call_spec.graph_inputs(args, kwargs, self._weights)
         result = self._executor(self._rows(inputs))(*inputs)
