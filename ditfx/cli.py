@@ -1,5 +1,5 @@
 """The ``ditfx`` command: ``demo`` (the main job), ``inspect`` (regions, costs, plan), ``calibrate`` (schedules),
-``export`` (packages that ``ditfx.load`` runs)."""
+``export`` and ``rebuild`` (packages that ``ditfx.load`` runs)."""
 from __future__ import annotations
 
 import argparse
@@ -162,6 +162,15 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_rebuild(args) -> int:
+    from ditfx.package.build import rebuild
+
+    path = rebuild(args.package, args.path, device=args.device, overwrite=args.overwrite,
+                   progress=lambda line: print(line, file=sys.stderr, flush=True))
+    print(f"wrote {path}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from ditfx.demo import main as demo_main
 
@@ -220,6 +229,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an existing package at PATH")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(run=cmd_export)
+
+    p = sub.add_parser("rebuild", help="compile a package again from its exported programs, for this machine "
+                                       "(another torch, device, GPU architecture or CPU ISA); no model code needed")
+    p.add_argument("package", help="the package to rebuild")
+    p.add_argument("path", help="the package directory to write")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the package's device type)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing package at PATH")
+    p.set_defaults(run=cmd_rebuild)
 
     p = sub.add_parser("calibrate", help="record per-block change curves and write a static cache schedule")
     p.add_argument("model", help=MODEL_HELP)

@@ -31,6 +31,7 @@ class ArtifactEntry:
     rows: int | str  # DYNAMIC, or the one row count it runs
     inputs: list  # per graph input: {"shape": [int | symbol], "dtype": str} for tensors, else the baked constant
     outputs: list  # per graph output: "tensor", or the constant it always is
+    example: list  # the shapes of the tensor inputs it was exported with (to compile it again: programs keep none)
 
     def to_json(self) -> dict:
         return {**self.__dict__, "transforms": list(self.transforms)}
@@ -131,7 +132,7 @@ def export_variant(plan: Plan, rm, transforms: tuple[str, ...], rows: int | str)
     inputs = [{"constant": _constant(constants[k])} if k in constants else next(it) for k in range(len(placeholders))]
     if rows == DYNAMIC and not any(isinstance(d, str) for s in shapes for d in s["shape"]):
         raise ValueError("export specialised the batch dimension")
-    return ep, ArtifactEntry("", rm.signature, transforms, rows, inputs, outputs)
+    return ep, ArtifactEntry("", rm.signature, transforms, rows, inputs, outputs, [list(e.shape) for e in example])
 
 
 def _constant(value):
@@ -160,12 +161,24 @@ class _TensorsOnly(torch.nn.Module):
         return tuple(o for o, keep in zip(outs, self.tensor_outputs) if keep)
 
 
-def compile_artifact(ep, path: Path) -> None:
-    """AOTInductor-compile ``ep`` into the package file ``path`` (``.pt2``)."""
+def compile_artifact(ep, entry: ArtifactEntry, path: Path, program: Path) -> None:
+    """AOTInductor-compile ``ep`` into the package file ``path`` (``.pt2``) and save the program to ``program``,
+    without its example inputs (zeros as large as the weights; ``entry.example`` keeps their shapes)."""
     from torch._inductor import aoti_compile_and_package
 
     path.parent.mkdir(parents=True, exist_ok=True)
+    program.parent.mkdir(parents=True, exist_ok=True)
+    if ep.example_inputs is None:
+        ep.example_inputs = (example_inputs(ep, entry), {})
     aoti_compile_and_package(ep, package_path=str(path))
+    ep.example_inputs = None
+    torch.export.save(ep, program)
+
+
+def example_inputs(ep, entry: ArtifactEntry) -> tuple:
+    """Zeros shaped like the inputs ``ep`` was exported with, on the program's device."""
+    values = [n.meta["val"] for n in ep.graph.find_nodes(op="placeholder") if n.name in ep.graph_signature.user_inputs]
+    return tuple(torch.zeros(shape, dtype=v.dtype, device=v.device) for shape, v in zip(entry.example, values))
 
 
 # -------------------------------------------------------------------------------------------- running

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -47,12 +46,7 @@ def export(model_or_optimized, path, example_inputs=None, config: Config | None 
         raise TypeError(f"config must be a ditfx.Config, got {type(config).__name__}")
     args, kwargs = _example(example_inputs)
     path = Path(path)
-    if path.exists() and any(path.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{path} exists and is not empty: pass overwrite=True (--overwrite) or another path")
-        if not (path / manifest_io.MANIFEST).is_file():
-            raise FileExistsError(f"{path} is not a ditfx package; refusing to overwrite it")
-        shutil.rmtree(path)
+    _clear(path, overwrite)
     from ditfx import validation
 
     validation.check_model(config, module)
@@ -199,13 +193,55 @@ def _compile_variant(directory: Path, plan: Plan, rm, transforms, stem: str, say
     for ep, entry in built:
         entry.name = f"{stem}.{entry.rows}.pt2"
         start = time.perf_counter()
-        (directory / "programs").mkdir(exist_ok=True)
-        torch.export.save(ep, directory / "programs" / entry.name)
-        compile_artifact(ep, directory / "artifacts" / entry.name)
+        compile_artifact(ep, entry, directory / "artifacts" / entry.name, directory / "programs" / entry.name)
         say(f"  compiled {what} (batch {entry.rows}) in {time.perf_counter() - start:.1f} s")
         entries.append(entry)
     return entries
 
 
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+def rebuild(package, path, device=None, progress: Callable[[str], None] | None = None,
+            overwrite: bool = False) -> Path:
+    """Compile the package at ``package`` again, from its exported programs, for this machine and ``device``
+    (default: the package's device type), into ``path``: no model code needed; the plan, call interface and
+    weights are copied. For another torch version, device type, GPU architecture or CPU ISA."""
+    from torch.export.passes import move_to_device_pass
+
+    from ditfx.package.artifacts import ArtifactEntry
+
+    start = time.perf_counter()
+    say = progress or (lambda line: None)
+    package, path = Path(package), Path(path)
+    manifest = manifest_io.read_fields(package)
+    device = torch.device(device if device is not None else manifest["device"])
+    _clear(path, overwrite)
+    work = path.with_name(path.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        shutil.copytree(package, work, ignore=shutil.ignore_patterns("artifacts", "programs", manifest_io.MANIFEST))
+        for plan_json in sorted(work.glob("plan/**/plan.json")):
+            for data in map(ArtifactEntry.from_json, json.loads(plan_json.read_text())["artifacts"]):
+                ep = torch.export.load(package / "programs" / data.name)
+                if str(device) != manifest["device"]:
+                    ep = move_to_device_pass(ep, device)
+                began = time.perf_counter()
+                compile_artifact(ep, data, work / "artifacts" / data.name, work / "programs" / data.name)
+                say(f"  compiled {data.name} in {time.perf_counter() - began:.1f} s")
+        fields = {k: v for k, v in manifest.items() if k not in ("format", "ditfx", "torch", "files", "device", "arch")}
+        fields["build_seconds"] = round(time.perf_counter() - start, 1)
+        manifest_io.write(work, {**manifest_io.target(device), **fields})
+        work.rename(path)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    say(f"wrote {path} in {time.perf_counter() - start:.1f} s")
+    return path
+
+
+def _clear(path: Path, overwrite: bool) -> None:
+    """Make room for a package at ``path``: refuse to replace anything but a package, and that only when asked."""
+    if path.exists() and any(path.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{path} exists and is not empty: pass overwrite=True (--overwrite) or another path")
+        if not (path / manifest_io.MANIFEST).is_file():
+            raise FileExistsError(f"{path} is not a ditfx package; refusing to overwrite it")
+        shutil.rmtree(path)

@@ -54,9 +54,8 @@ def write(directory: Path, fields: dict) -> dict:
 REQUIRED = ("format", "ditfx", "torch", "device", "arch", "model_class", "files")
 
 
-def read(directory: Path, device: torch.device | None, verify: bool = True) -> dict:
-    """The manifest of ``directory``, checked against this process (torch version, device, ISA) and, with
-    ``verify``, against the files (sizes and digests); raises :class:`PackageError`."""
+def read_fields(directory: Path) -> dict:
+    """The manifest's fields, checked for form only (not against this process)."""
     path = directory / MANIFEST
     if not path.is_file():
         raise PackageError(f"{directory} is not a ditfx package ({MANIFEST} missing): write one with ditfx.export")
@@ -70,6 +69,13 @@ def read(directory: Path, device: torch.device | None, verify: bool = True) -> d
     if manifest["format"] != FORMAT:
         raise PackageError(f"{path} has format {manifest['format']!r}; this ditfx reads {FORMAT!r}: export the "
                            "package again with this ditfx")
+    return manifest
+
+
+def read(directory: Path, device: torch.device | None, verify: bool = True) -> dict:
+    """The manifest of ``directory``, checked against this process (torch version, device, ISA) and, with
+    ``verify``, against the files (sizes and digests); raises :class:`PackageError`."""
+    manifest = read_fields(directory)
     if manifest["torch"] != torch.__version__:
         raise PackageError(f"{directory} was built with torch {manifest['torch']}, this process has torch "
                            f"{torch.__version__}: compiled artifacts only run on the torch that built them; export "
