@@ -11,9 +11,7 @@ import torch
 import torch.nn as nn
 
 from ditfx import validation
-from ditfx.backend import DitfxBackend, backend_runtimes
 from ditfx.config import CacheCalibration, Config, GuidanceRecording
-from ditfx.passes.manager import ModelFacts
 from ditfx.runtime import diffusers_hook, linear_ag
 from ditfx.runtime.block_cache import CalibrationPolicy
 from ditfx.runtime.guidance import RECORDING, TRACE
@@ -72,10 +70,16 @@ def optimize(model_or_pipeline, config: Config | None = None):
     A diffusers model gets one stateful hook in its hook registry, through which the pipeline states where
     generations end and which branch a call is (``cache_context``); a pipeline's scheduler counts the steps.
     """
+    module, is_pipeline = _denoiser(model_or_pipeline)
+    if isinstance(getattr(module, "ditfx_runtime", None), ModelRuntime):
+        return _bind_loaded(model_or_pipeline, module, is_pipeline, config)
     config = config or Config()
     if not isinstance(config, Config):
         raise TypeError(f"config must be a ditfx.Config, got {type(config).__name__}")
-    module, is_pipeline = _denoiser(model_or_pipeline)
+    # the compiler stack is imported here, not with ditfx: a loaded package never needs it
+    from ditfx.backend import DitfxBackend
+    from ditfx.passes.manager import ModelFacts
+
     validation.check_model(config, module)
     runtime = ModelRuntime()
     facts = ModelFacts(null_class=null_class(module), blocks=tuple(repeated_blocks(module)))
@@ -94,6 +98,21 @@ def optimize(model_or_pipeline, config: Config | None = None):
     return result
 
 
+def _bind_loaded(obj, module: nn.Module, is_pipeline: bool, config: Config | None):
+    """A package from :func:`ditfx.load` is compiled already: a pipeline around it states its generations and its
+    scheduler counts the steps, as for an optimized pipeline."""
+    if config is not None:
+        raise ValueError("this transformer is a package loaded with ditfx.load: it runs the config it was exported "
+                         f"with ({module.manifest['config']}); call ditfx.optimize(pipe) without a config, or export "
+                         "the model again with the new one")
+    if is_pipeline:
+        lifecycle = module.ditfx_runtime.lifecycle
+        lifecycle.pipeline_signals = True
+        pipe = weakref.ref(obj)
+        lifecycle.scheduler_of = lambda: getattr(pipe(), "scheduler", None)
+    return obj
+
+
 def _runtime(obj) -> ModelRuntime:
     runtime = getattr(obj, "ditfx_runtime", None)  # a loaded package
     if runtime is None and not isinstance(obj, nn.Module):
@@ -103,6 +122,8 @@ def _runtime(obj) -> ModelRuntime:
     runtime = _RUNTIMES.get(obj) if _weakrefable(obj) else None
     if runtime is not None:
         return runtime
+    from ditfx.backend import backend_runtimes
+
     params = {id(p) for p in _parameters(obj)}
     for r in backend_runtimes():
         if params & r.parameters():

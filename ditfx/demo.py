@@ -162,7 +162,8 @@ def _package_pipeline(settings: DemoSettings, rows: int):
                          f"--per-class {settings.per_class}`")
     guided = any(isinstance(c, ditfx.AdaptiveGuidance | ditfx.GuidanceWindow | ditfx.LinearAG)
                  for c in transformer.executor.plan.policies)
-    return digits.DigitsPipeline(transformer, digits.make_scheduler()), guided, transformer.manifest["config"]
+    pipe = ditfx.optimize(digits.DigitsPipeline(transformer, digits.make_scheduler()))  # binds its scheduler
+    return pipe, guided, transformer.manifest["config"]
 
 
 def _student_row(settings: DemoSettings, labels, baseline: torch.Tensor, baseline_s: float) -> dict:

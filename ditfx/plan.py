@@ -159,6 +159,12 @@ class Plan:
         self._graphs[key] = gm
         return gm
 
+    def input_values(self, rm: RegionModule, key: VariantKey) -> list:
+        """Example values of the inputs of ``key``'s graph (tensors at the captured shapes), for policies that size
+        their state by a variant's inputs."""
+        return [p.meta.get("example_value", p.meta.get("val")) for p in self.graph(rm, key).graph.find_nodes(
+            op="placeholder")]
+
     def _build(self, rm: RegionModule, key: VariantKey) -> fx.GraphModule:
         missing = [t for t in key.transforms if t not in self.offers.get(rm.region.name, ())]
         if missing:

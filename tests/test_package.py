@@ -46,6 +46,8 @@ def sample(transformer, seed=0, per_class=1):
     from ditfx.models.digits.sampling import class_grid
 
     pipe = digits.DigitsPipeline(transformer, digits.make_scheduler())
+    if hasattr(transformer, "ditfx_runtime"):  # a loaded package: the pipeline's scheduler counts its steps
+        pipe = ditfx.optimize(pipe)
     pipe.set_progress_bar_config(disable=True)
     return pipe(class_grid(per_class), num_inference_steps=STEPS, guidance_scale=1.5,
                 generator=torch.Generator().manual_seed(seed)).images
@@ -85,7 +87,8 @@ def test_the_loaded_pipeline_equals_the_optimized_one(digits_package):
 
 
 def test_a_fresh_process_runs_the_digits_pipeline_from_the_package(digits_package, tmp_path):
-    """No Dynamo, no Inductor, no model code: only the package and the runtime (and diffusers for the pipeline)."""
+    """No Dynamo, no Inductor, no model code: only the package and the runtime (then the pipeline, whose diffusers
+    imports Dynamo itself)."""
     out = tmp_path / "images.pt"
     script = textwrap.dedent(f"""
         import sys, torch, ditfx
@@ -96,7 +99,7 @@ def test_a_fresh_process_runs_the_digits_pipeline_from_the_package(digits_packag
         heavy = [m for m in ("torch._dynamo", "torch._inductor", "triton", "diffusers") if m in sys.modules]
         from ditfx.models import digits
         from ditfx.models.digits.sampling import class_grid
-        pipe = digits.DigitsPipeline(model, digits.make_scheduler())
+        pipe = ditfx.optimize(digits.DigitsPipeline(model, digits.make_scheduler()))
         pipe.set_progress_bar_config(disable=True)
         images = pipe(class_grid(1), num_inference_steps={STEPS}, guidance_scale=1.5,
                       generator=torch.Generator().manual_seed(0)).images
@@ -221,3 +224,36 @@ def test_loaded_equals_optimized_with_caching_and_guidance(family, tmp_path):
         again = ditfx.load(tmp_path / "rebuilt")
         _, kw = tiny_model(family, batch=4)
         assert (cfg_loop(again, kw, family, steps=STEPS) - cfg_loop(loaded, kw, family, steps=STEPS)).abs().max() == 0
+
+
+def test_a_history_student_and_a_token_budget_export(tmp_path):
+    """The variants other techniques need: per-step history reads with step heads (the ARD student), and the
+    coarse mode of a token budget (a plan of its own, with its adapter's tensors)."""
+    from ditfx.models import digits
+    from ditfx.models.digits.sampling import class_grid
+
+    def images(pipe, **kw):
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(class_grid(1), generator=torch.Generator().manual_seed(0), **kw).images
+
+    student = digits.pipeline(student="ard", compiler="eager")
+    expected = images(student)
+    example = {"hidden_states": torch.randn(10, 1, 16, 16), "timestep": torch.ones(10),
+               "class_labels": torch.arange(10), "return_dict": False}
+    ditfx.export(student, tmp_path / "ard", example_inputs=example)  # the optimized pipeline's own config
+    sigmas = digits.load_student("ard").sigmas
+    loaded = ditfx.optimize(digits.DigitsStudentPipeline(ditfx.load(tmp_path / "ard"), digits.make_scheduler(), sigmas))
+    assert (images(loaded) - expected).abs().max() <= 1e-5
+    assert ditfx.stats(loaded).flops == ditfx.stats(student).flops  # the history's reads counted alike
+
+    config = ditfx.Config(budget=ditfx.TokenBudget(adapter=digits.budget_adapter(), flops=0.6), compiler="eager")
+    budget = ditfx.optimize(digits.pipeline(), config)
+    expected = images(budget, num_inference_steps=10, guidance_scale=1.5)
+    example = {**example, "hidden_states": torch.randn(20, 1, 16, 16), "timestep": torch.ones(20),
+               "class_labels": torch.arange(20) % 11}
+    ditfx.export(budget, tmp_path / "budget", example_inputs=example)
+    loaded = ditfx.optimize(digits.DigitsPipeline(ditfx.load(tmp_path / "budget"), digits.make_scheduler()))
+    assert (images(loaded, num_inference_steps=10, guidance_scale=1.5) - expected).abs().max() <= 1e-5
+    assert ditfx.stats(loaded).modes == ditfx.stats(budget).modes and ditfx.stats(loaded).modes["p4"]["calls"] > 0
+    with pytest.raises(ValueError, match="runs the config it was exported with"):
+        ditfx.optimize(loaded, config)

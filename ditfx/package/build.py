@@ -119,7 +119,9 @@ def capture(module: torch.nn.Module, config: Config, args: tuple, kwargs: dict) 
         return run
 
     torch._dynamo.reset()
-    compiled = torch.compile(module, backend=recording, dynamic=False)
+    # the forward, not the module: a module compiled in place (an optimized pipeline's transformer) would run
+    # its own compiled call
+    compiled = torch.compile(module.forward, backend=recording, dynamic=False)
     try:
         with torch.no_grad():
             user_result = compiled(*args, **kwargs)
@@ -133,8 +135,8 @@ def capture(module: torch.nn.Module, config: Config, args: tuple, kwargs: dict) 
     example, users, graph_result = seen[0]
     dataclass_result = None
     if "return_dict" in kwargs and kwargs["return_dict"] is False:
-        with torch.no_grad():  # the model's output class, for calls with return_dict=True
-            dataclass_result = module(*args, **{**kwargs, "return_dict": True})
+        with torch.no_grad():  # the model's output class, for calls with return_dict=True (eager: the forward)
+            dataclass_result = module.forward(*args, **{**kwargs, "return_dict": True})
     spec, stored = CallSpec.record(module, args, kwargs, example, executor.io.input_names, users, graph_result,
                                    user_result, dataclass_result)
     return executor.plan, spec, stored

@@ -34,6 +34,16 @@ class PackagePlan(Plan):
         self._graphs[key] = chosen
         return chosen
 
+    def input_values(self, rm, key: VariantKey) -> list:
+        values = []
+        for spec in self.graph(rm, key).entry.inputs:  # dynamic sizes at the key's rows
+            if "constant" in spec:
+                values.append(spec["constant"])
+            else:
+                shape = [key.rows if isinstance(d, str) else d for d in spec["shape"]]
+                values.append(torch.empty(shape, dtype=getattr(torch, spec["dtype"]), device="meta"))
+        return values
+
 
 class LoadedModel(torch.nn.Module):
     """A package as a module with the exported model's call signature: ``loaded(**kwargs)`` runs the ditfx

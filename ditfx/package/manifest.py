@@ -79,7 +79,7 @@ def read(directory: Path, device: torch.device | None, verify: bool = True) -> d
     if manifest["torch"] != torch.__version__:
         raise PackageError(f"{directory} was built with torch {manifest['torch']}, this process has torch "
                            f"{torch.__version__}: compiled artifacts only run on the torch that built them; export "
-                           "again here, or rebuild from its exported programs")
+                           "again here, or rebuild it from its exported programs: ditfx rebuild PACKAGE NEW_PATH")
     here = target(device if device is not None else torch.device(manifest["device"]))
     if device is not None and device.type != manifest["device"]:
         raise PackageError(f"{directory} was built for {manifest['device']} ({manifest['arch']}), asked to load on "

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 import torch
 
 from ditfx.config import HistoryAttention
-from ditfx.graph import meta
 from ditfx.plan import Plan
 from ditfx.runtime.policy import CallContext, Policy, RegionCall, StateSlot, register_policy
 
@@ -93,9 +92,7 @@ class HistoryPolicy(Policy):
         index = call.region.block.index
         if index not in self._inputs:
             key = self.plan.key(call.rm, (history_at(min(1, self.cfg.steps - 1)),))
-            gm = self.plan.graph(call.rm, key)
-            self._inputs[index] = [meta.tensor_value(p)
-                                   for p in list(gm.graph.find_nodes(op="placeholder"))[len(call.args):]]
+            self._inputs[index] = self.plan.input_values(call.rm, key)[len(call.args):]
         return self._inputs[index]
 
     def _allocate(self, call: RegionCall) -> list[torch.Tensor]:
