@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
+import os
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,7 +26,7 @@ class ExportError(ValueError):
 
 
 def export(model_or_optimized, path, example_inputs=None, config: Config | None = None,
-           progress: Callable[[str], None] | None = None, overwrite: bool = False) -> Path:
+           progress: Callable[[str], None] | None = None, overwrite: bool = False, jobs: int | None = None) -> Path:
     """Write the package of a DiT denoiser (or a pipeline's ``transformer``, or what :func:`ditfx.optimize`
     returned) to the directory ``path``, for the device its weights are on.
 
@@ -32,7 +35,7 @@ def export(model_or_optimized, path, example_inputs=None, config: Config | None 
     (the batch rows may vary where the graph allows it); every non-tensor argument is fixed to its value here.
     ``config``: the techniques (default: the optimized model's, else ``Config()``); every policy it sets runs
     when loaded, with its schedules and coefficients stored in the package. ``progress`` is called with one line
-    per step. Returns the package's path.
+    per step. ``jobs``: processes that compile the artifacts (default: one per core). Returns the package's path.
     """
     from ditfx import api
 
@@ -58,7 +61,7 @@ def export(model_or_optimized, path, example_inputs=None, config: Config | None 
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
-        _write(work, plan, spec, stored, say)
+        _write(work, plan, spec, stored, say, jobs)
         manifest_io.write(work, {**manifest_io.target(device), "model_class": _qualname(module),
                                  "config": repr(config), "build_seconds": round(time.perf_counter() - start, 1)})
         work.rename(path)
@@ -142,7 +145,7 @@ def capture(module: torch.nn.Module, config: Config, args: tuple, kwargs: dict) 
     return executor.plan, spec, stored
 
 
-def _write(directory: Path, plan: Plan, spec: CallSpec, stored: dict, say) -> None:
+def _write(directory: Path, plan: Plan, spec: CallSpec, stored: dict, say, jobs: int | None) -> None:
     from safetensors.torch import save_file
 
     from ditfx.plan_io import plan_to_json
@@ -155,59 +158,86 @@ def _write(directory: Path, plan: Plan, spec: CallSpec, stored: dict, say) -> No
         unique.setdefault(id(t), key)
     save_file(weights, str(directory / "weights.safetensors"))
     plans = [("", plan), *((f"{name}.", sub) for name, sub in plan.modes.items())]
-    jobs = []
-    for prefix, p in plans:
-        for rm, transforms in needed_variants(p):
-            jobs.append((prefix, p, rm, transforms))
+    compiles = []
     for prefix, p in plans:
         tables = []
         plan_dir = directory / "plan" / ("modes/" + prefix.rstrip(".") if prefix else "")
         plan_dir.mkdir(parents=True, exist_ok=True)
-        for n, (pre, _, rm, transforms) in enumerate(j for j in jobs if j[0] == prefix):
-            tables += _compile_variant(directory, p, rm, transforms, f"{prefix}{n}", say)
+        for n, (rm, transforms) in enumerate(needed_variants(p)):
+            for ep, entry in _export_variant(p, rm, transforms, say):
+                entry.name = f"{prefix}{n}.{entry.rows}.pt2"
+                ep.example_inputs = None  # zeros as large as the weights: entry.example keeps their shapes
+                (directory / "programs").mkdir(exist_ok=True)
+                torch.export.save(ep, directory / "programs" / entry.name)
+                compiles.append((entry, f"{rm.region.name}{' ' + '+'.join(transforms) if transforms else ''}"))
+                tables.append(entry)
         data = plan_to_json(p, plan_dir)
         data["artifacts"] = [e.to_json() for e in tables]
         (plan_dir / "plan.json").write_text(json.dumps(data, indent=1))
+    compile_programs(directory, directory, compiles, jobs, say)
 
 
-def _compile_variant(directory: Path, plan: Plan, rm, transforms, stem: str, say) -> list:
-    """The artifacts of one variant: dynamic batch where export allows it, else one per row count the runtime
-    may ask for. Each exported program is kept beside its compiled model."""
-    rows = needed_rows(plan)
+def _export_variant(plan: Plan, rm, transforms, say) -> list:
+    """The exported programs of one variant: dynamic batch where export allows it, else one per row count the
+    runtime may ask for."""
     what = f"{rm.region.name}{' ' + '+'.join(transforms) if transforms else ''}"
-    wanted: list[int | str] = []
-    try:
-        dynamic = export_variant(plan, rm, transforms, DYNAMIC) if plan.io.rows and plan.io.rows > 1 else None
-    except ValueError as e:
-        say(f"  {what}: no dynamic batch ({e}); one artifact per row count")
-        dynamic = None
+    if plan.io.rows and plan.io.rows > 1:
+        try:
+            return [export_variant(plan, rm, transforms, DYNAMIC)]
+        except ValueError as e:
+            say(f"  {what}: no dynamic batch ({e}); one artifact per row count")
     built = []
-    if dynamic is not None:
-        built.append(dynamic)
-    else:
-        wanted = rows
-    for r in wanted:
+    for r in needed_rows(plan):
         try:
             built.append(export_variant(plan, rm, transforms, r))
         except VariantUnavailable as e:
             say(f"  {what} on {r} rows: unavailable ({e}); those calls compute every row")
-    entries = []
-    for ep, entry in built:
-        entry.name = f"{stem}.{entry.rows}.pt2"
-        start = time.perf_counter()
-        compile_artifact(ep, entry, directory / "artifacts" / entry.name, directory / "programs" / entry.name)
-        say(f"  compiled {what} (batch {entry.rows}) in {time.perf_counter() - start:.1f} s")
-        entries.append(entry)
-    return entries
+    return built
+
+
+def compile_programs(source: Path, directory: Path, compiles: list, jobs: int | None, say,
+                     device: torch.device | None = None) -> None:
+    """AOTInductor-compile ``source/programs/<entry.name>`` into ``directory/artifacts`` for each (entry, label),
+    in ``jobs`` worker processes (default: one per core, at most one per program): compiling is mostly the C++
+    compiler, one core each."""
+    jobs = max(1, min(jobs or os.cpu_count() or 1, len(compiles)))
+    (directory / "artifacts").mkdir(parents=True, exist_ok=True)
+    work = [(str(source / "programs" / e.name), e.to_json(), str(directory / "artifacts" / e.name),
+             str(directory / "programs" / e.name), str(device) if device is not None else None) for e, _ in compiles]
+    say(f"compiling {len(work)} artifacts with AOTInductor ({jobs} process{'es' if jobs > 1 else ''})")
+    if jobs == 1:
+        for job, (_, label) in zip(work, compiles):
+            say(f"  compiled {label} (batch {job[1]['rows']}) in {_compile_job(*job):.1f} s")
+        return
+    import multiprocessing
+
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_compile_job, *job): label for job, (_, label) in zip(work, compiles)}
+        for future in as_completed(futures):
+            rows = next(job[1]["rows"] for job, (_, label) in zip(work, compiles) if label == futures[future])
+            say(f"  compiled {futures[future]} (batch {rows}) in {future.result():.1f} s")
+
+
+def _compile_job(program: str, entry: dict, artifact: str, saved: str, device: str | None) -> float:
+    """One artifact from one saved program (run in a worker process); its compile seconds."""
+    from ditfx.package.artifacts import ArtifactEntry
+
+    start = time.perf_counter()
+    importlib.import_module("ditfx.kernels")  # ditfx's ops, which a program with Config(kernels=True) calls
+    ep = torch.export.load(program)
+    if device is not None:  # a rebuild for another device type
+        from torch.export.passes import move_to_device_pass
+
+        ep = move_to_device_pass(ep, torch.device(device))
+    compile_artifact(ep, ArtifactEntry.from_json(entry), Path(artifact), Path(saved))
+    return time.perf_counter() - start
 
 
 def rebuild(package, path, device=None, progress: Callable[[str], None] | None = None,
-            overwrite: bool = False) -> Path:
+            overwrite: bool = False, jobs: int | None = None) -> Path:
     """Compile the package at ``package`` again, from its exported programs, for this machine and ``device``
     (default: the package's device type), into ``path``: no model code needed; the plan, call interface and
     weights are copied. For another torch version, device type, GPU architecture or CPU ISA."""
-    from torch.export.passes import move_to_device_pass
-
     from ditfx.package.artifacts import ArtifactEntry
 
     start = time.perf_counter()
@@ -220,14 +250,9 @@ def rebuild(package, path, device=None, progress: Callable[[str], None] | None =
     shutil.rmtree(work, ignore_errors=True)
     try:
         shutil.copytree(package, work, ignore=shutil.ignore_patterns("artifacts", "programs", manifest_io.MANIFEST))
-        for plan_json in sorted(work.glob("plan/**/plan.json")):
-            for data in map(ArtifactEntry.from_json, json.loads(plan_json.read_text())["artifacts"]):
-                ep = torch.export.load(package / "programs" / data.name)
-                if str(device) != manifest["device"]:
-                    ep = move_to_device_pass(ep, device)
-                began = time.perf_counter()
-                compile_artifact(ep, data, work / "artifacts" / data.name, work / "programs" / data.name)
-                say(f"  compiled {data.name} in {time.perf_counter() - began:.1f} s")
+        compiles = [(entry, entry.name) for plan_json in sorted(work.glob("plan/**/plan.json"))
+                    for entry in map(ArtifactEntry.from_json, json.loads(plan_json.read_text())["artifacts"])]
+        compile_programs(package, work, compiles, jobs, say, device if str(device) != manifest["device"] else None)
         fields = {k: v for k, v in manifest.items() if k not in ("format", "ditfx", "torch", "files", "device", "arch")}
         fields["build_seconds"] = round(time.perf_counter() - start, 1)
         manifest_io.write(work, {**manifest_io.target(device), **fields})
