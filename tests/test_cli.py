@@ -33,3 +33,28 @@ def test_calibrate_writes_a_budget_schedule_and_inspect_shows_the_patch_per_step
     assert "weak steps at flops 0.7" in capsys.readouterr().out
     assert main(["inspect", "tiny:dit", "--budget-until", "0.5", "--steps", "6"]) == 0
     assert "patch per step: 4 4 4 n n n" in capsys.readouterr().out
+
+
+def test_export_writes_a_package_that_loads_and_refuses_bad_requests(tmp_path, capsys):
+    """``ditfx export`` on the tiny reference DiT (positional call x, t, y): a package, its summary as JSON, and
+    the module ``ditfx.load`` makes of it runs the model's call."""
+    import torch
+
+    import ditfx
+    from ditfx.models import zoo
+
+    path = tmp_path / "pkg"
+    assert cli.main(["export", "DiT-T/2", str(path), "--threshold", "0.1", "--json"]) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    assert summary["artifacts"] == 5 and summary["device"] == "cpu" and "DynamicCache" in summary["config"]
+    assert "compiling 5 artifacts with AOTInductor" in captured.err
+    named = zoo.load("DiT-T/2", batch=2)
+    loaded = ditfx.load(path)
+    with torch.no_grad():
+        got, expected = loaded(*named.inputs.values()), named.model(**named.inputs)
+    assert (got - expected).abs().max() <= 1e-5
+    assert cli.main(["export", "DiT-T/2", str(path)]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert cli.main(["export", "DiT-T/2", str(tmp_path / "demo"), "--demo"]) == 2
+    assert "--demo exports the digits model" in capsys.readouterr().err
