@@ -10,8 +10,8 @@ A package is a directory::
     plan/plan.json       the Plan without graphs (regions, IO spec, variants offered, policy configs and files)
     weights.safetensors  the weights the graph reads, once (blocks of one structure share an artifact)
     artifacts/*.pt2      one AOTInductor model per region signature and variant (dynamic batch, or one per
-                         batch size where the graph cannot take a dynamic one, plus batch 1 where it is needed)
-    programs/*.pt2       the exported programs they were compiled from (recompile for another target)
+                         row count the runtime may run where the graph cannot take a dynamic one)
+    programs/*.pt2       the exported programs they were compiled from (``ditfx rebuild``: another target)
 
 :mod:`~ditfx.package.build` writes it, :mod:`~ditfx.package.loaded` runs it with the ordinary runtime
 (:class:`~ditfx.runtime.executor.Executor` and the policies), :mod:`~ditfx.package.manifest` checks it.

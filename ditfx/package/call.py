@@ -196,7 +196,15 @@ def _same_repr(a, recorded) -> bool:
 
 
 def _show(value) -> str:
-    return value["repr"] if isinstance(value, dict) and "repr" in value else repr(value)
+    """A recorded constant as the user wrote it: a value, or the container it was."""
+    if isinstance(value, dict) and len(value) == 1:
+        (kind, what), = value.items()
+        if kind == "repr":
+            return what
+        if kind == "dict":
+            return f"a dict with keys {what}"
+        return f"a {kind} of {what}"
+    return repr(value)
 
 
 def _tensors_of(value) -> list[torch.Tensor]:

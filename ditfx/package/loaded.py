@@ -51,7 +51,8 @@ class LoadedModel(torch.nn.Module):
     model's, so a diffusers pipeline takes it as its ``transformer``; ``cache_context`` relays the pipeline's
     branch names to the policies, as the hook of an optimized diffusers model does."""
 
-    def __init__(self, path: Path, manifest: dict, call: CallSpec, executor, runtime, weights: dict):
+    def __init__(self, path: Path, manifest: dict, call: CallSpec, executor, runtime, weights: dict,
+                 device: torch.device):
         super().__init__()
         self.path = path
         self.manifest = manifest
@@ -59,10 +60,12 @@ class LoadedModel(torch.nn.Module):
         self.executor = executor
         self.ditfx_runtime = runtime
         self._weights = weights
-        self._device = torch.device(manifest["device"]) if manifest["device"] != "cuda" else \
-            next(iter(weights.values())).device
+        self._device = device
         self.config = _Config(call.config or {})
         self._by_rows: dict[int, object] = {}
+        # per graph input: (shape, dtype) of the argument it is, or None (a weight)
+        self._input_meta = [None if (spec := call.tensors.get(entry.get("argument"))) is None
+                            else (tuple(spec["shape"]), getattr(torch, spec["dtype"])) for entry in call.inputs]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -132,17 +135,6 @@ class LoadedModel(torch.nn.Module):
         entry = self.call_spec.inputs[k]
         return f"argument {entry['argument']}" if "argument" in entry else f"input {name}"
 
-    @property
-    def _input_meta(self) -> list:
-        found = getattr(self, "_meta_cache", None)
-        if found is None:
-            found = []
-            for entry in self.call_spec.inputs:
-                spec = self.call_spec.tensors.get(entry.get("argument"))
-                found.append(None if spec is None else (tuple(spec["shape"]), getattr(torch, spec["dtype"])))
-            self._meta_cache = found
-        return found
-
     @contextlib.contextmanager
     def cache_context(self, name: str, **details):
         """The pipeline names the branch of the calls inside (diffusers' ``CacheMixin.cache_context``; the step
@@ -196,6 +188,7 @@ def load(path, device=None, verify: bool = True) -> LoadedModel:
     def load_plan(directory: Path) -> PackagePlan:
         data = read_plan_json(directory)
         plan = plan_from_json(data, directory, _no_graph, load_plan, plan_class=PackagePlan)
+        plan.mode_inputs = {name: [t.to(device) for t in tensors] for name, tensors in plan.mode_inputs.items()}
         plan.artifacts = {}
         for entry in map(ArtifactEntry.from_json, data["artifacts"]):
             artifact = Artifact(path / "artifacts" / entry.name, entry, device)
@@ -208,7 +201,7 @@ def load(path, device=None, verify: bool = True) -> LoadedModel:
     inputs = [weights.get(e["weight"]) if "weight" in e else None for e in call.inputs]
     executor = Executor(plan, runtime, inputs, compile_edges=True)
     runtime.executors.append(executor)
-    return LoadedModel(path, manifest, call, executor, runtime, weights)
+    return LoadedModel(path, manifest, call, executor, runtime, weights, device)
 
 
 def _plan_at_rows(plan: PackagePlan, rows: int) -> PackagePlan:
