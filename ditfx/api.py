@@ -81,6 +81,10 @@ def optimize(model_or_pipeline, config: Config | None = None):
     from ditfx.passes.manager import ModelFacts
 
     validation.check_model(config, module)
+    if config.compiler == "inductor" and all(p.device.type == "cpu" for p in module.parameters()):
+        from ditfx.runtime.compiler import probe_cpu_in_background
+
+        probe_cpu_in_background()
     runtime = ModelRuntime()
     facts = ModelFacts(null_class=null_class(module), blocks=tuple(repeated_blocks(module)))
     backend = DitfxBackend(config, runtime, facts)

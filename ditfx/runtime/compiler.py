@@ -5,11 +5,36 @@ import contextlib
 import copy
 import functools
 import inspect
+import threading
 import time
 from collections.abc import Callable, Iterator
 
 import torch
 import torch.fx as fx
+
+
+_PROBE_STARTED = False
+
+
+def probe_cpu_in_background() -> None:
+    """Start Inductor's once-per-process CPU probe now, in a thread: it builds test programs with the C++ compiler
+    (about 2 s on this project's CPU) before the first CPU kernel can load, and started at ``ditfx.optimize`` it
+    overlaps Dynamo's tracing of the first call instead of following it. The probe's result is cached by Inductor;
+    should it fail here, the compile that needs it runs it again and reports the error."""
+    global _PROBE_STARTED
+    if _PROBE_STARTED:
+        return
+    _PROBE_STARTED = True
+
+    def probe():
+        try:
+            from torch._inductor import cpu_vec_isa
+
+            cpu_vec_isa.pick_vec_isa()
+        except Exception:  # noqa: BLE001 - see the docstring: the compile reports it
+            pass
+
+    threading.Thread(target=probe, name="ditfx-inductor-cpu-probe", daemon=True).start()
 
 
 def compile_region(gm: fx.GraphModule, args: list, backend: str) -> Callable:
