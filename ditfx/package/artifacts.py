@@ -61,8 +61,6 @@ def needed_rows(plan: Plan) -> list[int]:
     rows = {n}
     if plan.policies and n > 1:
         rows |= {-(-n // parts) for parts in (8, 4, 2) if -(-n // parts) < n}
-        if n == 2:
-            rows.add(1)
     return sorted(rows)
 
 

@@ -2,6 +2,7 @@
 :func:`ditfx.load` runs without the model's code (the format: :mod:`ditfx.package`)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -10,7 +11,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
@@ -59,19 +60,26 @@ def export(model_or_optimized, path, example_inputs=None, config: Config | None 
 
     say("capturing the model and building the plan")
     plan, spec, stored = capture(module, config, args, kwargs)
+    with _writing(path) as work:
+        _write(work, plan, spec, stored, say, jobs)
+        manifest_io.write(work, {**manifest_io.target(device), "model_class": _qualname(module),
+                                 "config": repr(config), "build_seconds": round(time.perf_counter() - start, 1)})
+    say(f"wrote {path} in {time.perf_counter() - start:.1f} s")
+    return path
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[Path]:
+    """A fresh ``PATH.partial`` to write the package in, renamed to ``path`` when complete, removed on failure."""
     work = path.with_name(path.name + ".partial")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
-        _write(work, plan, spec, stored, say, jobs)
-        manifest_io.write(work, {**manifest_io.target(device), "model_class": _qualname(module),
-                                 "config": repr(config), "build_seconds": round(time.perf_counter() - start, 1)})
+        yield work
         work.rename(path)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    say(f"wrote {path} in {time.perf_counter() - start:.1f} s")
-    return path
 
 
 def _example(example_inputs) -> tuple[tuple, dict]:
@@ -256,20 +264,15 @@ def rebuild(package, path, device=None, progress: Callable[[str], None] | None =
     manifest = manifest_io.read_fields(package)
     device = torch.device(device if device is not None else manifest["device"])
     _clear(path, overwrite)
-    work = path.with_name(path.name + ".partial")
-    shutil.rmtree(work, ignore_errors=True)
-    try:
-        shutil.copytree(package, work, ignore=shutil.ignore_patterns("artifacts", "programs", manifest_io.MANIFEST))
+    with _writing(path) as work:
+        shutil.copytree(package, work, ignore=shutil.ignore_patterns("artifacts", "programs", manifest_io.MANIFEST),
+                        dirs_exist_ok=True)
         compiles = [(entry, entry.name) for plan_json in sorted(work.glob("plan/**/plan.json"))
                     for entry in map(ArtifactEntry.from_json, json.loads(plan_json.read_text())["artifacts"])]
         compile_programs(package, work, compiles, jobs, say, device if str(device) != manifest["device"] else None)
         fields = {k: v for k, v in manifest.items() if k not in ("format", "ditfx", "torch", "files", "device", "arch")}
         fields["build_seconds"] = round(time.perf_counter() - start, 1)
         manifest_io.write(work, {**manifest_io.target(device), **fields})
-        work.rename(path)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     say(f"wrote {path} in {time.perf_counter() - start:.1f} s")
     return path
 
