@@ -26,6 +26,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time these come from __g
     from ditfx.backend import ditfx_backend
     from ditfx.package.build import export
     from ditfx.package.loaded import load
+    from ditfx.tuning.budget import QualityBudget
+    from ditfx.tuning.study import tune
 
 __version__ = "0.1.0"
 
@@ -37,6 +39,8 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "budget": ("ditfx.budget", None),
     "export": ("ditfx.package.build", "export"),
     "load": ("ditfx.package.loaded", "load"),
+    "tune": ("ditfx.tuning.study", "tune"),
+    "QualityBudget": ("ditfx.tuning.budget", "QualityBudget"),
 }
 
 
@@ -59,7 +63,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "AdaptiveGuidance", "CacheCalibration", "CacheSchedule", "Config", "DynamicCache", "GuidanceWindow", "LinearAG",
-    "HistoryAttention", "LinearAGCoefficients", "StaticCache", "Stats", "StructureError", "TokenBudget", "budget",
+    "HistoryAttention", "LinearAGCoefficients", "QualityBudget", "StaticCache", "Stats", "StructureError", "TokenBudget", "budget",
     "calibrate", "calibrate_guidance", "ditfx_backend", "export", "generation", "guidance_trace", "load",
-    "optimize", "repeated_blocks", "reset_stats", "stats",
+    "optimize", "repeated_blocks", "reset_stats", "stats", "tune",
 ]

@@ -1,5 +1,6 @@
 """The ``ditfx`` command: ``demo`` (the main job), ``inspect`` (regions, costs, plan), ``calibrate`` (schedules),
-``export`` and ``rebuild`` (packages that ``ditfx.load`` runs)."""
+``export`` and ``rebuild`` (packages that ``ditfx.load`` runs), ``tune`` (the fastest config in a quality
+budget)."""
 from __future__ import annotations
 
 import argparse
@@ -171,6 +172,71 @@ def cmd_rebuild(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    import dataclasses
+
+    import torch
+
+    import ditfx
+    from ditfx.tuning import QualityBudget, plot
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.model == "digits":
+        from ditfx.models import digits
+
+        run = digits.TuningRun(guidance_scale=args.guidance_scale, steps=args.steps, per_class=args.per_class)
+        target = digits.pipeline()
+        budget = QualityBudget(psnr=args.psnr, ssim=args.ssim, fd=args.fd, accuracy=args.accuracy, metric=run.metric)
+        space = digits.tuning_space(run, cache=args.cache, budget=not args.no_budget)
+        label = repr(run)
+    else:
+        if args.fd is not None or args.accuracy is not None:
+            raise ValueError("--fd and --accuracy are measured on the digits model only; for MODEL use --psnr/--ssim")
+        from ditfx.models import zoo
+        from ditfx.tuning import techniques
+        from ditfx.tuning.study import Candidates
+
+        named = zoo.load(args.model, batch=args.batch)
+        target = named.model
+
+        def run(model, seed):
+            x = named.inputs[named.latents]
+            noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(int(seed)), dtype=x.dtype)
+            loop = dataclasses.replace(named, inputs={**named.inputs, named.latents: noise})
+            return zoo.run_loop(loop, model, steps=args.steps)
+
+        budget = QualityBudget(psnr=args.psnr, ssim=args.ssim)
+        if args.cache == "static":
+            candidates = Candidates(target)
+            schedule = ditfx.calibrate(candidates.fresh_module(), lambda m: run(m, args.calibration_seeds[0]),
+                                       generations=1)
+            space = techniques(cache="static", schedule=schedule, guidance=False)
+        else:
+            space = techniques(cache="dynamic", guidance=False)
+        label = f"{args.model} batch {args.batch} steps {args.steps}"
+    config = ditfx.tune(target, run, budget, space=space, calibration=args.calibration_seeds,
+                        held_out=args.held_out_seeds, compiler=args.compiler, workdir=args.workdir,
+                        timing=args.timing_rounds, out=args.out, label=label)
+    report = {"model": args.model, "config": repr(config), "out": args.out, **config.tuning}
+    if args.plot:
+        plot.pareto(config.tuning, args.plot)
+        report["plot"] = args.plot
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    chosen = config.tuning["chosen"]
+    if chosen is None:
+        print(f"{config.tuning['message']}: {config!r}")
+    else:
+        held = chosen["held_out"]["measures"]
+        print(f"tuned: {config!r}\n  {chosen['speed']:.2f}x fewer FLOPs"
+              + (f", {chosen['wall_speedup']:.2f}x wall" if "wall_speedup" in chosen else "")
+              + " than the reference; held-out: " + ", ".join(f"{k} {v:.4g}" for k, v in held.items()))
+    if args.out:
+        print(f"wrote {args.out} (ditfx.Config.load reads it)")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from ditfx.demo import main as demo_main
 
@@ -237,6 +303,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the package's device type)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing package at PATH")
     p.set_defaults(run=cmd_rebuild)
+
+    p = sub.add_parser("tune", help="find the fastest configuration inside a quality budget (ditfx.tune) and save it")
+    p.add_argument("model", help=MODEL_HELP + "; digits has its FD and accuracy, other models PSNR/SSIM only")
+    p.add_argument("--guidance-scale", type=float, default=1.5, help="(digits) classifier-free guidance scale")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps")
+    p.add_argument("--per-class", type=int, default=10, help="(digits) samples of each digit per seed")
+    p.add_argument("--batch", type=int, default=2, help="(other models) batch of the sampling loop")
+    p.add_argument("--calibration-seeds", type=int, nargs="+", default=[100], help="seeds the search runs on")
+    p.add_argument("--held-out-seeds", type=int, nargs="+", default=[200],
+                   help="seeds the chosen configuration is checked on (none shared with the calibration seeds)")
+    p.add_argument("--psnr", type=float, default=30.0, help="lowest PSNR (dB) against the reference")
+    p.add_argument("--ssim", type=float, help="lowest SSIM against the reference")
+    p.add_argument("--fd", type=float, help="(digits) largest relative digits-FD change, e.g. 0.10")
+    p.add_argument("--accuracy", type=float, help="(digits) largest class-accuracy drop, e.g. 0.01")
+    p.add_argument("--cache", choices=("static", "dynamic"), default="static", help="the block cache searched")
+    p.add_argument("--no-budget", action="store_true", help="(digits) leave the token budget out of the search")
+    p.add_argument("--compiler", choices=("inductor", "aot_eager", "eager"), default="inductor",
+                   help="the compiler of the returned config (the search compiles with eager)")
+    p.add_argument("--timing-rounds", type=int, default=1,
+                   help="wall-clock rounds for the fastest points inside the budget (0: FLOPs decide)")
+    p.add_argument("--workdir", help="keep evaluations here; running again with it resumes")
+    p.add_argument("--out", help="write the tuned config here (.json)")
+    p.add_argument("--json", help="write the report (front, chosen point, held-out check) here")
+    p.add_argument("--plot", help="write the Pareto plot here (.png)")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.set_defaults(run=cmd_tune)
 
     p = sub.add_parser("calibrate", help="record per-block change curves and write a static cache schedule")
     p.add_argument("model", help=MODEL_HELP)

@@ -155,6 +155,7 @@ class AdaptiveGuidance:
     uncond_first: bool | None = None
     warmup: float = 0.0
     fill: Literal["cond", "delta"] = "delta"
+    fade: float = 1.0
 
     def __post_init__(self):
         o = "AdaptiveGuidance"
@@ -168,6 +169,7 @@ class AdaptiveGuidance:
         check_choice(o, "fill", self.fill, ("cond", "delta"),
                      f"AdaptiveGuidance.fill must be 'cond' (guidance ends) or 'delta' (the last measured guidance "
                      f"direction, fading to zero at t = 0), got {self.fill!r}")
+        _set(self, "fade", check_float(o, "fade", self.fade, 0, hint=" (0 keeps the direction, 1 fades it linearly)"))
 
 
 @dataclass(frozen=True)
@@ -443,8 +445,13 @@ class Config:
     kernels: bool = False  # lower adaLN / gated-residual patterns to torch.ops.ditfx kernels (passes/fusion.py)
     budget: TokenBudget | None = None
     history: HistoryAttention | None = None
+    # how ditfx.tune chose this config (budget, measured front, held-out check); JSON-able, not part of equality
+    tuning: dict | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
+        if not (self.tuning is None or isinstance(self.tuning, dict)):
+            raise WrongType(f"Config.tuning is the record ditfx.tune writes (a dict) or None, got "
+                            f"{type(self.tuning).__name__}")
         check_bool("Config", "kernels", self.kernels,
                    hint=" (lower adaLN / gated-residual patterns to ditfx kernels)")
         check_choice("Config", "compiler", self.compiler, INNER_BACKENDS,
@@ -470,6 +477,19 @@ class Config:
                             f"ditfx.AdaptiveGuidance() (torch.compile options take a dict, "
                             f"{_OPTION_EXAMPLES['adaptive']})")
 
+    def save(self, path) -> Path:
+        """Write this config as versioned JSON (``.json``; schedule and adapter files beside it)."""
+        from ditfx.config_io import save_config
+
+        return save_config(self, path)
+
+    @classmethod
+    def load(cls, path) -> Config:
+        """Read a config written by :meth:`save` or ``ditfx.tune`` (``ditfx tune MODEL --out PATH``)."""
+        from ditfx.config_io import load_config
+
+        return load_config(path)
+
     @classmethod
     def from_options(cls, options: dict[str, Any] | None) -> Config:
         """Build from ``torch.compile(..., backend="ditfx", options={...})``.
@@ -488,7 +508,7 @@ class Config:
             _check(not options, f"pass either 'config' or fields, not both: {sorted(options)}")
             _check(isinstance(config, Config), f"options['config'] must be a ditfx.Config, got {config!r}")
             return config
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in dataclasses.fields(cls)} - {"tuning"}
         unknown = set(options) - known
         _check(not unknown, f"unknown ditfx option(s) {sorted(map(str, unknown))}; known: {sorted(known)}")
         if isinstance(options.get("cache"), dict):

@@ -18,18 +18,13 @@ import torch
 from safetensors.torch import load_file, save_file
 import torch.fx as fx
 
-import ditfx.config as config_module
+from ditfx.config_io import technique_from_json, technique_to_json
 from ditfx.graph import meta
 from ditfx.graph.regions import RegionModule
 from ditfx.graph.structure import Block, DiTStructure, InputRoles, Region
 from ditfx.plan import IOSpec, Plan, Transform, VariantKey, VariantUnavailable
 
 FORMAT = "ditfx.plan/1"
-_CONFIGS = {cls.__name__: cls for cls in (config_module.DynamicCache, config_module.StaticCache,
-                                          config_module.CacheCalibration, config_module.AdaptiveGuidance,
-                                          config_module.GuidanceWindow, config_module.LinearAG,
-                                          config_module.GuidanceRecording, config_module.TokenBudget,
-                                          config_module.HistoryAttention)}
 
 
 # ------------------------------------------------------------------------------------------ saving
@@ -128,19 +123,7 @@ def _region_to_json(rm: RegionModule) -> dict:
 
 
 def _config_to_json(cfg, directory: Path, k: int) -> dict:
-    fields = {}
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if hasattr(value, "save"):  # a schedule, coefficient or adapter file travels beside the plan
-            name = f"policy{k}.{f.name}{getattr(value, 'FILE_SUFFIX', '.json')}"
-            value.save(directory / name)
-            value = {"file": name}
-        elif isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
-            name = f"policy{k}.{f.name}.safetensors"  # tensors (step heads) travel beside the plan
-            save_file({key: t.detach().contiguous().cpu() for key, t in value.items()}, str(directory / name))
-            value = {"tensors": name}
-        fields[f.name] = value
-    return {"type": type(cfg).__name__, "fields": fields}
+    return technique_to_json(cfg, directory, f"policy{k}")
 
 
 # ----------------------------------------------------------------------------------------- loading
@@ -223,10 +206,4 @@ def _tree_from_json(data):
 
 
 def _config_from_json(data: dict, directory: Path):
-    cls = _CONFIGS.get(data.get("type"))
-    if cls is None:
-        raise ValueError(f"unknown policy config {data.get('type')!r} in {directory / 'plan.json'}")
-    fields = {k: (str(directory / v["file"]) if isinstance(v, dict) and set(v) == {"file"} else
-                  load_file(str(directory / v["tensors"])) if isinstance(v, dict) and set(v) == {"tensors"} else v)
-              for k, v in data["fields"].items()}
-    return cls(**fields)
+    return technique_from_json(data, directory, directory / "plan.json")

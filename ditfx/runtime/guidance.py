@@ -401,10 +401,10 @@ class GuidancePolicy(Policy):
 
     def _switched_uncond(self, state: GuidanceState, idx: torch.Tensor, cond: torch.Tensor, is_pred: bool):
         """The unconditional slot of switched samples ``idx``: their conditional output, less (for the prediction,
-        with ``fill="delta"``) the guidance direction of their last full step scaled by t / t_switch."""
+        with ``fill="delta"``) the guidance direction of their last full step scaled by (t / t_switch) ** fade."""
         if not is_pred or state.delta is None:
             return cond[idx]
-        scale = (1.0 - state.progress) / state.delta_time[idx].clamp_min(1e-12)  # t / t_switch
+        scale = ((1.0 - state.progress) / state.delta_time[idx].clamp_min(1e-12)) ** self.cfg.fade  # (t/t_switch)^fade
         scale = scale.to(cond.device, cond.dtype).view(-1, *([1] * (cond.dim() - 1)))
         return cond[idx] - state.delta[idx].to(cond.device) * scale
 

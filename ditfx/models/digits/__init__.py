@@ -22,6 +22,7 @@ from .model import NULL_CLASS
 from .pipeline import DigitsPipeline, DigitsStudentPipeline, make_scheduler
 from .shipped import WEIGHTS_DIR, load_classifier, load_transformer
 from .students import STUDENTS, load_student
+from .tuning import TuningRun, tuning_space
 
 __all__ = [
     "NULL_CLASS",
@@ -30,12 +31,14 @@ __all__ = [
     "DigitsPipeline",
     "DigitsStudentPipeline",
     "STUDENTS",
+    "TuningRun",
     "load_student",
     "load_classifier",
     "load_transformer",
     "make_scheduler",
     "metrics",
     "pipeline",
+    "tuning_space",
 ]
 
 

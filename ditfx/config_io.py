@@ -1,0 +1,109 @@
+"""Configs on disk: a technique config as JSON (its schedule, coefficient, adapter or tensor fields in files beside
+it), and a whole :class:`~ditfx.config.Config` as a versioned JSON file (``Config.save`` / ``Config.load``).
+
+A field holding an object with ``save`` (a cache schedule, LinearAG coefficients, a budget adapter) is written to
+its own file, named from the JSON's name, and the JSON refers to it by relative name; a dict of tensors (step
+heads) goes to a safetensors file. Loading reads them back, so a saved config travels as one folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import ditfx.config as config_module
+
+FORMAT = "ditfx.config/1"
+TECHNIQUES = {cls.__name__: cls for cls in (config_module.DynamicCache, config_module.StaticCache,
+                                            config_module.CacheCalibration, config_module.AdaptiveGuidance,
+                                            config_module.GuidanceWindow, config_module.LinearAG,
+                                            config_module.GuidanceRecording, config_module.TokenBudget,
+                                            config_module.HistoryAttention)}
+_SLOTS = ("cache", "guidance", "budget", "history")  # Config fields that hold a technique config
+_PLAIN = ("compiler", "compile_regions", "kernels")
+
+
+def _field_to_json(value, directory: Path, stem: str):
+    if hasattr(value, "save"):  # a schedule, coefficient or adapter file travels beside the JSON
+        name = f"{stem}{getattr(value, 'FILE_SUFFIX', '.json')}"
+        value.save(directory / name)
+        return {"file": name}
+    if isinstance(value, (list, tuple)) and any(hasattr(v, "save") for v in value):  # several adapters
+        return [_field_to_json(v, directory, f"{stem}{i}") for i, v in enumerate(value)]
+    if isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
+        name = f"{stem}.safetensors"  # tensors (step heads) travel beside the JSON
+        save_file({key: t.detach().contiguous().cpu() for key, t in value.items()}, str(directory / name))
+        return {"tensors": name}
+    return list(value) if isinstance(value, tuple) else value
+
+
+def technique_to_json(cfg, directory: Path, stem: str) -> dict:
+    """``{"type": class name, "fields": {...}}``; file-backed fields are written as ``<stem>.<field>...``."""
+    fields = {f.name: _field_to_json(getattr(cfg, f.name), directory, f"{stem}.{f.name}")
+              for f in dataclasses.fields(cfg)}
+    return {"type": type(cfg).__name__, "fields": fields}
+
+
+def _field_from_json(value, directory: Path):
+    if isinstance(value, dict) and set(value) == {"file"}:
+        return str(directory / value["file"])
+    if isinstance(value, dict) and set(value) == {"tensors"}:
+        return load_file(str(directory / value["tensors"]))
+    if isinstance(value, list) and value and all(isinstance(v, dict) and set(v) == {"file"} for v in value):
+        return [str(directory / v["file"]) for v in value]
+    return value
+
+
+def technique_from_json(data: dict, directory: Path, source: Path):
+    """The technique config of :func:`technique_to_json`'s ``data``; ``source`` names the file in errors."""
+    cls = TECHNIQUES.get(data.get("type")) if isinstance(data, dict) else None
+    if cls is None:
+        raise ValueError(f"{source}: unknown technique config {data!r}; known: {sorted(TECHNIQUES)}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    fields = data.get("fields", {})
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"{source}: {cls.__name__} has no field(s) {unknown} (written by a newer ditfx?)")
+    return cls(**{k: _field_from_json(v, directory) for k, v in fields.items()})
+
+
+def save_config(config: config_module.Config, path) -> Path:
+    """Write ``config`` as versioned JSON at ``path`` (with its files beside it); the tuning record goes along."""
+    path = Path(path)
+    if path.suffix != ".json":
+        raise ValueError(f"a config is saved as JSON: give a path ending in .json, got {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"format": FORMAT, **{k: getattr(config, k) for k in _PLAIN}}
+    for slot in _SLOTS:
+        value = getattr(config, slot)
+        data[slot] = None if value is None else technique_to_json(value, path.parent, f"{path.stem}.{slot}")
+    if config.tuning is not None:
+        data["tuning"] = config.tuning
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    return path
+
+
+def load_config(path) -> config_module.Config:
+    """Read a config written by :func:`save_config` (``Config.save``, ``ditfx.tune``); errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no config at {path}: write one with Config.save or ditfx.tune")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON (line {e.lineno}): save the config again") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"{path} is not a ditfx config (format {FORMAT!r}, found {found!r}): write it with "
+                         "Config.save or ditfx.tune")
+    unknown = sorted(set(data) - {"format", "tuning", *_PLAIN, *_SLOTS})
+    if unknown:
+        raise ValueError(f"{path}: unknown config key(s) {unknown}")
+    fields = {k: data[k] for k in _PLAIN if k in data}
+    for slot in _SLOTS:
+        if data.get(slot) is not None:
+            fields[slot] = technique_from_json(data[slot], path.parent, path)
+    return config_module.Config(**fields, tuning=data.get("tuning"))
