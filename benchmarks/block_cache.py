@@ -135,7 +135,7 @@ def main(argv=None):
     torch._dynamo.reset()
     schedule = ditfx.calibrate(named.model, lambda m: zoo.run_loop(named, m, steps=args.steps), generations=1)
     delta = delta_for_fraction(schedule, 1 - args.skip)
-    cached = ditfx.optimize(named.model, ditfx.Config(cache=ditfx.StaticCache(delta, schedule)))
+    cached = ditfx.optimize(named.model, ditfx.Config(cache=ditfx.StaticCache(delta, schedule, per_block=True, forecast="none")))
     first_call(named, cached)
     ditfx.reset_stats(cached)
     with ditfx.generation(cached):

@@ -613,7 +613,7 @@ def ditfx_methods() -> list[Method]:
                      lambda v, ctx: config(ditfx.DynamicCache(threshold=v, per_sample=False), ctx),
                      notes="one decision per batch from the summed change, as the peers decide."),
         ditfx_method("StaticCache", "delta", [0.15, 0.2, 0.25, 0.3, 0.32, 0.35, 0.4],
-                     lambda v, ctx: config(ditfx.StaticCache(v, schedule(ctx)), ctx),
+                     lambda v, ctx: config(ditfx.StaticCache(v, schedule(ctx), per_block=True, forecast="none"), ctx),
                      prepare=prepare_ditfx_schedule, prepared_as=SCHEDULE,
                      notes="the paper's per-block schedule, calibrated once on this pipeline (ditfx.calibrate, "
                            "1 generation, seed 1000)."),

@@ -18,10 +18,10 @@ def _cache_config(args):
     import ditfx
 
     if getattr(args, "schedule", None):
-        return ditfx.StaticCache(delta=args.delta, schedule=args.schedule, per_block=not args.together,
-                                 forecast=args.forecast)
+        return ditfx.StaticCache(delta=args.delta, schedule=args.schedule, per_block=args.per_block,
+                                 forecast=args.forecast or "linear")
     if getattr(args, "threshold", None) is not None:
-        return ditfx.DynamicCache(threshold=args.threshold, forecast=args.forecast)
+        return ditfx.DynamicCache(threshold=args.threshold, forecast=args.forecast or "none")
     return None
 
 
@@ -77,8 +77,8 @@ def cmd_calibrate(args) -> int:
 
         schedule = ditfx.calibrate(named.model, one_generation, generations=args.generations, mode=args.mode)
     out = schedule.save(args.out)
-    png = schedule.heatmap(out.with_suffix(".png"), args.delta, per_block=not args.together)
-    plan = schedule.plan(args.delta, per_block=not args.together)
+    png = schedule.heatmap(out.with_suffix(".png"), args.delta, per_block=args.per_block)
+    plan = schedule.plan(args.delta, per_block=args.per_block)
     evals, full = sum(map(sum, plan)), len(plan) * len(plan[0])
     print(f"wrote {out} and {png}: at delta {args.delta}, {evals}/{full} block evaluations "
           f"({1 - evals / full:.0%} skipped)")
@@ -260,10 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threshold", type=float, help="show a DynamicCache with this threshold")
     p.add_argument("--schedule", help="show a StaticCache with this schedule JSON (from ditfx calibrate)")
     p.add_argument("--delta", type=float, default=0.1, help="StaticCache delta (with --schedule)")
-    p.add_argument("--together", action="store_true",
-                   help="StaticCache(per_block=False): the blocks recompute together (with --schedule)")
-    p.add_argument("--forecast", choices=("none", "linear"), default="none",
-                   help="how reused values are forecast (with --schedule or --threshold)")
+    p.add_argument("--per-block", action="store_true",
+                   help="StaticCache(per_block=True): each block on its own schedule, the paper's rule (with "
+                        "--schedule; default: the blocks recompute together)")
+    p.add_argument("--forecast", choices=("none", "linear"),
+                   help="how reused values are forecast (with --schedule: default linear; --threshold: none)")
     p.add_argument("--budget-until", type=float, help="show a TokenBudget(weak_until=...): the per-step patch size")
     p.add_argument("--budget-flops", type=float, help="show a TokenBudget(flops=...): the per-step patch size")
     p.add_argument("--adapter", help="the budget adapter (.safetensors; 'digits': the shipped one); default zero-shot")
@@ -284,9 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threshold", type=float, help="DynamicCache with this threshold")
     p.add_argument("--schedule", help="StaticCache with this schedule JSON (from ditfx calibrate)")
     p.add_argument("--delta", type=float, default=0.1, help="StaticCache delta (with --schedule)")
-    p.add_argument("--together", action="store_true", help="StaticCache(per_block=False) (with --schedule)")
-    p.add_argument("--forecast", choices=("none", "linear"), default="none",
-                   help="how reused values are forecast (with --schedule or --threshold)")
+    p.add_argument("--per-block", action="store_true",
+                   help="StaticCache(per_block=True), the paper's rule (with --schedule; default: blocks together)")
+    p.add_argument("--forecast", choices=("none", "linear"),
+                   help="how reused values are forecast (with --schedule: default linear; --threshold: none)")
     p.add_argument("--gamma", type=float, help="AdaptiveGuidance with this gamma (the example batch is a CFG batch)")
     p.add_argument("--fill", choices=("cond", "delta"), default="delta", help="AdaptiveGuidance fill (with --gamma)")
     p.add_argument("--demo", action="store_true",
@@ -336,8 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--generations", type=int, default=4)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--delta", type=float, default=0.1, help="delta of the heatmap and the summary")
-    p.add_argument("--together", action="store_true",
-                   help="heatmap and summary for per_block=False (the blocks recompute together)")
+    p.add_argument("--per-block", action="store_true",
+                   help="heatmap and summary for per_block=True (each block on its own; default: together)")
     p.add_argument("--mode", choices=("residual", "output"), default="residual")
     p.add_argument("--out", default="schedule.json")
     p.add_argument("--budget", action="store_true",

@@ -73,7 +73,7 @@ def test_calibration_and_static_plan_is_what_runs():
     assert all(c[0] == 0 and all(v > 0 for v in c[1:]) for c in schedule.change)
     delta = sorted(v for c in schedule.change for v in c[1:])[len(schedule.change) * 4]
     plan = schedule.plan(delta)
-    fast = ditfx.optimize(model, ditfx.Config(cache=ditfx.StaticCache(delta, schedule), compiler=EAGER))
+    fast = ditfx.optimize(model, ditfx.Config(cache=ditfx.StaticCache(delta, schedule, per_block=True, forecast="none"), compiler=EAGER))
     run_loop(fast, kw, "reference", steps=8)
     s = ditfx.stats(fast)
     assert s.block_evals == sum(map(sum, plan)) and 0 < s.block_evals_skipped
@@ -89,7 +89,7 @@ def test_schedule_serves_another_step_count():
     fine = [1 - k / 16 for k in range(16)]
     plan = schedule.plan(0.3, fine)
     assert len(plan[0]) == 16 and all(row[0] for row in plan)
-    fast = ditfx.optimize(model, ditfx.Config(cache=ditfx.StaticCache(0.3, schedule), compiler=EAGER))
+    fast = ditfx.optimize(model, ditfx.Config(cache=ditfx.StaticCache(0.3, schedule, per_block=True, forecast="none"), compiler=EAGER))
     run_loop(fast, kw, "reference", steps=16)
     assert ditfx.stats(fast).block_evals == sum(map(sum, plan))
 
@@ -155,7 +155,7 @@ def test_linear_forecast_moves_only_reused_blocks():
     delta = sorted(v for c in schedule.change for v in c[1:])[len(schedule.change) * 4]
     runs = {}
     for forecast in ("none", "linear"):
-        fast = ditfx.optimize(model, ditfx.Config(cache=ditfx.StaticCache(delta, schedule, forecast=forecast),
+        fast = ditfx.optimize(model, ditfx.Config(cache=ditfx.StaticCache(delta, schedule, per_block=True, forecast=forecast),
                                                   compiler=EAGER))
         runs[forecast] = (run_loop(fast, kw, "reference", steps=8), ditfx.stats(fast).block_evals)
     assert runs["none"][1] == runs["linear"][1] < 8 * 4

@@ -7,11 +7,11 @@ from ditfx import cli
 def test_calibrate_then_inspect_the_plan_with_blocks_together(tmp_path, capsys):
     schedule = tmp_path / "schedule.json"
     assert cli.main(["calibrate", "DiT-T/2", "--steps", "6", "--generations", "1", "--delta", "3",
-                     "--together", "--out", str(schedule)]) == 0
+                     "--out", str(schedule)]) == 0
     assert schedule.is_file() and schedule.with_suffix(".png").is_file()
     assert "block evaluations" in capsys.readouterr().out
-    assert cli.main(["inspect", "DiT-T/2", "--schedule", str(schedule), "--delta", "3", "--together",
-                     "--forecast", "linear", "--steps", "6", "--json"]) == 0
+    assert cli.main(["inspect", "DiT-T/2", "--schedule", str(schedule), "--delta", "3",
+                     "--steps", "6", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)["plan"]
     assert plan["per_block"] is False and plan["forecast"] == "linear"
     assert all(len(set(column)) == 1 for column in zip(*plan["compute"]))  # every block or none, per step

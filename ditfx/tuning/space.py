@@ -7,6 +7,7 @@ knob, which the search uses to bisect; combinations are searched together (searc
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,11 +43,15 @@ class Knob:
 @dataclass(frozen=True)
 class Space:
     """Knobs searched together, and ``build({knob: value}) -> Config`` (which must give the exact configuration
-    at every knob's first value). ``name`` tells spaces apart in reports and in a resumed search."""
+    at every knob's first value). ``name`` tells spaces apart in reports and in a resumed search.
+
+    ``choices``: settings that change quality but not speed (``{"fade": (1.0, 2.0)}``), passed to ``build`` with
+    the knobs; the search tries each with every knob alone and keeps the one whose knobs reach furthest."""
 
     name: str
     knobs: tuple[Knob, ...]
     build: Callable[[dict[str, Any]], Config] = field(repr=False)
+    choices: dict = field(default_factory=dict)
 
     def __post_init__(self):
         knobs = tuple(self.knobs)
@@ -59,6 +64,16 @@ class Space:
             raise TypeError(f"Space {self.name!r}: build must be a callable {{knob: value}} -> ditfx.Config")
         object.__setattr__(self, "knobs", knobs)
 
+    def variants(self) -> list[Space]:
+        """This space once per combination of its choices (itself when it has none)."""
+        combos = itertools.product(*self.choices.values())
+        return [self.fixed(dict(zip(self.choices, c))) for c in combos] if self.choices else [self]
+
+    def fixed(self, choice: dict[str, Any]) -> Space:
+        """This space with its choices set: a space of knobs only."""
+        label = ",".join(f"{k}={v!r}" for k, v in choice.items())
+        return Space(f"{self.name}[{label}]", self.knobs, lambda v: self.build({**v, **choice}))
+
     def values(self, point: Sequence[int]) -> dict[str, Any]:
         return {k.name: k.values[i] for k, i in zip(self.knobs, point)}
 
@@ -68,22 +83,21 @@ class Space:
             raise TypeError(f"Space {self.name!r}: build returned {type(config).__name__}, not a ditfx.Config")
         return config
 
-    def key(self, point: Sequence[int]) -> str:
-        """A stable name of a point, for reports and for resuming."""
-        return self.name + ":" + ",".join(f"{k}={v!r}" for k, v in self.values(point).items())
 
 
 def techniques(cache: str | None = "static", schedule=None, guidance: bool = True, adapter=None,
                deltas: Sequence[float] = DELTAS, thresholds: Sequence[float] = THRESHOLDS,
-               gammas: Sequence[float] = GAMMAS, flops: Sequence[float] = FLOPS) -> Space:
+               gammas: Sequence[float] = GAMMAS, flops: Sequence[float] = FLOPS, fades: Sequence[float] = (1.0,)
+               ) -> Space:
     """The standard space: a block cache, Adaptive Guidance and a token budget, each on or off and every
     combination of them.
 
     * ``cache="static"`` (needs ``schedule``, a :class:`~ditfx.CacheSchedule` or its path from ``ditfx.calibrate``):
       ``StaticCache(delta, schedule, per_block=False, forecast="linear")``, knob ``delta``; ``"dynamic"``:
-      ``DynamicCache(threshold, per_sample=False)``, knob ``threshold``; None: no cache;
-    * ``guidance``: ``AdaptiveGuidance(gamma)`` (``fill="delta"``), knob ``gamma``; only for pipelines with
-      classifier-free guidance;
+      ``DynamicCache(threshold)``, knob ``threshold``; None: no cache;
+    * ``guidance``: ``AdaptiveGuidance(gamma, fade=...)`` (``fill="delta"``), knob ``gamma``; only for pipelines
+      with classifier-free guidance; ``fades`` with more than one value is a choice (how fast a switched sample's
+      guidance fades; its best value depends on the guidance scale, docs/guidance.md);
     * ``adapter``: a token-budget adapter (``ditfx.budget.distill``): ``TokenBudget(adapter, flops=f)``, knob
       ``flops``; None: no token budget (the zero-shot weak mode is too coarse to tune by default).
     """
@@ -111,12 +125,14 @@ def techniques(cache: str | None = "static", schedule=None, guidance: bool = Tru
         if v.get("delta", 0) > 0:
             cache_config = StaticCache(v["delta"], schedule, per_block=False, forecast="linear")
         elif v.get("threshold", 0) > 0:
-            cache_config = DynamicCache(v["threshold"], per_sample=False)
+            cache_config = DynamicCache(v["threshold"])
         gamma = v.get("gamma", 1.0)
         fraction = v.get("flops", 1.0)
-        return Config(cache=cache_config, guidance=AdaptiveGuidance(gamma) if gamma < 1 else None,
+        guide = AdaptiveGuidance(gamma, fade=v.get("fade", fades[0])) if gamma < 1 else None
+        return Config(cache=cache_config, guidance=guide,
                       budget=TokenBudget(adapter=adapter, flops=fraction) if fraction < 1 else None,
                       compiler="eager")
 
     name = "+".join([cache or "", "guidance" if guidance else "", "budget" if adapter is not None else ""])
-    return Space(name.strip("+").replace("++", "+"), tuple(knobs), build)
+    choices = {"fade": tuple(fades)} if guidance and len(fades) > 1 else {}
+    return Space(name.strip("+").replace("++", "+"), tuple(knobs), build, choices)

@@ -158,6 +158,7 @@ class Study:
                      "spaces": {s.name: {k.name: [repr(v) for v in k.values] for k in s.knobs} for s in spaces}}
         self.store = Store(workdir, signature)
         self.announced: set[str] = set()
+        self.space_names: dict[str, Space] = {}
 
     # ------------------------------------------------------------------------------------------- progress
     def say(self, text: str) -> None:
@@ -200,10 +201,11 @@ class Study:
         return record
 
     def evaluate(self, space: Space, point: tuple[int, ...]) -> dict:
-        key = space.key(point)
+        self.space_names.setdefault(space.name, space)
+        config = space.config(point)
+        key = repr(config)  # spaces (and choices) that build the same config share its evaluation
         record = self.store.points.get(key)
         if record is None:
-            config = space.config(point)
             record = self.evaluate_config(config, self.calibration, self.ref_outputs)
             record.update(space=space.name, values={k: v for k, v in space.values(point).items()},
                           point=list(point))
@@ -279,8 +281,9 @@ class Study:
             gc.collect()
 
     def config_of(self, r: dict) -> Config:
-        space = next(s for s in self.spaces if s.name == r["space"])
-        return space.config(tuple(r["point"]))
+        if r["space"] not in self.space_names:  # stored by an earlier run of a resumed study
+            self.space_names.update((v.name, v) for s in self.spaces for v in s.variants())
+        return self.space_names[r["space"]].config(tuple(r["point"]))
 
 
 def tune(pipe_or_model, run: Callable, budget: QualityBudget | None = None, space: Space | Sequence[Space] | None = None,
@@ -356,7 +359,7 @@ def tune(pipe_or_model, run: Callable, budget: QualityBudget | None = None, spac
     front = pareto_front(records, qualities)
     tuning = {"format": STATE_FORMAT, "budget": budget.describe(), "spaces": [s.name for s in spaces],
               "calibration": [repr(c) for c in study.calibration], "held_out": [repr(c) for c in study.held_out],
-              "reference": {"flops": study.ref_flops, **study.ref_record},
+              "reference": _finite({"flops": study.ref_flops, **study.ref_record}),
               "evaluations": len(records), "seconds": round(time.perf_counter() - start, 1),
               "limits": {name: r["limits"] for name, r in limits.items()},
               "front": [_public(r) for r in front], "points": [_public(r) for r in records]}
@@ -367,12 +370,16 @@ def tune(pipe_or_model, run: Callable, budget: QualityBudget | None = None, spac
                   + (f", {chosen['wall_speedup']:.2f}x wall" if "wall_speedup" in chosen else ""))
     else:
         config = spaces[0].config((0,) * len(spaces[0].knobs))
-        misses = [r for r in records if not r["inside"]] or records
+        misses = [r for r in records if not r["inside"]]
         closest = min(misses, key=lambda r: sum(min(v, 1e6) for v in r["misses"].values())) if misses else None
         tuning["chosen"] = None
         tuning["closest_miss"] = _public(closest) if closest else None
-        why = ("no accelerated point stays inside the budget" if not ranked else
-               "no point inside the budget on the calibration inputs stayed inside it on the held-out inputs")
+        if ranked:
+            why = "no point inside the budget on the calibration inputs stayed inside it on the held-out inputs"
+        elif misses:
+            why = "no accelerated point stays inside the budget"
+        else:
+            why = "no configuration of the space runs faster than the reference (nothing was skipped)"
         tuning["message"] = f"{why}: the reference (exact) configuration is returned"
         warnings.warn(f"ditfx.tune: {tuning['message']}" + (
             f"; the closest miss was {closest['space']} {closest['values']} ({_miss_text(closest)})" if closest else ""),

@@ -40,9 +40,11 @@ class TuningRun:
                 f"per_class={self.per_class})")
 
 
-def tuning_space(run: TuningRun | None = None, cache: str = "static", budget: bool = True):
-    """The standard space on the digits model: the shipped schedule's static cache (or ``cache="dynamic"``),
-    Adaptive Guidance when the run guides, and the shipped token-budget adapter (``budget=False``: without)."""
+def tuning_space(run: TuningRun | None = None, cache: str | None = "static", budget: bool = True,
+                 fades=(1.0, 2.0)):
+    """The standard space on the digits model: the shipped schedule's static cache (or ``cache="dynamic"``, or
+    None), Adaptive Guidance when the run guides (its fade a choice among ``fades``: the best one grows with the
+    guidance scale, docs/guidance.md), and the shipped token-budget adapter (``budget=False``: without)."""
     from ditfx.tuning.space import techniques
 
     from .budget import budget_adapter
@@ -50,4 +52,4 @@ def tuning_space(run: TuningRun | None = None, cache: str = "static", budget: bo
 
     guided = run is None or run.guidance_scale > 1
     return techniques(cache=cache, schedule=shipped_file(SCHEDULE_FILE) if cache == "static" else None,
-                      guidance=guided, adapter=budget_adapter() if budget else None)
+                      guidance=guided, adapter=budget_adapter() if budget else None, fades=fades)
