@@ -187,8 +187,11 @@ def cmd_tune(args) -> int:
 
         run = digits.TuningRun(guidance_scale=args.guidance_scale, steps=args.steps, per_class=args.per_class)
         target = digits.pipeline()
-        budget = QualityBudget(psnr=args.psnr, ssim=args.ssim, fd=args.fd, accuracy=args.accuracy, metric=run.metric)
-        space = digits.tuning_space(run, cache=args.cache, budget=not args.no_budget)
+        # the digits model measures FD and accuracy: the standard budget bounds them unless told otherwise
+        budget = QualityBudget(psnr=args.psnr, ssim=args.ssim, fd=0.10 if args.fd is None else args.fd,
+                               accuracy=0.01 if args.accuracy is None else args.accuracy, metric=run.metric)
+        space = digits.tuning_space(run, cache=args.cache if "cache" in args.techniques else None,
+                                    guidance="guidance" in args.techniques, budget="budget" in args.techniques)
         label = repr(run)
     else:
         if args.fd is not None or args.accuracy is not None:
@@ -317,10 +320,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="seeds the chosen configuration is checked on (none shared with the calibration seeds)")
     p.add_argument("--psnr", type=float, default=30.0, help="lowest PSNR (dB) against the reference")
     p.add_argument("--ssim", type=float, help="lowest SSIM against the reference")
-    p.add_argument("--fd", type=float, help="(digits) largest relative digits-FD change, e.g. 0.10")
-    p.add_argument("--accuracy", type=float, help="(digits) largest class-accuracy drop, e.g. 0.01")
+    p.add_argument("--fd", type=float, help="(digits) largest relative digits-FD change (default 0.10)")
+    p.add_argument("--accuracy", type=float, help="(digits) largest class-accuracy drop (default 0.01: one point)")
     p.add_argument("--cache", choices=("static", "dynamic"), default="static", help="the block cache searched")
-    p.add_argument("--no-budget", action="store_true", help="(digits) leave the token budget out of the search")
+    p.add_argument("--techniques", nargs="+", choices=("cache", "guidance", "budget"),
+                   default=["cache", "guidance", "budget"],
+                   help="(digits) what the search combines: the block cache, Adaptive Guidance, the token budget")
     p.add_argument("--compiler", choices=("inductor", "aot_eager", "eager"), default="inductor",
                    help="the compiler of the returned config (the search compiles with eager)")
     p.add_argument("--timing-rounds", type=int, default=1,

@@ -150,9 +150,12 @@ class AdaptiveGuidance:
     ``1 - t / t_first``) during which no sample switches; 0 is the paper's rule. At high noise the two
     predictions of some samples already agree before guidance has shaped them, which a warm-up ignores.
     ``fill``: what a switched sample's unconditional slot holds: ``"delta"`` (the default), the conditional
-    prediction minus the guidance direction ``c - u`` of the sample's last full step scaled by ``t / t_switch``,
-    so ``u + s * (c - u)`` keeps a guidance that fades linearly to zero at t = 0; or ``"cond"``, the conditional
-    prediction itself (the paper: guidance ends at once and the combine yields exactly ``c``). The default is
+    prediction minus the guidance direction ``c - u`` of the sample's last full step scaled by
+    ``(t / t_switch) ** fade``, so ``u + s * (c - u)`` keeps a guidance that fades to zero at t = 0; or ``"cond"``,
+    the conditional prediction itself (the paper: guidance ends at once and the combine yields exactly ``c``).
+    ``fade``: how fast that direction fades (1: linearly in t; 0: it stays; larger: faster). Full CFG's own
+    direction decays like ``t ** 1.1`` at guidance scale 1.5 and ``t ** 2`` at 4 on the digits model, so the best
+    fade grows with the scale; ``ditfx.tune`` chooses it (docs/guidance.md, docs/tune.md). The default is
     ``"delta"`` because ending guidance at once moves the output distribution: on the digits model ``"cond"``
     lowers digits-FD by a quarter at the default gamma, ``"delta"`` keeps it within 5 % (docs/guidance.md).
     """

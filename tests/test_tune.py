@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
-import warnings
 
 import pytest
 import torch
@@ -265,3 +264,21 @@ def test_config_save_load_round_trips_every_technique(tmp_path):
         ditfx.Config.load(tmp_path / "bad.json")
     with pytest.raises(FileNotFoundError, match="Config.save"):
         ditfx.Config.load(tmp_path / "missing.json")
+
+
+def test_cli_tune_writes_config_report_and_plot(tmp_path, capsys):
+    from ditfx import cli
+
+    out, report, plot = tmp_path / "tuned.json", tmp_path / "report.json", tmp_path / "pareto.png"
+    assert cli.main(["tune", "DiT-T/2", "--steps", "16", "--psnr", "25", "--compiler", "eager", "--timing-rounds",
+                     "0", "--calibration-seeds", "3", "--held-out-seeds", "4", "--out", str(out), "--json",
+                     str(report), "--plot", str(plot), "--workdir", str(tmp_path / "work")]) == 0
+    printed = capsys.readouterr().out
+    data = json.loads(report.read_text())
+    config = ditfx.Config.load(out)
+    assert data["config"] == repr(config) and config.compiler == "eager"
+    assert plot.is_file() and plot.stat().st_size > 10_000
+    assert data["chosen"] is not None and data["chosen"]["held_out"]["inside"]  # at 16 steps some delta skips
+    assert "tuned:" in printed and isinstance(config.cache, ditfx.StaticCache)
+    assert cli.main(["tune", "DiT-T/2", "--fd", "0.1"]) == 2  # digits-only measures on another model
+    assert "--fd and --accuracy" in capsys.readouterr().err

@@ -40,16 +40,17 @@ class TuningRun:
                 f"per_class={self.per_class})")
 
 
-def tuning_space(run: TuningRun | None = None, cache: str | None = "static", budget: bool = True,
-                 fades=(1.0, 2.0)):
+def tuning_space(run: TuningRun | None = None, cache: str | None = "static", guidance: bool = True,
+                 budget: bool = True, fades=(1.0, 2.0)):
     """The standard space on the digits model: the shipped schedule's static cache (or ``cache="dynamic"``, or
     None), Adaptive Guidance when the run guides (its fade a choice among ``fades``: the best one grows with the
-    guidance scale, docs/guidance.md), and the shipped token-budget adapter (``budget=False``: without)."""
+    guidance scale, docs/guidance.md; ``guidance=False``: without), and the shipped token-budget adapter
+    (``budget=False``: without)."""
     from ditfx.tuning.space import techniques
 
     from .budget import budget_adapter
     from .calibrate import SCHEDULE_FILE, shipped_file
 
-    guided = run is None or run.guidance_scale > 1
+    guided = guidance and (run is None or run.guidance_scale > 1)
     return techniques(cache=cache, schedule=shipped_file(SCHEDULE_FILE) if cache == "static" else None,
                       guidance=guided, adapter=budget_adapter() if budget else None, fades=fades)
