@@ -20,6 +20,7 @@ interleaved rounds (compiler eager for both, compilation excluded).
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
 import time
@@ -115,16 +116,44 @@ def main(argv=None) -> int:
             _, entry["guidance"] = study("guidance", pipe, run, ag_budget,
                                          digits.tuning_space(run, cache=None, budget=False), workdir, timing=0)
         if "compare" not in args.skip:
-            entry["compare"] = compare(pipe, run, standard, {"tuned": tuned, "hand_picked": hand_picked()},
-                                       args.rounds)
+            kept = workdir / "compare.json"  # a resumed run keeps its measured comparison
+            if kept.is_file() and json.loads(kept.read_text())["tuned"]["config"] == repr(tuned):
+                entry["compare"] = json.loads(kept.read_text())
+            else:
+                entry["compare"] = compare(pipe, run, standard, {"tuned": tuned, "hand_picked": hand_picked()},
+                                           args.rounds)
+                kept.write_text(json.dumps(_finite(entry["compare"]), indent=1))
             c = entry["compare"]
             print(f"{setting}: tuned {c['tuned']['wall_speedup']:.2f}x wall ({c['tuned']['flops_speedup']:.2f}x "
                   f"FLOPs, inside {c['tuned']['inside']}), hand-picked {c['hand_picked']['wall_speedup']:.2f}x "
                   f"({c['hand_picked']['flops_speedup']:.2f}x FLOPs, inside {c['hand_picked']['inside']})",
                   flush=True)
         report["settings"][setting] = entry
+        report["defaults"] = defaults(report["settings"])
         write_json(_finite(report), str(args.json))
+    print(json.dumps(report["defaults"], indent=1))
     return 0
+
+
+def defaults(settings: dict) -> dict:
+    """Each technique's default: its most aggressive value inside the budget at every setting (the least aggressive
+    of the per-setting limits); for Adaptive Guidance per fade, then the fade whose common gamma is lowest."""
+    out = {}
+    delta = {s: e["full"]["limits"][next(iter(e["full"]["limits"]))]["limits"].get("delta") for s, e in settings.items()}
+    out["StaticCache.delta"] = {"per_setting": delta, "default": min(delta.values())}
+    if all("dynamic" in e for e in settings.values()):
+        threshold = {s: e["dynamic"]["limits"]["dynamic"]["limits"]["threshold"] for s, e in settings.items()}
+        out["DynamicCache.threshold"] = {"per_setting": threshold, "default": min(threshold.values())}
+    guided = {s: e["guidance"]["limits"]["guidance"]["variants"] for s, e in settings.items() if "guidance" in e}
+    if guided:
+        fades = {}
+        for variants in guided.values():
+            for name, limits in variants.items():
+                fades.setdefault(name, []).append(limits["gamma"])
+        common = {name: max(gammas) for name, gammas in fades.items()}  # gamma nearer 1 is less aggressive
+        best = min(common, key=lambda name: (common[name], name))
+        out["AdaptiveGuidance"] = {"per_setting": guided, "gamma_at_every_setting": common, "default": best}
+    return out
 
 
 if __name__ == "__main__":

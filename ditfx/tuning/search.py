@@ -59,20 +59,22 @@ def ascend(space: Space, evaluate: Evaluate) -> tuple[int, ...]:
 
 
 def search(space: Space, evaluate: Evaluate) -> dict:
-    """Both phases on ``space``: ``{"limits": {knob: value alone}, "reached": point values, "choice": ...}``.
+    """Both phases on ``space``: ``{"limits": {knob: value alone}, "reached": point values, "space": the variant
+    kept, "variants": {variant: its limits}}``.
     With choices, each is tried with every knob alone; the one whose fastest single-knob point is fastest (the
     first among equals) is kept for the ascent."""
-    best = None
+    best, variants = None, {}
     for sub in space.variants():
         limits = knob_limits(sub, evaluate)
+        variants[sub.name] = {k.name: k.values[limits[k.name]] for k in sub.knobs}
         alone = [_with((0,) * len(sub.knobs), j, limits[k.name]) for j, k in enumerate(sub.knobs)]
         speed = max(evaluate(sub, p)["speed"] if any(p) else 1.0 for p in alone)
         if best is None or speed > best[0] + 1e-9:
             best = (speed, sub, limits)
     _, sub, limits = best
     reached = ascend(sub, evaluate) if len(sub.knobs) > 1 else (limits[sub.knobs[0].name],)
-    return {"limits": {k.name: k.values[limits[k.name]] for k in sub.knobs}, "reached": sub.values(reached),
-            "space": sub.name}
+    return {"limits": variants[sub.name], "reached": sub.values(reached), "space": sub.name,
+            "variants": variants}
 
 
 def pareto_front(records: list[dict], qualities: list[tuple[str, int]]) -> list[dict]:

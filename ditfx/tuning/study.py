@@ -266,6 +266,8 @@ class Study:
         """Wall time of the leading points, each against a reference run of its own round (compile excluded)."""
         case = self.calibration[:1]
         for r in ranked:
+            if r.get("wall_rounds", 0) >= rounds:  # timed by an earlier run of a resumed study
+                continue
             target = self.candidates.optimized(self.config_of(r))
             _run_cases(self.run, target, case, generation=True)  # compiles
             ratios = []
@@ -274,7 +276,7 @@ class Study:
                 _, wall = _run_cases(self.run, target, case, generation=True)
                 ratios.append(ref_wall / wall)
             r["wall_speedup"] = sorted(ratios)[len(ratios) // 2]
-            self.store.points[r["key"]]["wall_speedup"] = r["wall_speedup"]
+            self.store.points[r["key"]].update(wall_speedup=r["wall_speedup"], wall_rounds=rounds)
             self.store.write()
             self.say(f"timed {r['space']} {r['values']}: {r['wall_speedup']:.2f}x wall ({r['speed']:.2f}x FLOPs)")
             del target
@@ -346,9 +348,13 @@ def tune(pipe_or_model, run: Callable, budget: QualityBudget | None = None, spac
     if ranked:
         held_ref, held_record = study.reference("held_out", study.held_out)
         for r in ranked:
-            result = study.evaluate_config(study.config_of(r), study.held_out, held_ref)
-            misses = budget.misses(result["measures"], held_record["measures"])
-            r["held_out"] = {"measures": result["measures"], "misses": misses,
+            stored = study.store.points[r["key"]]
+            if "held_out_measures" not in stored:
+                stored["held_out_measures"] = study.evaluate_config(study.config_of(r), study.held_out,
+                                                                    held_ref)["measures"]
+                study.store.write()
+            misses = budget.misses(stored["held_out_measures"], held_record["measures"])
+            r["held_out"] = {"measures": stored["held_out_measures"], "misses": misses,
                              "inside": all(v <= 1e-9 for v in misses.values())}
             study.say(f"held-out check of {r['space']} {r['values']}: "
                       f"{'inside' if r['held_out']['inside'] else 'outside'} the budget")
