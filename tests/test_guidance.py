@@ -346,3 +346,14 @@ def test_a_window_skips_the_unconditional_call_of_step_zero_when_the_pipeline_na
             x = x - c / 4
     s = ditfx.stats(fast)
     assert s.nfe_skipped == 2 and s.nfe == 4 + 2  # steps 0 and 1 are outside [0.5, 1): no unconditional call
+
+
+def test_row_state_views_a_call_that_computes_no_rows():
+    """A two-call step whose unconditional call computes none of its rows (every sample switched) views an empty
+    set of rows; the state comes back whole afterwards (found tuning a tiny Flux pipeline with a cache and AG)."""
+    from ditfx.runtime.rows import RowState
+
+    full = {"cached": torch.arange(6.0).reshape(2, 3)}
+    state = RowState(full, rows=2)
+    assert state.view(torch.tensor([], dtype=torch.long))["cached"].shape == (0, 3)
+    assert torch.equal(state.view(None)["cached"], full["cached"])

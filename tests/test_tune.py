@@ -282,3 +282,22 @@ def test_cli_tune_writes_config_report_and_plot(tmp_path, capsys):
     assert "tuned:" in printed and isinstance(config.cache, ditfx.StaticCache)
     assert cli.main(["tune", "DiT-T/2", "--fd", "0.1"]) == 2  # digits-only measures on another model
     assert "--fd and --accuracy" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["pixart_alpha", "flux"])
+def test_tune_an_unmodified_diffusers_pipeline_with_the_default_space(name):
+    """The default space (a schedule calibrated here, Adaptive Guidance) on a tiny diffusers pipeline: a config
+    comes back, the user's pipeline is left uncompiled, and the exact point reproduced the reference (else tune
+    raises)."""
+    import pipelines
+
+    pipe, kwargs = pipelines.build(name)
+    config = ditfx.tune(pipe, lambda p, seed: pipelines.run(p, kwargs, seed), QualityBudget(psnr=20),
+                        calibration=[1], held_out=[2], compiler="eager", timing=0, progress=False)
+    assert config.tuning["spaces"] == ["static+guidance"]
+    assert config.tuning["evaluations"] >= 2
+    chosen = config.tuning["chosen"]
+    assert chosen is None or chosen["held_out"]["inside"]
+    assert getattr(pipe.transformer, "_compiled_call_impl", None) is None  # the user's pipeline is untouched
+    with pytest.raises(ValueError, match="not optimized"):
+        ditfx.stats(pipe)

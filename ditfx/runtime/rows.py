@@ -66,8 +66,11 @@ class RowState:
         key = None if ids is None or len(ids) == self.rows else tuple(ids.tolist())
         if key == self.ids:
             return self.compact
-        if self.ids is not None:
-            self.full = scatter(self.full, self.compact, torch.tensor(self.ids), self.rows)
-        self.compact = self.full if key is None else gather(self.full, torch.tensor(key), self.rows)
+        if self.ids is not None:  # long even when empty: a call may compute none of a branch's rows
+            self.full = scatter(self.full, self.compact, torch.tensor(self.ids, dtype=torch.long), self.rows)
+        if key is not None:
+            self.compact = gather(self.full, torch.tensor(key, dtype=torch.long), self.rows)
+        else:
+            self.compact = self.full
         self.ids = key
         return self.compact
