@@ -370,7 +370,7 @@ def tune(pipe_or_model, run: Callable, budget: QualityBudget | None = None, spac
               "calibration": [repr(c) for c in study.calibration], "held_out": [repr(c) for c in study.held_out],
               "reference": _finite({"flops": study.ref_flops, **study.ref_record}),
               "evaluations": len(records), "seconds": round(time.perf_counter() - start, 1),
-              "limits": {name: r["limits"] for name, r in limits.items()},
+              "limits": limits,  # per space: each knob alone (every variant), the variant kept, the ascent's end
               "front": [_public(r) for r in front], "points": [_public(r) for r in records]}
     if chosen is not None:
         config = study.config_of(chosen)
