@@ -220,7 +220,7 @@ def cmd_tune(args) -> int:
         label = f"{args.model} batch {args.batch} steps {args.steps}"
     config = ditfx.tune(target, run, budget, space=space, calibration=args.calibration_seeds,
                         held_out=args.held_out_seeds, compiler=args.compiler, workdir=args.workdir,
-                        timing=args.timing_rounds, out=args.out, label=label)
+                        timing=args.timing_rounds, out=args.out, label=label, margin=args.margin)
     report = {"model": args.model, "config": repr(config), "out": args.out, **config.tuning}
     if args.plot:
         plot.pareto(config.tuning, args.plot)
@@ -330,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the compiler of the returned config (the search compiles with eager)")
     p.add_argument("--timing-rounds", type=int, default=1,
                    help="wall-clock rounds for the fastest points inside the budget (0: FLOPs decide)")
+    p.add_argument("--margin", type=float, default=0.1,
+                   help="the share of each bound's allowance a point must leave unused on the held-out seeds")
     p.add_argument("--workdir", help="keep evaluations here; running again with it resumes")
     p.add_argument("--out", help="write the tuned config here (.json)")
     p.add_argument("--json", help="write the report (front, chosen point, held-out check) here")
