@@ -1,6 +1,7 @@
 """QualityBudget: how far an accelerated configuration's outputs may move from the reference's, and the check."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -103,6 +104,23 @@ class QualityBudget:
             if high is not None and value > ref:
                 used.append((value - ref) / max(high - ref, 1e-12))
         return max(used)
+
+    def tightened(self, margin: float) -> QualityBudget:
+        """This budget with ``margin`` of each allowance held back: PSNR ``margin * 10`` dB higher, SSIM ``margin``
+        of the way to 1, FD and accuracy ``(1 - margin)`` of their allowance, limits ``margin`` of their span
+        narrower towards the middle."""
+        def narrow(low, high):
+            if low is not None and high is not None:
+                pad = margin * (high - low) / 2
+                return low + pad, high - pad
+            return low, high
+
+        return dataclasses.replace(
+            self, psnr=None if self.psnr is None else self.psnr + 10.0 * margin,
+            ssim=None if self.ssim is None else self.ssim + margin * (1.0 - self.ssim),
+            fd=None if self.fd is None else self.fd * (1.0 - margin),
+            accuracy=None if self.accuracy is None else self.accuracy * (1.0 - margin),
+            limits={k: narrow(*v) for k, v in self.limits.items()})
 
     def inside(self, measures: dict, reference: dict) -> bool:
         # a tiny tolerance: measures of equal outputs round differently through numpy
