@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import ditfx.config as config_module
+from ditfx.validation import read_json_file
 
 FORMAT = "ditfx.config/1"
 TECHNIQUES = {cls.__name__: cls for cls in (config_module.DynamicCache, config_module.StaticCache,
@@ -89,17 +90,8 @@ def save_config(config: config_module.Config, path) -> Path:
 def load_config(path) -> config_module.Config:
     """Read a config written by :func:`save_config` (``Config.save``, ``ditfx.tune``); errors name the file."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no config at {path}: write one with Config.save or ditfx.tune")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON (line {e.lineno}): save the config again") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        found = data.get("format") if isinstance(data, dict) else type(data).__name__
-        raise ValueError(f"{path} is not a ditfx config (format {FORMAT!r}, found {found!r}): write it with "
-                         "Config.save or ditfx.tune")
-    unknown = sorted(set(data) - {"format", "tuning", *_PLAIN, *_SLOTS})
+    data = read_json_file(path, "ditfx config", FORMAT, "write one with Config.save or ditfx.tune")
+    unknown = sorted(set(data) - {"tuning", *_PLAIN, *_SLOTS})
     if unknown:
         raise ValueError(f"{path}: unknown config key(s) {unknown}")
     fields = {k: data[k] for k in _PLAIN if k in data}
