@@ -2,8 +2,8 @@
 best hand-picked one of docs/benchmarks.md, and the tuning runs the defaults of AdaptiveGuidance, StaticCache and
 DynamicCache are chosen from.
 
-Per setting (guidance scale : steps), three studies on calibration seed 100, checked on held-out seed 200 (100
-digits each, 10 per class):
+Per setting (guidance scale : steps), three studies on calibration seeds 100 and 101, checked on held-out seeds 200
+and 201 (100 digits each, 10 per class):
 
 * the full space (static cache together+linear, Adaptive Guidance with its fade a choice, token budget) inside
   the standard budget: PSNR >= 30 dB, digits-FD within 10 %, accuracy within one point; its single-knob limits are
@@ -12,7 +12,7 @@ digits each, 10 per class):
 * Adaptive Guidance alone inside its own check's budget (digits-FD within 5 %, accuracy within one point).
 
 Then the tuned configuration and the hand-picked one (TokenBudget(flops=0.7) + StaticCache(0.7, together, linear)
-+ AdaptiveGuidance(0.99)) run on a third seed (300) against the reference: quality, FLOPs, and wall time in
++ AdaptiveGuidance(0.99)) run on report seeds 300 and 301 against the reference: quality, FLOPs, and wall time in
 interleaved rounds (compiler eager for both, compilation excluded).
 
     python benchmarks/tune_digits.py --settings 1.5:50 4:50 1.5:25 4:25 1.5:20 4:20 --workdir out/tune --json out/tune_digits.json
@@ -36,7 +36,7 @@ from ditfx.tuning.metrics import measure
 from ditfx.tuning.study import Candidates, _finite, _run_cases
 from reporting import write_json  # benchmarks/reporting.py, beside this script
 
-CALIBRATION, HELD_OUT, REPORT = [100], [200], [300]
+CALIBRATION, HELD_OUT, REPORT = [100, 101], [200, 201], [300, 301]
 
 
 def hand_picked() -> ditfx.Config:

@@ -28,8 +28,13 @@ def trajectories(pipe):
     return record_trajectories(pipe, _run, generations=3, steps=4, teacher_steps=8, progress=False)
 
 
-def test_trajectories_are_the_teachers_latents_at_the_students_noise_levels(pipe, trajectories):
-    t = trajectories
+@pytest.fixture(scope="module")
+def noisy(pipe):
+    return record_trajectories(pipe, _run, generations=3, steps=4, teacher_steps=8, points="noisy", progress=False)
+
+
+def test_trajectories_are_the_teachers_latents_at_the_students_noise_levels(pipe, noisy):
+    t = noisy
     assert t.states.shape == (5, 9, 1, 16, 16) and t.record["teacher_indices"] == [0, 2, 4, 6]
     scheduler = digits.make_scheduler()
     scheduler.set_timesteps(8)
@@ -55,6 +60,28 @@ def test_trajectories_are_the_teachers_latents_at_the_students_noise_levels(pipe
     x = t.states[:, 4]
     assert torch.allclose(x[:-1] + (t.sigmas[1:] - t.sigmas[:-1]).reshape(-1, 1, 1, 1) * targets, x[1:], atol=1e-6)
     assert kwargs["hidden_states"].shape == (4, 1, 16, 16) and kwargs["class_labels"].shape == (4,)
+
+
+def test_denoised_points_are_the_teachers_clean_estimates(pipe, noisy, trajectories):
+    """points="denoised" (the default): x_i - sigma_i * v_i with v_i the teacher's guided velocity at x_i, computed
+    here by calling the teacher; the noise and the final latents are those of points="noisy"."""
+    t = trajectories
+    assert t.record["points"] == "denoised" and noisy.record["points"] == "noisy"
+    assert torch.equal(t.states[0], noisy.states[0]) and torch.equal(t.states[4], noisy.states[4])
+    labels = noisy.calls[0]["class_labels"]
+    with torch.no_grad():
+        for s in (1, 2, 3):
+            x, sigma = noisy.states[s], float(noisy.sigmas[s])
+            timestep = torch.full((2 * len(x),), sigma * 1000)
+            both = pipe.transformer(hidden_states=torch.cat([x, x]), timestep=timestep,
+                                    class_labels=torch.cat([torch.full_like(labels, digits.NULL_CLASS), labels]),
+                                    return_dict=False)[0]
+            uncond, cond = both.chunk(2)
+            v = uncond + 1.5 * (cond - uncond)
+            assert (t.states[s] - (x - sigma * v)).abs().max() < 1e-4
+        assert not torch.allclose(t.states[1], noisy.states[1], atol=1e-2)
+    with pytest.raises(ValueError, match="points must be one of"):
+        record_trajectories(pipe, _run, 1, points="clean", progress=False)
 
 
 def test_trajectories_round_trip_through_a_file(trajectories, tmp_path):

@@ -6,12 +6,18 @@
    and once as the teacher (``teacher_steps`` steps with guidance), to record its latents at the student's noise
    levels (``callback_on_step_end``, as every diffusers pipeline offers) and at the end. The student's points are
    teacher steps ``floor(s * T / S)``, so each is a point of the teacher's trajectory, not an interpolation.
+   What is kept there (``points``): by default, as ARD's reference code does (``predx0``), the teacher's *clean
+   estimate* ``x_i - sigma_i * v_i`` (its guided velocity v_i read off the Euler step it took); the student's
+   next step starts from that estimate, which no longer holds the noise the rest of the trajectory depends on, so
+   a student without history must guess it and one with history reads it from the first step's keys and values
+   (the exposure the history is for). ``points="noisy"`` keeps the teacher's latents instead: they hold
+   everything, and on the digits model a student without history then matches one with it (docs/history.md).
 2. **Train** (:func:`distill`). The student starts as a copy of the teacher (with step-specific output heads, each
    a copy of the teacher's de-embedding). Teacher forcing: the S steps of a batch of trajectories run as one call
    of the one-shot forward (:func:`~ditfx.history.oneshot.one_shot`: block-causal attention in the lower
    ``layers`` blocks, block-diagonal above; ``layers=0`` is plain step distillation), each step fed the teacher's
-   state. The regression target of step s is the velocity that takes the teacher's state at sigma_s to its state
-   at sigma_{s+1} in one flow-matching Euler step, ``(x_{s+1} - x_s) / (sigma_{s+1} - sigma_s)``; the loss is
+   point. The regression target of step s is the velocity that takes the teacher's point s to its point s + 1
+   in one flow-matching Euler step at the student's noise levels, ``(x_{s+1} - x_s) / (sigma_{s+1} - sigma_s)``; the loss is
    its mean squared error over the S steps (ARD's regression loss, in the model's own output units).
 
 The result is a :class:`~ditfx.history.student.HistoryStudent` (weights, heads, the schedule it was trained
@@ -36,12 +42,14 @@ from ditfx.history.student import HistoryStudent
 from ditfx.runtime.rows import is_per_row
 
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
+POINTS = ("denoised", "noisy")
 
 
 @dataclass
 class Trajectories:
-    """Teacher trajectories at a student's S points: ``states[s]`` (M, ...) the teacher's latents at
-    ``sigmas[s]`` (``states[S]``: its final latents, sigma 0), and per student step the denoiser's call
+    """Teacher trajectories at a student's S points: ``states[s]`` (M, ...) the teacher's point at ``sigmas[s]``
+    (its clean estimate or its latents there, ``record["points"]``; ``states[0]``: the noise, ``states[S]``: its
+    final latents, sigma 0), and per student step the denoiser's call
     arguments (``calls[s]``: keyword -> tensor with M rows, or a constant shared by every row)."""
 
     states: torch.Tensor  # (S + 1, M, *latent)
@@ -142,12 +150,16 @@ def _hidden(args: tuple, kwargs: dict) -> tuple[str, torch.Tensor]:
 
 @torch.no_grad()
 def record_trajectories(pipe, run: Callable, generations: int, steps: int = 4, teacher_steps: int = 50,
-                        guidance_scale: float = 1.5, seed: int = 0, progress: bool = True) -> Trajectories:
+                        guidance_scale: float = 1.5, seed: int = 0, points: str = "denoised",
+                        progress: bool = True) -> Trajectories:
     """Teacher trajectories of ``pipe`` at a student's ``steps`` points (module docstring, step 1).
 
     ``run(pipe, index, **call)`` runs generation ``index`` (the same prompts or labels every time it is given the
     same index) with the pipeline keywords in ``call`` (num_inference_steps, guidance_scale, generator and
-    either sigmas or callback_on_step_end)."""
+    either sigmas or callback_on_step_end). ``points``: what the student's intermediate points are (module
+    docstring): ``"denoised"`` the teacher's clean estimates there, ``"noisy"`` its latents there."""
+    if points not in POINTS:
+        raise ValueError(f"points must be one of {POINTS}, got {points!r}")
     denoiser = pipe.transformer
     indices, sigmas = student_points(pipe.scheduler, teacher_steps, steps)
     calls: list[list[dict]] = [[] for _ in range(steps)]
@@ -194,9 +206,10 @@ def record_trajectories(pipe, run: Callable, generations: int, steps: int = 4, t
         if trajectory[teacher_steps].shape != x_t.shape:
             raise ValueError(f"ditfx.history: the pipeline's latents {tuple(trajectory[teacher_steps].shape)} are not "
                              f"the denoiser's input {tuple(x_t.shape)}")
-        states[0].append(x_t.detach().clone())
+        trajectory[0] = x_t.detach().clone()
+        states[0].append(trajectory[0])
         for s, i in enumerate(indices[1:], 1):
-            states[s].append(trajectory[i])
+            states[s].append(trajectory[i] if points == "noisy" else _denoised(trajectory, i, pipe.scheduler.sigmas))
         states[steps].append(trajectory[teacher_steps])
         if progress:
             done = g + 1
@@ -207,10 +220,18 @@ def record_trajectories(pipe, run: Callable, generations: int, steps: int = 4, t
         step_calls = calls[s]
         merged.append({key: torch.cat([c[key] for c in step_calls]) if is_per_row(step_calls[0][key], rows)
                        else _constant(key, [c[key] for c in step_calls]) for key in step_calls[0]})
-    record = {"latents_key": latents_key, "teacher_steps": teacher_steps, "guidance_scale": guidance_scale,
+    record = {"latents_key": latents_key, "points": points, "teacher_steps": teacher_steps, "guidance_scale": guidance_scale,
               "teacher_indices": indices, "generations": generations, "seed": seed,
               "seconds": round(time.time() - start, 1)}
     return Trajectories(torch.stack([torch.cat(x) for x in states]), torch.tensor([*sigmas, 0.0]), merged, record)
+
+
+def _denoised(trajectory: dict[int, torch.Tensor], i: int, sigmas: torch.Tensor) -> torch.Tensor:
+    """The teacher's clean estimate at its step ``i``: ``x_i - sigma_i * v_i``, with v_i its guided velocity there,
+    read off the Euler step it took, ``(x_{i+1} - x_i) / (sigma_{i+1} - sigma_i)``."""
+    x, after = trajectory[i], trajectory[i + 1]
+    sigma, following = float(sigmas[i]), float(sigmas[i + 1])
+    return x - sigma * (after - x) / (following - sigma)
 
 
 def _constant(key: str, values: list):

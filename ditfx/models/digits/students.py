@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ditfx.history.distill import Trajectories, distill, record_trajectories
+from ditfx.history.distill import POINTS, Trajectories, distill, record_trajectories
 from ditfx.history.student import HistoryStudent
 
 from .shipped import WEIGHTS_DIR, shipped_file
@@ -82,6 +82,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--trajectories", type=Path, default=None,
                    help="a trajectories file: used when it exists, else recorded and written there")
     p.add_argument("--generations", type=int, default=40, help=f"recorded generations of {GENERATION_BATCH}")
+    p.add_argument("--points", choices=POINTS, default="denoised",
+                   help="the student's intermediate points: the teacher's clean estimates (ARD's reference code) or "
+                        "its latents (ditfx.history.record_trajectories)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -94,10 +97,11 @@ def main(argv: list[str] | None = None) -> None:
     pipe.set_progress_bar_config(disable=True)
     if args.trajectories is not None and args.trajectories.is_file():
         trajectories = Trajectories.load(args.trajectories)
-        print(f"trajectories: {args.trajectories} ({len(trajectories)})", flush=True)
+        print(f"trajectories: {args.trajectories} ({len(trajectories)}, points "
+              f"{trajectories.record.get('points', 'noisy')})", flush=True)
     else:
         trajectories = record_trajectories(pipe, trajectory_run, args.generations, steps=STEPS, seed=args.seed,
-                                           **TEACHER)
+                                           points=args.points, **TEACHER)
         if args.trajectories is not None:
             trajectories.save(args.trajectories)
     layers = STUDENTS[args.student] if args.layers is None else args.layers
