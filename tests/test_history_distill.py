@@ -197,3 +197,15 @@ def test_the_shipped_students_sample_digits_in_four_steps_without_guidance(name,
 def test_an_unknown_student_is_named():
     with pytest.raises(ValueError, match="student must be one of"):
         digits.load_student("lcm")
+
+
+def test_the_students_command_records_the_shared_trajectories_alone(tmp_path, capsys):
+    from ditfx.models.digits import students
+
+    path = tmp_path / "t.safetensors"
+    students.main(["--trajectories", str(path), "--generations", "1", "--points", "noisy"])
+    recorded = Trajectories.load(path)
+    assert len(recorded) == students.GENERATION_BATCH and recorded.record["points"] == "noisy"
+    assert "wrote" in capsys.readouterr().out and not list(tmp_path.glob("student_*"))
+    with pytest.raises(SystemExit):  # neither a student to distil nor a file to record
+        students.main([])

@@ -1,12 +1,14 @@
 """The digits model's 4-step students: ARD (history attention in the lower 2 of 6 blocks) and plain step
 distillation (no history), distilled from the 50-step guided (CFG 1.5, as in the demo) digits pipeline.
 
-    python -m ditfx.models.digits.students --student ard --out ditfx/models/digits/weights --minutes 30
-    python -m ditfx.models.digits.students --student step --out ditfx/models/digits/weights --minutes 30
+    python -m ditfx.models.digits.students --trajectories /tmp/digits_trajectories.safetensors
+    python -m ditfx.models.digits.students --student ard --trajectories /tmp/digits_trajectories.safetensors
+    python -m ditfx.models.digits.students --student step --trajectories /tmp/digits_trajectories.safetensors
 
-Each run records the teacher's trajectories at the student's 4 noise levels (or reuses ``--trajectories FILE``
-when it exists, so both students train on the same data), distils the student (:func:`ditfx.history.distill`)
-and writes ``student_<name>.safetensors`` (weights, step heads, schedule, record) and ``student_<name>_loss.png``.
+The first records the teacher's trajectories at the student's 4 noise levels (the data both students share);
+each of the others distils a student (:func:`ditfx.history.distill`) on them (or records them first when the file
+does not exist) and writes ``student_<name>.safetensors`` (weights, step heads, schedule, record) and
+``student_<name>_loss.png``.
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ from .shipped import WEIGHTS_DIR, shipped_file
 STUDENTS = {"ard": 2, "step": 0}  # history layers of each shipped student
 STEPS = 4
 TEACHER = {"teacher_steps": 50, "guidance_scale": 1.5}
-COMMAND = "python -m ditfx.models.digits.students --student {name} --out ditfx/models/digits/weights --minutes 30"
+COMMAND = ("python -m ditfx.models.digits.students --student {name} --out ditfx/models/digits/weights --minutes 30 "
+           "--trajectories /tmp/digits_trajectories.safetensors")
 GENERATION_BATCH = 64
 
 
@@ -74,7 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     from . import pipeline
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--student", choices=sorted(STUDENTS), required=True)
+    p.add_argument("--student", choices=sorted(STUDENTS),
+                   help="the student to distil; without it, only record --trajectories")
     p.add_argument("--layers", type=int, default=None, help="history layers (default: the shipped student's)")
     p.add_argument("--out", type=Path, default=WEIGHTS_DIR)
     p.add_argument("--minutes", type=float, default=30.0)
@@ -90,6 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.student is None and args.trajectories is None:
+        p.error("give --student to distil one, or --trajectories FILE to record the trajectories only")
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
@@ -104,6 +110,10 @@ def main(argv: list[str] | None = None) -> None:
                                            points=args.points, **TEACHER)
         if args.trajectories is not None:
             trajectories.save(args.trajectories)
+            print(f"wrote {args.trajectories} ({len(trajectories)} trajectories, "
+                  f"{trajectories.record['seconds']:.0f} s)", flush=True)
+    if args.student is None:
+        return
     layers = STUDENTS[args.student] if args.layers is None else args.layers
     student = distill(pipe.transformer, trajectories, layers, minutes=None if args.steps else args.minutes,
                       steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed)
