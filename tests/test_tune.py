@@ -83,6 +83,26 @@ def test_knob_limits_bisect_and_ascent_combines():
                for j in range(2) if point[j] + 1 < 9)  # it stops only where every next notch leaves the budget
 
 
+def test_the_ascent_also_climbs_from_known_good_starts():
+    """Inside: a corner the one-notch ascent from the exact point cannot leave, and an island two notches away
+    (two knobs whose effects cancel); a start on the island is climbed from, one outside the budget is ignored."""
+    inside = {(0, 0), (1, 0), (0, 1), (2, 0), (2, 2), (3, 2), (2, 3), (3, 3)}
+
+    def evaluate(space, point):
+        return {"inside": tuple(point) in inside, "speed": 1.5 ** sum(point), "usage": 0.1 * sum(point)}
+
+    knobs = (Knob("a", (0, 1, 2, 3)), Knob("b", (0, 10, 20, 30)))
+    alone = search(Space("s", knobs, build=lambda v: ditfx.Config()), evaluate)
+    assert alone["reached"] == {"a": 2, "b": 0}
+    started = Space("s", knobs, build=lambda v: ditfx.Config(), starts=({"a": 2, "b": 20}, {"a": 1, "b": 30}))
+    assert search(started, evaluate)["reached"] == {"a": 3, "b": 30}
+    assert started.fixed({}).starts == started.starts  # a space's choices keep its starts
+    with pytest.raises(ValueError, match="not on the knob grid"):
+        Space("s", knobs, build=lambda v: ditfx.Config(), starts=({"b": 15},))
+    with pytest.raises(ValueError, match="not a knob"):
+        Space("s", knobs, build=lambda v: ditfx.Config(), starts=({"c": 1},))
+
+
 def test_pareto_front():
     rs = [{"speed": 2.0, "quality": {"psnr": 30}}, {"speed": 1.5, "quality": {"psnr": 40}},
           {"speed": 1.4, "quality": {"psnr": 35}}, {"speed": 3.0, "quality": {"psnr": 20}}]

@@ -1,6 +1,7 @@
 """The search over a Space: each knob alone by bisection (its limit), then the knobs together by greedy ascent
-from the exact point, one notch of one knob at a time, always to the fastest neighbour inside the budget; it stops
-where every next notch leaves the budget. Points are evaluated through ``evaluate``, which caches them, so a point
+from the exact point (and from the space's known-good ``starts`` that are inside the budget), one notch of one knob
+at a time, always to the neighbour that buys the most speed per share of the budget; it stops where every next
+notch leaves the budget. Points are evaluated through ``evaluate``, which caches them, so a point
 reached twice costs once and a resumed search replays its cache."""
 from __future__ import annotations
 
@@ -34,14 +35,15 @@ def knob_limits(space: Space, evaluate: Evaluate) -> dict[str, int]:
     return limits
 
 
-def ascend(space: Space, evaluate: Evaluate) -> tuple[int, ...]:
-    """Greedy ascent over the knobs together; returns the last point reached (inside the budget).
+def ascend(space: Space, evaluate: Evaluate, start: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """Greedy ascent over the knobs together from ``start`` (the exact point by default, else a point inside the
+    budget); returns the last point reached (inside the budget).
 
     Each step takes the neighbour with the most speed bought per share of the budget spent (the gain in log speed
     over the rise in ``usage``, the largest fraction of any bound's allowance used), so no knob spends the whole
     budget before the others have had their cheap gains."""
-    point = (0,) * len(space.knobs)
-    here = {"speed": 1.0, "usage": 0.0}
+    point = start if start is not None else (0,) * len(space.knobs)
+    here = evaluate(space, point) if any(point) else {"speed": 1.0, "usage": 0.0}
     while True:
         moves = [_with(point, j, i + 1) for j, i in enumerate(point) if i + 1 < len(space.knobs[j].values)]
         inside = [(evaluate(space, m), m) for m in moves]
@@ -72,7 +74,15 @@ def search(space: Space, evaluate: Evaluate) -> dict:
         if best is None or speed > best[0] + 1e-9:
             best = (speed, sub, limits)
     _, sub, limits = best
-    reached = ascend(sub, evaluate) if len(sub.knobs) > 1 else (limits[sub.knobs[0].name],)
+    if len(sub.knobs) == 1:
+        reached = (limits[sub.knobs[0].name],)
+    else:
+        ends = [ascend(sub, evaluate)]
+        for values in sub.starts:  # known configurations: climbed from when inside the budget
+            start = sub.point(values)
+            if evaluate(sub, start)["inside"]:
+                ends.append(ascend(sub, evaluate, start))
+        reached = max(ends, key=lambda p: evaluate(sub, p)["speed"] if any(p) else 1.0)
     return {"limits": variants[sub.name], "reached": sub.values(reached), "space": sub.name,
             "variants": variants}
 

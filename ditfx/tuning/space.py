@@ -46,12 +46,18 @@ class Space:
     at every knob's first value). ``name`` tells spaces apart in reports and in a resumed search.
 
     ``choices``: settings that change quality but not speed (``{"fade": (1.0, 2.0)}``), passed to ``build`` with
-    the knobs; the search tries each with every knob alone and keeps the one whose knobs reach furthest."""
+    the knobs; the search tries each with every knob alone and keeps the one whose knobs reach furthest.
+
+    ``starts``: known configurations (``{knob: value}``, values on the knobs' grids, knobs left out at their exact
+    value) the greedy ascent also climbs from when they are inside the budget, so the result is never slower than
+    a known-good configuration that holds (the ascent from the exact point alone can settle on a knob that spends
+    the budget early, where two knobs whose effects cancel would have gone further)."""
 
     name: str
     knobs: tuple[Knob, ...]
     build: Callable[[dict[str, Any]], Config] = field(repr=False)
     choices: dict = field(default_factory=dict)
+    starts: tuple = ()
 
     def __post_init__(self):
         knobs = tuple(self.knobs)
@@ -63,6 +69,14 @@ class Space:
         if not callable(self.build):
             raise TypeError(f"Space {self.name!r}: build must be a callable {{knob: value}} -> ditfx.Config")
         object.__setattr__(self, "knobs", knobs)
+        starts = tuple(dict(start) for start in self.starts)
+        for start in starts:
+            for name, value in start.items():
+                knob = next((k for k in knobs if k.name == name), None)
+                if knob is None or value not in knob.values:
+                    raise ValueError(f"Space {self.name!r}: start {start} sets {name}={value!r}, which is not "
+                                     f"{'a knob' if knob is None else 'on the knob grid ' + repr(knob.values)}")
+        object.__setattr__(self, "starts", starts)
 
     def variants(self) -> list[Space]:
         """This space once per combination of its choices (itself when it has none)."""
@@ -72,7 +86,11 @@ class Space:
     def fixed(self, choice: dict[str, Any]) -> Space:
         """This space with its choices set: a space of knobs only."""
         label = ",".join(f"{k}={v!r}" for k, v in choice.items())
-        return Space(f"{self.name}[{label}]", self.knobs, lambda v: self.build({**v, **choice}))
+        return Space(f"{self.name}[{label}]", self.knobs, lambda v: self.build({**v, **choice}), starts=self.starts)
+
+    def point(self, values: dict[str, Any]) -> tuple[int, ...]:
+        """The grid point of ``{knob: value}`` (knobs left out at their exact value)."""
+        return tuple(k.values.index(values[k.name]) if k.name in values else 0 for k in self.knobs)
 
     def values(self, point: Sequence[int]) -> dict[str, Any]:
         return {k.name: k.values[i] for k, i in zip(self.knobs, point)}
@@ -87,8 +105,8 @@ class Space:
 
 def techniques(cache: str | None = "static", schedule=None, guidance: bool = True, adapter=None,
                deltas: Sequence[float] = DELTAS, thresholds: Sequence[float] = THRESHOLDS,
-               gammas: Sequence[float] = GAMMAS, flops: Sequence[float] = FLOPS, fades: Sequence[float] = (1.0,)
-               ) -> Space:
+               gammas: Sequence[float] = GAMMAS, flops: Sequence[float] = FLOPS, fades: Sequence[float] = (1.0,),
+               starts: Sequence[dict] = ()) -> Space:
     """The standard space: a block cache, Adaptive Guidance and a token budget, each on or off and every
     combination of them.
 
@@ -99,7 +117,8 @@ def techniques(cache: str | None = "static", schedule=None, guidance: bool = Tru
       with classifier-free guidance; ``fades`` with more than one value is a choice (how fast a switched sample's
       guidance fades; its best value depends on the guidance scale, docs/guidance.md);
     * ``adapter``: a token-budget adapter (``ditfx.budget.distill``): ``TokenBudget(adapter, flops=f)``, knob
-      ``flops``; None: no token budget (the zero-shot weak mode is too coarse to tune by default).
+      ``flops``; None: no token budget (the zero-shot weak mode is too coarse to tune by default);
+    * ``starts``: known configurations the ascent also climbs from (:class:`Space`).
     """
     knobs = []
     if cache == "static":
@@ -135,4 +154,4 @@ def techniques(cache: str | None = "static", schedule=None, guidance: bool = Tru
 
     name = "+".join([cache or "", "guidance" if guidance else "", "budget" if adapter is not None else ""])
     choices = {"fade": tuple(fades)} if guidance and len(fades) > 1 else {}
-    return Space(name.strip("+").replace("++", "+"), tuple(knobs), build, choices)
+    return Space(name.strip("+").replace("++", "+"), tuple(knobs), build, choices, starts=tuple(starts))
