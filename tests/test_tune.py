@@ -321,3 +321,17 @@ def test_tune_an_unmodified_diffusers_pipeline_with_the_default_space(name):
     assert getattr(pipe.transformer, "_compiled_call_impl", None) is None  # the user's pipeline is untouched
     with pytest.raises(ValueError, match="not optimized"):
         ditfx.stats(pipe)
+
+
+def test_the_digits_space_starts_from_the_hand_picked_configuration():
+    from ditfx.models import digits
+    from ditfx.models.digits.tuning import HAND_PICKED
+
+    space = digits.tuning_space(digits.TuningRun(steps=2))
+    assert [k.name for k in space.knobs] == ["delta", "gamma", "flops"] and space.starts == (HAND_PICKED,)
+    assert space.choices == {"fade": (1.0, 1.5, 2.0)} and all(v.starts == space.starts for v in space.variants())
+    config = space.config(space.point(HAND_PICKED))
+    assert (config.cache.delta, config.guidance.gamma, config.budget.flops) == (0.7, 0.99, 0.7)
+    # a space without some of its knobs keeps the start's others; without guidance there is no gamma to start at
+    unguided = digits.tuning_space(digits.TuningRun(guidance_scale=1.0, steps=2))
+    assert unguided.starts == ({"delta": 0.7, "flops": 0.7},)

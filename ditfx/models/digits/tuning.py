@@ -47,7 +47,7 @@ HAND_PICKED = {"delta": 0.7, "gamma": 0.99, "flops": 0.7}
 
 
 def tuning_space(run: TuningRun | None = None, cache: str | None = "static", guidance: bool = True,
-                 budget: bool = True, fades=(1.0, 2.0), starts=(HAND_PICKED,)):
+                 budget: bool = True, fades=(1.0, 1.5, 2.0), starts=(HAND_PICKED,)):
     """The standard space on the digits model: the shipped schedule's static cache (or ``cache="dynamic"``, or
     None), Adaptive Guidance when the run guides (its fade a choice among ``fades``: the best one grows with the
     guidance scale, docs/guidance.md; ``guidance=False``: without), and the shipped token-budget adapter
