@@ -335,3 +335,30 @@ def test_the_digits_space_starts_from_the_hand_picked_configuration():
     # a space without some of its knobs keeps the start's others; without guidance there is no gamma to start at
     unguided = digits.tuning_space(digits.TuningRun(guidance_scale=1.0, steps=2))
     assert unguided.starts == ({"delta": 0.7, "flops": 0.7},)
+
+
+def test_a_point_that_fails_the_held_out_check_is_replaced_by_its_safer_neighbours():
+    from ditfx.tuning.study import _backed_off
+
+    knobs = (Knob("a", (0, 1, 2, 3)), Knob("b", (0, 10, 20)))
+    space = Space("s", knobs, build=lambda v: ditfx.Config(cache=ditfx.DynamicCache(0.1 * v["a"]) if v["a"] else None,
+                                                           guidance=ditfx.AdaptiveGuidance(1 - v["b"] / 1000)))
+
+    class Study:  # the three things _backed_off asks of a study: config_of, space_names, evaluate
+        space_names = {"s": space}
+        evaluated = []
+
+        def config_of(self, r):
+            return space.config(tuple(r["point"]))
+
+        def evaluate(self, s, point):
+            self.evaluated.append(point)
+            return {"inside": point != (1, 2), "speed": 1.0 + sum(point), "point": list(point), "space": "s"}
+
+    study = Study()
+    failed = {"key": "failed", "space": "s", "point": [2, 2]}
+    timed = {"key": "t", "wall_speedup": 2.0, "speed": 2.5, "point": [0, 1]}
+    slow = {"key": "slow", "speed": 1.5, "point": [0, 0]}
+    out = _backed_off(study, failed, [timed, slow])
+    assert study.evaluated == [(1, 2), (2, 1)]  # one notch back on each knob it moved
+    assert [r["point"] for r in out] == [[0, 1], [2, 1], [0, 0]]  # timed first, then by speed; (1, 2) is outside
