@@ -313,7 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("model", help=MODEL_HELP + "; digits has its FD and accuracy, other models PSNR/SSIM only")
     p.add_argument("--guidance-scale", type=float, default=1.5, help="(digits) classifier-free guidance scale")
     p.add_argument("--steps", type=int, default=50, help="sampling steps")
-    p.add_argument("--per-class", type=int, default=10, help="(digits) samples of each digit per seed")
+    p.add_argument("--per-class", type=int, default=20,
+                   help="(digits) samples of each digit per seed (20: accuracy resolves 0.25 points over two seeds; "
+                        "at 10 Adaptive Guidance's one-point bound at guidance 1.5 is two digits, docs/tune.md)")
     p.add_argument("--batch", type=int, default=2, help="(other models) batch of the sampling loop")
     p.add_argument("--calibration-seeds", type=int, nargs="+", default=[100, 101],
                    help="seeds the search runs on (two: digits-FD on one seed of 100 digits moves by several %%)")
