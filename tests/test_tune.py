@@ -344,16 +344,16 @@ def test_a_point_that_fails_the_held_out_check_is_replaced_by_its_safer_neighbou
     space = Space("s", knobs, build=lambda v: ditfx.Config(cache=ditfx.DynamicCache(0.1 * v["a"]) if v["a"] else None,
                                                            guidance=ditfx.AdaptiveGuidance(1 - v["b"] / 1000)))
 
-    class Study:  # the three things _backed_off asks of a study: config_of, space_names, evaluate
-        space_names = {"s": space}
+    class Study:  # the two things _backed_off asks of a study: space_of, evaluate
         evaluated = []
 
-        def config_of(self, r):
-            return space.config(tuple(r["point"]))
+        def space_of(self, r):
+            return space
 
         def evaluate(self, s, point):
             self.evaluated.append(point)
-            return {"inside": point != (1, 2), "speed": 1.0 + sum(point), "point": list(point), "space": "s"}
+            return {"inside": point != (1, 2), "speed": 1.0 + sum(point), "point": list(point), "space": "s",
+                    "key": repr(s.config(point))}
 
     study = Study()
     failed = {"key": "failed", "space": "s", "point": [2, 2]}

@@ -17,8 +17,8 @@
    of the one-shot forward (:func:`~ditfx.history.oneshot.one_shot`: block-causal attention in the lower
    ``layers`` blocks, block-diagonal above; ``layers=0`` is plain step distillation), each step fed the teacher's
    point. The regression target of step s is the velocity that takes the teacher's point s to its point s + 1
-   in one flow-matching Euler step at the student's noise levels, ``(x_{s+1} - x_s) / (sigma_{s+1} - sigma_s)``; the loss is
-   its mean squared error over the S steps (ARD's regression loss, in the model's own output units).
+   in one flow-matching Euler step at the student's noise levels, ``(x_{s+1} - x_s) / (sigma_{s+1} - sigma_s)``;
+   the loss is its mean squared error over the S steps (ARD's regression loss, in the model's own output units).
 
 The result is a :class:`~ditfx.history.student.HistoryStudent` (weights, heads, the schedule it was trained
 for and a record with the loss curves).
@@ -49,8 +49,8 @@ POINTS = ("denoised", "noisy")
 class Trajectories:
     """Teacher trajectories at a student's S points: ``states[s]`` (M, ...) the teacher's point at ``sigmas[s]``
     (its clean estimate or its latents there, ``record["points"]``; ``states[0]``: the noise, ``states[S]``: its
-    final latents, sigma 0), and per student step the denoiser's call
-    arguments (``calls[s]``: keyword -> tensor with M rows, or a constant shared by every row)."""
+    final latents, sigma 0), and per student step the denoiser's call arguments (``calls[s]``: keyword -> tensor
+    with M rows, or a constant shared by every row)."""
 
     states: torch.Tensor  # (S + 1, M, *latent)
     sigmas: torch.Tensor  # (S + 1,), from 1 down to 0
@@ -220,8 +220,8 @@ def record_trajectories(pipe, run: Callable, generations: int, steps: int = 4, t
         step_calls = calls[s]
         merged.append({key: torch.cat([c[key] for c in step_calls]) if is_per_row(step_calls[0][key], rows)
                        else _constant(key, [c[key] for c in step_calls]) for key in step_calls[0]})
-    record = {"latents_key": latents_key, "points": points, "teacher_steps": teacher_steps, "guidance_scale": guidance_scale,
-              "teacher_indices": indices, "generations": generations, "seed": seed,
+    record = {"latents_key": latents_key, "points": points, "teacher_steps": teacher_steps,
+              "guidance_scale": guidance_scale, "teacher_indices": indices, "generations": generations, "seed": seed,
               "seconds": round(time.time() - start, 1)}
     return Trajectories(torch.stack([torch.cat(x) for x in states]), torch.tensor([*sigmas, 0.0]), merged, record)
 

@@ -212,7 +212,7 @@ class Study:
                           point=list(point))
             self.store.points[key] = record
             self.store.write()
-        out = self.annotate(record)
+        out = dict(self.annotate(record), key=key)
         if key not in self.announced:
             self.announced.add(key)
             self.say(self.describe(out))
@@ -283,30 +283,29 @@ class Study:
             del target
             gc.collect()
 
-    def config_of(self, r: dict) -> Config:
+    def space_of(self, r: dict) -> Space:
         if r["space"] not in self.space_names:  # stored by an earlier run of a resumed study
             self.space_names.update((v.name, v) for s in self.spaces for v in s.variants())
-        return self.space_names[r["space"]].config(tuple(r["point"]))
+        return self.space_names[r["space"]]
+
+    def config_of(self, r: dict) -> Config:
+        return self.space_of(r).config(tuple(r["point"]))
 
 
 def _backed_off(study: Study, failed: dict, ranked: list[dict]) -> list[dict]:
     """``ranked`` with the one-notch-less-aggressive neighbours of a point that left the budget on the held-out
     inputs (each evaluated on the calibration inputs; those inside join, fastest first): a point at the budget's
     edge by chance is replaced by its nearest safer ones, not only by points the search happened to visit."""
-    study.config_of(failed)  # makes its space known
-    space = study.space_names[failed["space"]]
+    space = study.space_of(failed)
     known = {r["key"] for r in ranked} | {failed["key"]}
     for j, i in enumerate(failed["point"]):
-        if i == 0:
-            continue
         point = tuple(failed["point"][:j]) + (i - 1,) + tuple(failed["point"][j + 1:])
-        if not any(point):
+        if i == 0 or not any(point):
             continue
         r = study.evaluate(space, point)
-        key = repr(space.config(point))
-        if r["inside"] and r["speed"] > 1.0 and key not in known:
-            ranked.append(dict(r, key=key))
-            known.add(key)
+        if r["inside"] and r["speed"] > 1.0 and r["key"] not in known:
+            ranked.append(r)
+            known.add(r["key"])
     timed = [r for r in ranked if "wall_speedup" in r]  # already in wall-time order
     return timed + sorted((r for r in ranked if "wall_speedup" not in r), key=lambda r: -r["speed"])
 
@@ -400,7 +399,8 @@ def tune(pipe_or_model, run: Callable, budget: QualityBudget | None = None, spac
                 break
             ranked = _backed_off(study, r, ranked)
     seen = {r["key"] for r in records}  # and the points the held-out back-off evaluated
-    records += [dict(study.annotate(r), key=k) for k, r in study.store.points.items() if k != "exact" and k not in seen]
+    records += [dict(study.annotate(r), key=k) for k, r in study.store.points.items()
+                if k != "exact" and k not in seen]
     qualities = [("psnr", 1), ("ssim", 1), ("fd_change", -1), ("accuracy", 1)]
     front = pareto_front(records, qualities)
     tuning = {"format": STATE_FORMAT, "budget": budget.describe(), "margin": margin, "spaces": [s.name for s in spaces],
