@@ -4,53 +4,61 @@
     # or: torch.compile(model, backend="ditfx", options={"cache": {"kind": "dynamic", "threshold": 0.1}})
 
 ``import ditfx`` stays cheap: it imports neither Dynamo nor Inductor (nor Triton). The names that need them (the
-api functions, the backend, ``ditfx.budget``, ``export``, ``load``) are imported on first access (PEP 562).
+api functions, the backend, ``export``, ``load``, ``tune``, the calibrations) are imported on first access
+(PEP 562). Each technique is a package of its own (``ditfx.cache``, ``ditfx.guidance``, ``ditfx.budget``,
+``ditfx.history``); no module of ditfx imports this facade.
 """
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from typing import TYPE_CHECKING, Any
 
-from ditfx.config import (AdaptiveGuidance, CacheCalibration, Config, DynamicCache, GuidanceWindow, LinearAG,
-                          HistoryAttention, StaticCache, TokenBudget)
-from ditfx.runtime.linear_ag import LinearAGCoefficients
+from ditfx import _moved
+from ditfx._version import __version__ as __version__
+from ditfx.budget.config import TokenBudget
+from ditfx.cache.config import CacheCalibration, DynamicCache, StaticCache
+from ditfx.cache.schedule import CacheSchedule
+from ditfx.config import Config
 from ditfx.graph.structure import StructureError
-from ditfx.runtime.schedule import CacheSchedule
-from ditfx.runtime.session import Stats
+from ditfx.guidance.config import AdaptiveGuidance, GuidanceWindow, LinearAG
+from ditfx.guidance.linear_ag import LinearAGCoefficients
+from ditfx.history.config import HistoryAttention
+from ditfx.runtime.stats import Stats
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time these come from __getattr__
-    from ditfx import budget
-    from ditfx.api import (calibrate, calibrate_guidance, generation, guidance_trace, optimize, repeated_blocks,
-                           reset_stats, stats)
+    from ditfx import budget, cache, guidance, history
+    from ditfx.api import generation, optimize, repeated_blocks, reset_stats, stats
     from ditfx.backend import ditfx_backend
+    from ditfx.cache.calibration import calibrate
+    from ditfx.guidance.calibration import calibrate_guidance, guidance_trace
     from ditfx.package.build import export
     from ditfx.package.loaded import load
-    from ditfx.tuning.budget import QualityBudget
+    from ditfx.tuning.quality import QualityBudget
     from ditfx.tuning.study import tune
 
-__version__ = "0.1.0"
+_moved.install()  # the module paths that moved to the technique folders still import (with a warning)
 
 # name -> (module, attribute in it, or None for the module itself)
 _LAZY: dict[str, tuple[str, str | None]] = {
-    **{name: ("ditfx.api", name) for name in ("calibrate", "calibrate_guidance", "generation", "guidance_trace",
-                                              "optimize", "repeated_blocks", "reset_stats", "stats")},
+    **{name: ("ditfx.api", name) for name in ("generation", "optimize", "repeated_blocks", "reset_stats", "stats")},
+    "calibrate": ("ditfx.cache.calibration", "calibrate"),
+    "calibrate_guidance": ("ditfx.guidance.calibration", "calibrate_guidance"),
+    "guidance_trace": ("ditfx.guidance.calibration", "guidance_trace"),
     "ditfx_backend": ("ditfx.backend", "ditfx_backend"),
-    "budget": ("ditfx.budget", None),
     "export": ("ditfx.package.build", "export"),
     "load": ("ditfx.package.loaded", "load"),
     "tune": ("ditfx.tuning.study", "tune"),
-    "QualityBudget": ("ditfx.tuning.budget", "QualityBudget"),
+    "QualityBudget": ("ditfx.tuning.quality", "QualityBudget"),
+    # the technique packages and the tools, as attributes (``ditfx.budget.distill``, ``ditfx.tuning.Space``)
+    **{name: (f"ditfx.{name}", None) for name in ("api", "budget", "cache", "guidance", "history", "inspect",
+                                                  "kernels", "models", "package", "tuning")},
 }
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        module_name, attribute = _LAZY[name]
-    elif not name.startswith("_") and importlib.util.find_spec(f"ditfx.{name}") is not None:
-        module_name, attribute = f"ditfx.{name}", None  # a submodule, as ``ditfx.api`` was after ``import ditfx``
-    else:
+    if name not in _LAZY:
         raise AttributeError(f"module 'ditfx' has no attribute {name!r}")
+    module_name, attribute = _LAZY[name]
     module = importlib.import_module(module_name)
     value = module if attribute is None else getattr(module, attribute)
     globals()[name] = value  # later accesses skip __getattr__
@@ -62,8 +70,9 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "AdaptiveGuidance", "CacheCalibration", "CacheSchedule", "Config", "DynamicCache", "GuidanceWindow", "LinearAG",
-    "HistoryAttention", "LinearAGCoefficients", "QualityBudget", "StaticCache", "Stats", "StructureError", "TokenBudget", "budget",
-    "calibrate", "calibrate_guidance", "ditfx_backend", "export", "generation", "guidance_trace", "load",
-    "optimize", "repeated_blocks", "reset_stats", "stats", "tune",
+    "AdaptiveGuidance", "CacheCalibration", "CacheSchedule", "Config", "DynamicCache", "GuidanceWindow",
+    "HistoryAttention", "LinearAG", "LinearAGCoefficients", "QualityBudget", "StaticCache", "Stats",
+    "StructureError", "TokenBudget", "budget", "cache", "calibrate", "calibrate_guidance", "ditfx_backend", "export",
+    "generation", "guidance", "guidance_trace", "history", "load", "optimize", "repeated_blocks", "reset_stats",
+    "stats", "tune",
 ]

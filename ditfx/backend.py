@@ -7,26 +7,22 @@ that says what was turned off; they are never run wrongly.
 """
 from __future__ import annotations
 
-import threading
 import warnings
 import weakref
 
-import torch
 import torch.fx as fx
 
 from ditfx.config import Config
 from ditfx.graph import meta
 from ditfx.graph.structure import StructureError, find_blocks
-from ditfx.passes.manager import ModelFacts, build_plan
-from ditfx.runtime.compiler import RegionCompiler, compile_region
+from ditfx.model_facts import ModelFacts
+from ditfx.passes.manager import build_plan
+from ditfx.runtime.compiler import RegionCompiler, compile_region, keep_dynamo_compiling
 from ditfx.runtime.executor import Executor
 from ditfx.runtime.state import ModelRuntime
 
 # runtimes made by backend="ditfx" (no handle to return them through): found later by their weights
 _BACKEND_RUNTIMES: list[weakref.ref] = []
-_GRAPHS = 0  # graphs ditfx has compiled in this process
-_GRAPHS_LOCK = threading.Lock()
-HEADROOM = 8  # Dynamo's default recompile_limit: new graphs ditfx leaves room for
 
 
 class DitfxBackend:
@@ -78,7 +74,7 @@ class DitfxBackend:
             if once in self._warned:
                 return compile_region(gm, example_inputs, self.config.compiler)
             self._warned.add(once)
-        techniques = [name for name in ("cache", "guidance", "budget", "history") if getattr(self.config, name) is not None]
+        techniques = [technique.name for technique, _ in self.config.techniques()]
         off = f": {' and '.join(techniques)} off" if techniques else ""
         warnings.warn(f"ditfx: {why}. This graph is compiled with {self.config.compiler!r} without ditfx "
                       f"passes{off}.", stacklevel=2)
@@ -87,17 +83,6 @@ class DitfxBackend:
 
 def _has_blocks(gm: fx.GraphModule) -> bool:
     return bool(find_blocks(gm))
-
-
-def keep_dynamo_compiling() -> None:
-    """Leave Dynamo room for more graphs of ditfx's models: every optimized model (and batch size) is a cache
-    entry of the same code object, and past ``recompile_limit`` Dynamo runs the model uncompiled."""
-    global _GRAPHS
-    with _GRAPHS_LOCK:
-        _GRAPHS += 1
-        config = torch._dynamo.config
-        config.recompile_limit = max(config.recompile_limit, _GRAPHS + HEADROOM)
-        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 32 * (_GRAPHS + HEADROOM))
 
 
 # one runtime per torch.compile(..., options=...) call: Dynamo hands every graph of it the same options dict

@@ -15,18 +15,18 @@ MODEL_HELP = ("a reference DiT config (DiT-S/2, DiT-XL/2, ..., DiT-T/2 for a tin
 
 
 def _cache_config(args):
-    import ditfx
+    from ditfx.cache.config import DynamicCache, StaticCache
 
     if getattr(args, "schedule", None):
-        return ditfx.StaticCache(delta=args.delta, schedule=args.schedule, per_block=args.per_block,
+        return StaticCache(delta=args.delta, schedule=args.schedule, per_block=args.per_block,
                                  forecast=args.forecast or "linear")
     if getattr(args, "threshold", None) is not None:
-        return ditfx.DynamicCache(threshold=args.threshold, forecast=args.forecast or "none")
+        return DynamicCache(threshold=args.threshold, forecast=args.forecast or "none")
     return None
 
 
 def _budget_config(args):
-    import ditfx
+    from ditfx.budget.config import TokenBudget
 
     until, flops, adapter = (getattr(args, k, None) for k in ("budget_until", "budget_flops", "adapter"))
     if until is None and flops is None:
@@ -37,17 +37,17 @@ def _budget_config(args):
         from ditfx.models.digits import budget_adapter
 
         adapter = budget_adapter()
-    return ditfx.TokenBudget(adapter=adapter, weak_until=until, flops=flops, patch_size=args.patch)
+    return TokenBudget(adapter=adapter, weak_until=until, flops=flops, patch_size=args.patch)
 
 
 def cmd_inspect(args) -> int:
-    import ditfx
+    from ditfx.config import Config
     from ditfx.inspect import format_dot, format_text, inspect_model
     from ditfx.models import zoo
 
     named = zoo.load(args.model, batch=args.batch)
     kernels = args.kernels or args.kernel_source is not None
-    config = ditfx.Config(cache=_cache_config(args), compiler="eager", kernels=kernels, budget=_budget_config(args))
+    config = Config(cache=_cache_config(args), compiler="eager", kernels=kernels, budget=_budget_config(args))
     report = inspect_model(args.model, named, config, args.steps)
     if args.kernel_source is not None:
         from ditfx.inspect.kernels import kernel_source
@@ -66,7 +66,7 @@ def cmd_calibrate(args) -> int:
         return cmd_calibrate_budget(args)
     from tqdm import tqdm
 
-    import ditfx
+    from ditfx.cache.calibration import calibrate
     from ditfx.models import zoo
 
     named = zoo.load(args.model, batch=args.batch)
@@ -75,7 +75,7 @@ def cmd_calibrate(args) -> int:
         def one_generation(model):
             zoo.run_loop(named, model, steps=args.steps, progress=lambda k: bar.update(1))
 
-        schedule = ditfx.calibrate(named.model, one_generation, generations=args.generations, mode=args.mode)
+        schedule = calibrate(named.model, one_generation, generations=args.generations, mode=args.mode)
     out = schedule.save(args.out)
     png = schedule.heatmap(out.with_suffix(".png"), args.delta, per_block=args.per_block)
     plan = schedule.plan(args.delta, per_block=args.per_block)
@@ -88,7 +88,8 @@ def cmd_calibrate(args) -> int:
 def cmd_calibrate_budget(args) -> int:
     import torch
 
-    import ditfx
+    from ditfx.budget.adapter import BudgetAdapter
+    from ditfx.budget.calibration import calibrate
     from ditfx.models import zoo
 
     adapter = args.adapter
@@ -97,7 +98,7 @@ def cmd_calibrate_budget(args) -> int:
 
         adapter = budget_adapter()
     elif adapter is not None:
-        adapter = ditfx.budget.BudgetAdapter.load(adapter)
+        adapter = BudgetAdapter.load(adapter)
     if args.model == "digits":  # the pipeline as users run it: guidance, the scheduler's steps
         from ditfx.models.digits import pipeline
 
@@ -115,9 +116,8 @@ def cmd_calibrate_budget(args) -> int:
 
         def run(model):
             zoo.run_loop(named, model, steps=args.steps)
-    schedule = ditfx.budget.calibrate(target, run, adapter=adapter, patch_size=args.patch,
-                                      generations=args.generations, time_scale=time_scale,
-                                      progress=lambda msg: print(msg, file=sys.stderr))
+    schedule = calibrate(target, run, adapter=adapter, patch_size=args.patch, generations=args.generations,
+                         time_scale=time_scale, progress=lambda msg: print(msg, file=sys.stderr))
     if args.flops is not None:
         schedule = schedule.choose(args.flops)
     out = schedule.save(args.out)
@@ -129,7 +129,9 @@ def cmd_calibrate_budget(args) -> int:
 
 
 def cmd_export(args) -> int:
-    import ditfx
+    from ditfx.config import Config
+    from ditfx.guidance.config import AdaptiveGuidance
+    from ditfx.package.build import export
     from ditfx.models import zoo
 
     if args.demo:
@@ -141,12 +143,12 @@ def cmd_export(args) -> int:
         config = demo_config(settings)
         batch = 10 * settings.per_class * (2 if settings.guidance_scale > 1 else 1)
     else:
-        guidance = ditfx.AdaptiveGuidance(args.gamma, fill=args.fill) if args.gamma is not None else None
-        config = ditfx.Config(cache=_cache_config(args), guidance=guidance)
+        guidance = AdaptiveGuidance(args.gamma, fill=args.fill) if args.gamma is not None else None
+        config = Config(cache=_cache_config(args), guidance=guidance)
         batch = args.batch
     named = zoo.load(args.model, batch=batch)
     inputs = {**named.inputs, **({"return_dict": False} if named.diffusers else {})}
-    path = ditfx.export(named.model, args.path, example_inputs=inputs, config=config, overwrite=args.overwrite,
+    path = export(named.model, args.path, example_inputs=inputs, config=config, overwrite=args.overwrite,
                         progress=lambda line: print(line, file=sys.stderr, flush=True))
     manifest = json.loads((path / "manifest.json").read_text())
     summary = {"path": str(path), "model": args.model, "batch": batch, "config": manifest["config"],
@@ -177,7 +179,8 @@ def cmd_tune(args) -> int:
 
     import torch
 
-    import ditfx
+    from ditfx.cache.calibration import calibrate
+    from ditfx.tuning.study import tune
     from ditfx.tuning import QualityBudget, plot
 
     if args.threads:
@@ -212,13 +215,13 @@ def cmd_tune(args) -> int:
         budget = QualityBudget(psnr=args.psnr, ssim=args.ssim)
         if args.cache == "static":
             candidates = Candidates(target)
-            schedule = ditfx.calibrate(candidates.fresh_module(), lambda m: run(m, args.calibration_seeds[0]),
+            schedule = calibrate(candidates.fresh_module(), lambda m: run(m, args.calibration_seeds[0]),
                                        generations=1)
             space = techniques(cache="static", schedule=schedule, guidance=False)
         else:
             space = techniques(cache="dynamic", guidance=False)
         label = f"{args.model} batch {args.batch} steps {args.steps}"
-    config = ditfx.tune(target, run, budget, space=space, calibration=args.calibration_seeds,
+    config = tune(target, run, budget, space=space, calibration=args.calibration_seeds,
                         held_out=args.held_out_seeds, compiler=args.compiler, workdir=args.workdir,
                         timing=args.timing_rounds, out=args.out, label=label, margin=args.margin)
     report = {"model": args.model, "config": repr(config), "out": args.out, **config.tuning}

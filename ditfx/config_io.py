@@ -4,6 +4,10 @@ it), and a whole :class:`~ditfx.config.Config` as a versioned JSON file (``Confi
 A field holding an object with ``save`` (a cache schedule, LinearAG coefficients, a budget adapter) is written to
 its own file, named from the JSON's name, and the JSON refers to it by relative name; a dict of tensors (step
 heads) goes to a safetensors file. Loading reads them back, so a saved config travels as one folder.
+
+The codec knows no technique (torchao's ``config_to_dict`` / ``config_from_dict`` manner): a technique config is
+written under its class name, and read back among the classes that the :class:`~ditfx.config.Config` class given
+to the reader registers (its technique fields).
 """
 from __future__ import annotations
 
@@ -14,17 +18,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-import ditfx.config as config_module
 from ditfx.validation import read_json_file
 
 FORMAT = "ditfx.config/1"
-TECHNIQUES = {cls.__name__: cls for cls in (config_module.DynamicCache, config_module.StaticCache,
-                                            config_module.CacheCalibration, config_module.AdaptiveGuidance,
-                                            config_module.GuidanceWindow, config_module.LinearAG,
-                                            config_module.GuidanceRecording, config_module.TokenBudget,
-                                            config_module.HistoryAttention)}
-_SLOTS = ("cache", "guidance", "budget", "history")  # Config fields that hold a technique config
 _PLAIN = ("compiler", "compile_regions", "kernels")
+
+
+def config_classes(config_class: type) -> dict[str, type]:
+    """Technique config classes by name: those the techniques of ``config_class`` take."""
+    return {cls.__name__: cls for t in config_class.registered() for cls in t.configs + t.internal}
 
 
 def _field_to_json(value, directory: Path, stem: str):
@@ -58,11 +60,12 @@ def _field_from_json(value, directory: Path):
     return value
 
 
-def technique_from_json(data: dict, directory: Path, source: Path):
-    """The technique config of :func:`technique_to_json`'s ``data``; ``source`` names the file in errors."""
-    cls = TECHNIQUES.get(data.get("type")) if isinstance(data, dict) else None
+def technique_from_json(data: dict, directory: Path, source: Path, classes: dict[str, type]):
+    """The technique config of :func:`technique_to_json`'s ``data``, one of ``classes`` (by name:
+    :func:`config_classes`); ``source`` names the file in errors."""
+    cls = classes.get(data.get("type")) if isinstance(data, dict) else None
     if cls is None:
-        raise ValueError(f"{source}: unknown technique config {data!r}; known: {sorted(TECHNIQUES)}")
+        raise ValueError(f"{source}: unknown technique config {data!r}; known: {sorted(classes)}")
     known = {f.name for f in dataclasses.fields(cls)}
     fields = data.get("fields", {})
     unknown = sorted(set(fields) - known)
@@ -71,31 +74,36 @@ def technique_from_json(data: dict, directory: Path, source: Path):
     return cls(**{k: _field_from_json(v, directory) for k, v in fields.items()})
 
 
-def save_config(config: config_module.Config, path) -> Path:
-    """Write ``config`` as versioned JSON at ``path`` (with its files beside it); the tuning record goes along."""
+def save_config(config, path) -> Path:
+    """Write ``config`` (a :class:`~ditfx.config.Config`) as versioned JSON at ``path`` (with its files beside
+    it); the tuning record goes along."""
     path = Path(path)
     if path.suffix != ".json":
         raise ValueError(f"a config is saved as JSON: give a path ending in .json, got {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {"format": FORMAT, **{k: getattr(config, k) for k in _PLAIN}}
-    for slot in _SLOTS:
-        value = getattr(config, slot)
-        data[slot] = None if value is None else technique_to_json(value, path.parent, f"{path.stem}.{slot}")
+    for technique in config.registered():
+        value = getattr(config, technique.name)
+        data[technique.name] = (None if value is None
+                                else technique_to_json(value, path.parent, f"{path.stem}.{technique.name}"))
     if config.tuning is not None:
         data["tuning"] = config.tuning
     path.write_text(json.dumps(data, indent=1) + "\n")
     return path
 
 
-def load_config(path) -> config_module.Config:
-    """Read a config written by :func:`save_config` (``Config.save``, ``ditfx.tune``); errors name the file."""
+def load_config(path, config_class: type):
+    """Read a config of ``config_class`` (:class:`~ditfx.config.Config`) written by :func:`save_config`
+    (``Config.save``, ``ditfx.tune``); errors name the file."""
     path = Path(path)
     data = read_json_file(path, "ditfx config", FORMAT, "write one with Config.save or ditfx.tune")
-    unknown = sorted(set(data) - {"tuning", *_PLAIN, *_SLOTS})
+    slots = [t.name for t in config_class.registered()]
+    unknown = sorted(set(data) - {"tuning", *_PLAIN, *slots})
     if unknown:
         raise ValueError(f"{path}: unknown config key(s) {unknown}")
     fields = {k: data[k] for k in _PLAIN if k in data}
-    for slot in _SLOTS:
+    classes = config_classes(config_class)
+    for slot in slots:
         if data.get(slot) is not None:
-            fields[slot] = technique_from_json(data[slot], path.parent, path)
-    return config_module.Config(**fields, tuning=data.get("tuning"))
+            fields[slot] = technique_from_json(data[slot], path.parent, path, classes)
+    return config_class(**fields, tuning=data.get("tuning"))

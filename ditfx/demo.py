@@ -57,14 +57,15 @@ class DemoSettings:
 def demo_config(settings: DemoSettings):
     """What the demo turns on: the shipped static block-cache schedule, its blocks recomputed together and
     their reused residuals forecast linearly, and Adaptive Guidance with a fading guidance after the switch."""
-    import ditfx
+    from ditfx.cache.config import StaticCache
+    from ditfx.config import Config
+    from ditfx.guidance.config import AdaptiveGuidance
     from ditfx.models.digits.calibrate import shipped_schedule_path
 
-    cache = ditfx.StaticCache(settings.delta, shipped_schedule_path(), per_block=False, forecast="linear")
-    return ditfx.Config(cache=cache,
-                        guidance=ditfx.AdaptiveGuidance(settings.gamma, fill="delta") if settings.gamma is not None
-                        else None,
-                        compiler=settings.compiler)
+    cache = StaticCache(settings.delta, shipped_schedule_path(), per_block=False, forecast="linear")
+    return Config(cache=cache,
+                  guidance=AdaptiveGuidance(settings.gamma, fill="delta") if settings.gamma is not None else None,
+                  compiler=settings.compiler)
 
 
 def flops_per_call(transformer, batch: int) -> int:
@@ -87,7 +88,7 @@ def _bar(desc: str) -> dict:
 
 def run_demo(settings: DemoSettings = DemoSettings()) -> dict:
     """Sample both ways, measure, write the PNG; returns the table as a dict."""
-    import ditfx
+    import ditfx.api as api
     from ditfx.models import digits
     from ditfx.models.digits.sampling import class_grid, generate
 
@@ -109,22 +110,22 @@ def run_demo(settings: DemoSettings = DemoSettings()) -> dict:
         pipe, guided, config = packaged
     else:
         pipe = digits.pipeline()
-        ditfx.optimize(pipe, config)
+        api.optimize(pipe, config)
     start = time.perf_counter()
     # An identical first generation compiles every region at every batch size the run needs (guidance
     # skipping computes fewer rows once samples switch); the second one is timed.
-    with ditfx.generation(pipe):
+    with api.generation(pipe):
         generate(pipe.transformer, labels, steps, settings.guidance_scale, settings.seed,
                  progress=_bar("ditfx: compiling"))
     warm_s = time.perf_counter() - start
-    ditfx.reset_stats(pipe)
+    api.reset_stats(pipe)
     start = time.perf_counter()
-    with ditfx.generation(pipe):
+    with api.generation(pipe):
         fast = generate(pipe.transformer, labels, steps, settings.guidance_scale, settings.seed,
                         progress=_bar("ditfx"))
     fast_s = time.perf_counter() - start
     compile_s = max(0.0, warm_s - fast_s)
-    stats = ditfx.stats(pipe)
+    stats = api.stats(pipe)
     nfe = stats.nfe if guided else cfg_rows * stats.calls
 
     base_metrics = digits.metrics(baseline, labels)
@@ -150,26 +151,28 @@ def run_demo(settings: DemoSettings = DemoSettings()) -> dict:
 def _package_pipeline(settings: DemoSettings, rows: int):
     """The digits pipeline whose transformer is the exported package, whether it skips guidance, and its config
     (the package's)."""
-    import ditfx
+    import ditfx.api as api
+    from ditfx.guidance.config import AdaptiveGuidance, GuidanceWindow, LinearAG
+    from ditfx.package.loaded import load
     from ditfx.models import digits
 
-    transformer = ditfx.load(settings.package)
+    transformer = load(settings.package)
     exported = transformer.call_spec.tensors.get("hidden_states", {}).get("shape", [None])[0]
     if exported != rows:
         raise ValueError(f"the package {settings.package} was exported for calls of {exported} rows; this demo makes "
                          f"calls of {rows} (--per-class {settings.per_class}, guidance scale "
                          f"{settings.guidance_scale}): export it with `ditfx export digits PATH --demo "
                          f"--per-class {settings.per_class}`")
-    guided = any(isinstance(c, ditfx.AdaptiveGuidance | ditfx.GuidanceWindow | ditfx.LinearAG)
+    guided = any(isinstance(c, AdaptiveGuidance | GuidanceWindow | LinearAG)
                  for c in transformer.executor.plan.policies)
-    pipe = ditfx.optimize(digits.DigitsPipeline(transformer, digits.make_scheduler()))  # binds its scheduler
+    pipe = api.optimize(digits.DigitsPipeline(transformer, digits.make_scheduler()))  # binds its scheduler
     return pipe, guided, transformer.manifest["config"]
 
 
 def _student_row(settings: DemoSettings, labels, baseline: torch.Tensor, baseline_s: float) -> dict:
     """The distilled student from the same labels and noise, compiled like the ditfx row (its first generation),
     its second generation timed."""
-    import ditfx
+    import ditfx.api as api
     from ditfx.models import digits
 
     pipe = digits.pipeline(student=settings.student, compiler=settings.compiler)
@@ -177,12 +180,12 @@ def _student_row(settings: DemoSettings, labels, baseline: torch.Tensor, baselin
     pipe.set_progress_bar_config(**_bar(f"{settings.student} student: compiling"))
     pipe(labels, generator=torch.Generator().manual_seed(settings.seed))
     warm_s = time.perf_counter() - start
-    ditfx.reset_stats(pipe)
+    api.reset_stats(pipe)
     pipe.set_progress_bar_config(**_bar(f"{settings.student} student"))
     start = time.perf_counter()
     images = pipe(labels, generator=torch.Generator().manual_seed(settings.seed)).images
     wall_s = time.perf_counter() - start
-    stats = ditfx.stats(pipe)
+    stats = api.stats(pipe)
     q = digits.metrics(images, labels, reference=baseline)
     return {"method": f"ditfx {settings.student} student", "steps": stats.steps, "nfe": float(stats.calls),
             "block_evals": stats.block_evals, "flops": stats.flops, "wall_s": wall_s,

@@ -1,7 +1,7 @@
 """The Plan: everything the runtime needs to run one captured graph, as data built before the first call.
 
-The passes layer (:mod:`ditfx.passes.manager`) builds it; the runtime (:mod:`ditfx.runtime`) reads it and
-imports no pass. It holds:
+The pass manager (:mod:`ditfx.passes.manager`) builds it; the runtime (:mod:`ditfx.runtime`) reads it and
+imports no pass. It names no technique. It holds:
 
 * an :class:`IOSpec`: the call's inputs and their roles, which inputs and region inputs carry the batch rows,
   the output structure, and which values each region may release;
@@ -9,13 +9,16 @@ imports no pass. It holds:
 * a variant table: region graphs under a structured :class:`VariantKey` (which graph transforms, at how many
   rows). Transforms are registered by name when the plan is built (``cache.residual`` by the block-cache pass,
   ``guidance.cosine`` by the guidance pass, ...), and the graph of a key is built on its first use;
-* which transforms each region offers (``offers``), the configs of the policies to run, and the pass reports.
+* which transforms each region offers (``offers``), the configs of the policies to run, and the pass reports;
+* other modes of the same model (a plan each, under a :class:`ModeKey`) and the inputs each mode's graph takes
+  beyond the call's (the token budget's coarse-patch mode and its adapter tensors).
+
+``ditfx.plan_io`` writes a plan as files and reads it back.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,11 +48,29 @@ class Transform:
 
     ``after_rows``: applied to the graph already specialised to the key's rows (its extra inputs are not batch
     rows); otherwise applied to the captured graph before re-batching, and its extra inputs carry rows.
+    ``compiled``: a region running this transform is compiled even where the region itself runs as its captured
+    graph (``Config(compile_regions="blocks")`` leaves the prologue and epilogue uncompiled): the work the transform
+    adds is only worth it compiled.
     """
 
     name: str
     build: Callable[[RegionModule, fx.GraphModule], fx.GraphModule]
     after_rows: bool = False
+    compiled: bool = False
+
+
+@dataclass(frozen=True)
+class ModeKey:
+    """A mode of the model other than the captured one: the ``technique`` that built it (and whose policy selects
+    it), its ``level`` in that technique's own measure (the token budget: the patch size), and the ``name`` that
+    stats, files and messages call it by (``"p4"``)."""
+
+    technique: str
+    level: int
+    name: str
+
+    def __str__(self) -> str:
+        return self.name
 
 
 @dataclass
@@ -105,12 +126,13 @@ class Plan:
     offers: dict[str, set[str]] = field(default_factory=dict)  # region name -> transforms it offers
     policies: list[Any] = field(default_factory=list)  # technique configs, in the order their policies chain
     reports: list = field(default_factory=list)
+    unavailable: dict[str, str] = field(default_factory=dict)  # techniques off for this graph -> why
     rebatch: Callable[[fx.GraphModule, int, int, list[bool]], fx.GraphModule] | None = None
     null_class: int | None = None  # the unconditional class label of a class-conditional model
     tokens: int = 0  # tokens of the latent stream per sample
-    # coarser modes of the same model (token budgets): name -> its plan, and the adapter tensors it takes
-    modes: dict[str, Plan] = field(default_factory=dict)
-    mode_inputs: dict[str, list[torch.Tensor]] = field(default_factory=dict, repr=False)
+    # other modes of the same model: key -> its plan, and the inputs its graphs take after the call's
+    modes: dict[ModeKey, Plan] = field(default_factory=dict)
+    mode_inputs: dict[ModeKey, list[torch.Tensor]] = field(default_factory=dict, repr=False)
     _graphs: dict[VariantKey, fx.GraphModule] = field(default_factory=dict, repr=False)
     _refused: dict[tuple, str] = field(default_factory=dict, repr=False)
 
@@ -122,19 +144,6 @@ class Plan:
         """Indices of the blocks whose regions offer ``transform``."""
         return sorted(rm.region.block.index for rm in self.regions
                       if rm.region.kind == "block" and transform in self.offers.get(rm.region.name, ()))
-
-    def save(self, directory) -> Path:
-        """Write the plan to ``directory``: JSON plus one exported program per graph (:mod:`ditfx.plan_io`)."""
-        from ditfx.plan_io import save_plan
-
-        return save_plan(self, directory)
-
-    @classmethod
-    def load(cls, directory) -> Plan:
-        """A plan written by :meth:`save`; it runs the graphs it was saved with."""
-        from ditfx.plan_io import load_plan
-
-        return load_plan(directory)
 
     def built(self) -> dict[VariantKey, fx.GraphModule]:
         """The variant graphs built so far."""

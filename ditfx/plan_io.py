@@ -1,7 +1,6 @@
-"""A Plan on disk: ``plan.json`` (format, IO spec, regions, transforms offered, policy configs and the state they
-declare) beside one
-``torch.export`` program per graph of the variant table (``graphs/<n>.pt2``) and the configs' own files (a cache
-schedule, LinearAG coefficients).
+"""A Plan on disk: ``plan.json`` (format, IO spec, regions, transforms offered, policy configs, modes) beside one
+``torch.export`` program per graph of the variant table (``graphs/<n>.pt2``), the configs' own files (a cache
+schedule, LinearAG coefficients) and each mode's plan (``modes/<name>/``, with the inputs its graphs take).
 
 A loaded plan runs the graphs it was saved with, exactly: the base graph of every region structure and each
 variant built before saving (run a generation first to include the row subsets it used). It cannot build new
@@ -15,16 +14,18 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 import torch.fx as fx
+from safetensors.torch import load_file, save_file
 
-from ditfx.config_io import technique_from_json, technique_to_json
+from ditfx.config import Config
+from ditfx.config_io import config_classes, technique_from_json, technique_to_json
 from ditfx.graph import meta
 from ditfx.graph.regions import RegionModule
 from ditfx.graph.structure import Block, DiTStructure, InputRoles, Region
-from ditfx.plan import IOSpec, Plan, Transform, VariantKey, VariantUnavailable
+from ditfx.plan import IOSpec, ModeKey, Plan, Transform, VariantKey, VariantUnavailable
 
-FORMAT = "ditfx.plan/1"
+FORMAT = "ditfx.plan/2"
+READS = ("ditfx.plan/1", FORMAT)  # /1 (before 2026-12): modes by name only, no "compiled" flag on transforms
 
 
 # ------------------------------------------------------------------------------------------ saving
@@ -41,14 +42,14 @@ def save_plan(plan: Plan, directory: str | Path) -> Path:
                        "rows": key.rows})
     data = plan_to_json(plan, directory)
     data["graphs"] = graphs
-    for name, sub in plan.modes.items():  # each mode is a plan of its own, with the adapter tensors it takes
-        save_plan(sub, directory / "modes" / name)
+    for key, sub in plan.modes.items():  # each mode is a plan of its own, with the inputs its graphs take
+        save_plan(sub, directory / "modes" / key.name)
     (directory / "plan.json").write_text(json.dumps(data, indent=1))
     return directory
 
 
 def plan_to_json(plan: Plan, directory: Path) -> dict:
-    """The plan as JSON, without its graphs; the policies' files and each mode's adapter tensors are written to
+    """The plan as JSON, without its graphs; the policies' files and each mode's inputs are written to
     ``directory`` (a mode's own plan goes to ``directory/modes/<name>``, which the caller writes)."""
     data = {
         "format": FORMAT,
@@ -57,27 +58,20 @@ def plan_to_json(plan: Plan, directory: Path) -> dict:
         "blocks": [dataclasses.asdict(b) for b in plan.structure.blocks],
         "regions": [_region_to_json(rm) for rm in plan.regions],
         "flops": plan.flops,
-        "transforms": {name: {"after_rows": t.after_rows} for name, t in plan.transforms.items()},
+        "transforms": {name: {"after_rows": t.after_rows, "compiled": t.compiled}
+                       for name, t in plan.transforms.items()},
         "offers": {name: sorted(offered) for name, offered in plan.offers.items()},
-        "policies": [_config_to_json(c, directory, k) for k, c in enumerate(plan.policies)],
-        "state": _state_declarations(plan),
+        "policies": [technique_to_json(c, directory, f"policy{k}") for k, c in enumerate(plan.policies)],
+        "unavailable": plan.unavailable,
         "null_class": plan.null_class,
         "tokens": plan.tokens,
-        "modes": sorted(plan.modes),
+        "modes": [dataclasses.asdict(key) for key in plan.modes],
     }
-    for name in plan.modes:
-        (directory / "modes" / name).mkdir(parents=True, exist_ok=True)
-        save_file({str(i): t.detach().contiguous().cpu() for i, t in enumerate(plan.mode_inputs[name])},
-                  str(directory / "modes" / name / "inputs.safetensors"))
+    for key in plan.modes:
+        (directory / "modes" / key.name).mkdir(parents=True, exist_ok=True)
+        save_file({str(i): t.detach().contiguous().cpu() for i, t in enumerate(plan.mode_inputs[key])},
+                  str(directory / "modes" / key.name / "inputs.safetensors"))
     return data
-
-
-def _state_declarations(plan: Plan) -> list[dict]:
-    """The state each policy declares (for readers of the file; a loaded plan's policies declare it again)."""
-    from ditfx.runtime.policy import policy_for
-
-    return [{"policy": policy.name, "slot": slot.name, "scope": slot.scope, "per_row": slot.per_row}
-            for policy in (policy_for(c, plan) for c in plan.policies) for slot in policy.slots]
 
 
 def _export(gm: fx.GraphModule) -> torch.export.ExportedProgram:
@@ -122,19 +116,18 @@ def _region_to_json(rm: RegionModule) -> dict:
             "latent_stream": r.latent_stream}
 
 
-def _config_to_json(cfg, directory: Path, k: int) -> dict:
-    return technique_to_json(cfg, directory, f"policy{k}")
-
-
 # ----------------------------------------------------------------------------------------- loading
-def load_plan(directory: str | Path) -> Plan:
+def load_plan(directory: str | Path, config_class: type = Config) -> Plan:
+    """A plan written by :func:`save_plan`; it runs the graphs it was saved with. Its policy configs are read
+    among the techniques ``config_class`` registers."""
     directory = Path(directory)
     data = read_plan_json(directory)
     graphs = {}
     for entry in data["graphs"]:
         key = VariantKey(entry["signature"], tuple(entry["transforms"]), entry["rows"])
         graphs[key] = torch.export.load(directory / entry["file"]).module()
-    plan = plan_from_json(data, directory, lambda key: graphs[key], load_plan)
+    plan = plan_from_json(data, directory, lambda key: graphs[key], lambda d: load_plan(d, config_class),
+                          config_class=config_class)
     plan._graphs.update(graphs)
     return plan
 
@@ -142,19 +135,22 @@ def load_plan(directory: str | Path) -> Plan:
 def read_plan_json(directory: Path) -> dict:
     path = directory / "plan.json"
     if not path.is_file():
-        raise FileNotFoundError(f"no plan at {directory} (plan.json missing): write one with Plan.save")
+        raise FileNotFoundError(f"no plan at {directory} (plan.json missing): write one with ditfx.plan_io.save_plan")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON (line {e.lineno}): write the plan again") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a ditfx plan ({FORMAT}); got format {data.get('format')!r}")
+    if not isinstance(data, dict) or data.get("format") not in READS:
+        raise ValueError(f"{path} is not a ditfx plan ({' or '.join(READS)}); got format "
+                         f"{data.get('format') if isinstance(data, dict) else None!r}")
     return data
 
 
-def plan_from_json(data: dict, directory: Path, base_graph, load_mode, plan_class=Plan) -> Plan:
+def plan_from_json(data: dict, directory: Path, base_graph, load_mode, plan_class=Plan,
+                   config_class: type = Config) -> Plan:
     """The plan of ``data`` (read from ``directory``): ``base_graph(key)`` gives a region's captured graph when
-    first asked for, ``load_mode(path)`` each mode's plan."""
+    first asked for, ``load_mode(path)`` each mode's plan; policy configs are read among the techniques
+    ``config_class`` registers."""
     io = _io_from_json(data["io"])
     blocks = [Block(**b) for b in data["blocks"]]
     regions = []
@@ -173,14 +169,23 @@ def plan_from_json(data: dict, directory: Path, base_graph, load_mode, plan_clas
     structure = DiTStructure(None, roles, blocks, [rm.region for rm in regions], [], [])
     plan = plan_class(structure, io, regions, data["flops"], null_class=data["null_class"],
                       tokens=data.get("tokens", 0))
-    for name in data.get("modes", []):
-        plan.modes[name] = load_mode(directory / "modes" / name)
-        inputs = load_file(str(directory / "modes" / name / "inputs.safetensors"))
-        plan.mode_inputs[name] = [inputs[str(i)] for i in range(len(inputs))]
-    plan.transforms = {name: Transform(name, _not_buildable, t["after_rows"]) for name, t in data["transforms"].items()}
+    for entry in data.get("modes", []):
+        key = ModeKey(**entry) if isinstance(entry, dict) else _mode_of_format_1(entry)
+        plan.modes[key] = load_mode(directory / "modes" / key.name)
+        inputs = load_file(str(directory / "modes" / key.name / "inputs.safetensors"))
+        plan.mode_inputs[key] = [inputs[str(i)] for i in range(len(inputs))]
+    plan.transforms = {name: Transform(name, _not_buildable, t["after_rows"], t.get("compiled", t["after_rows"]))
+                       for name, t in data["transforms"].items()}
     plan.offers = {name: set(offered) for name, offered in data["offers"].items()}
-    plan.policies = [_config_from_json(c, directory) for c in data["policies"]]
+    classes = config_classes(config_class)
+    plan.policies = [technique_from_json(c, directory, directory / "plan.json", classes) for c in data["policies"]]
+    plan.unavailable = dict(data.get("unavailable", {}))
     return plan
+
+
+def _mode_of_format_1(name: str) -> ModeKey:
+    """A mode of a ``ditfx.plan/1`` file, which names it only: the token budget's, ``p<patch size>``."""
+    return ModeKey("budget", int(name[1:]), name)
 
 
 def _not_buildable(rm, gm):
@@ -203,7 +208,3 @@ def _tree_from_json(data):
         items = [_tree_from_json(v) for v in value]
         return tuple(items) if kind == "tuple" else items
     return data
-
-
-def _config_from_json(data: dict, directory: Path):
-    return technique_from_json(data, directory, directory / "plan.json")

@@ -1,11 +1,12 @@
 """Input validation: argument checks shared by the config dataclasses and the calibration files, and the
-checks of a configuration against the model it is applied to (:func:`check_model`).
+checked readers of ditfx's JSON files. (The checks of a configuration against the model it is applied to live
+with each technique: ``check_model`` in ``ditfx/<technique>/config.py``.)
 
 Every check raises at construction or load, before anything is compiled or run: a ``TypeError`` when a value
 has the wrong type, a ``ValueError`` when it is out of range, each naming the class and field (and the file,
 for calibration files) and saying what to pass instead.
 
-This module imports nothing of ditfx at module level, so every other module can use its helpers.
+This module imports nothing of ditfx, so every other module can use its helpers.
 """
 from __future__ import annotations
 
@@ -14,17 +15,23 @@ import math
 import numbers
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:  # pragma: no cover
-    import torch
-
-    from ditfx.config import Config
+from typing import Any
 
 
 class WrongType(TypeError, ValueError):
     """A value of the wrong type. A TypeError, and a ValueError too, so that callers which report bad
     configuration by catching ValueError (the CLI) report these the same way."""
+
+
+def require(ok: bool, message: str) -> None:
+    """Raise ``ValueError(message)`` unless ``ok``."""
+    if not ok:
+        raise ValueError(message)
+
+
+def set_field(obj: Any, name: str, value: Any) -> None:
+    """Store a checked (normalised) value on a frozen dataclass, in its ``__post_init__``."""
+    object.__setattr__(obj, name, value)
 
 
 def _got(value: Any) -> str:
@@ -201,47 +208,3 @@ def build_from_file(source: str | Path, kind: str, cls: type, data: dict, remedy
         return cls(**data)
     except (TypeError, ValueError) as e:
         raise type(e)(f"{source}: {e}; {remedy}") from None
-
-
-# ------------------------------------------------------------------------------------ model checks
-
-
-def check_model(config: Config, module: torch.nn.Module) -> None:
-    """Every check of ``config`` that needs the model ``module`` (the denoiser, not a pipeline), before
-    anything is compiled.
-
-    - :class:`~ditfx.DynamicCache`: ``first + last`` leaves at least one middle block to skip;
-    - :class:`~ditfx.StaticCache`: the schedule was calibrated for these blocks (paths, and the shapes of
-      their weights when the schedule has a fingerprint);
-    - :class:`~ditfx.TokenBudget`: each adapter was made for this model's class.
-
-    The blocks are :func:`ditfx.api.repeated_blocks`; a model without repeated blocks passes (ditfx falls
-    back to the inner compiler with a warning). Raises ValueError, or TypeError for wrong argument types.
-    """
-    import torch
-
-    from ditfx.api import repeated_blocks
-    from ditfx.config import Config, DynamicCache, StaticCache
-
-    if not isinstance(config, Config):
-        raise TypeError(f"check_model needs a ditfx.Config, got {type(config).__name__}")
-    if not isinstance(module, torch.nn.Module):
-        raise TypeError(f"check_model needs the denoiser nn.Module, got {type(module).__name__}")
-    if config.budget is not None:
-        for _, adapter, _ in config.budget.levels():
-            made_for = (adapter.model or {}).get("class") if adapter is not None else None
-            if made_for and made_for != type(module).__name__:
-                raise ValueError(f"TokenBudget: the adapter (patch {adapter.patch}) was made for a {made_for}, this "
-                                 f"model is a {type(module).__name__}: distil one for it with ditfx.budget.distill")
-    cache = config.cache
-    if not isinstance(cache, (DynamicCache, StaticCache)):
-        return
-    blocks = repeated_blocks(module)
-    n = len(blocks)
-    if isinstance(cache, DynamicCache) and n and cache.first + cache.last >= n:
-        raise ValueError(
-            f"DynamicCache(first={cache.first}, last={cache.last}) leaves no middle blocks to skip in a model "
-            f"with {n} blocks: use first + last < {n}"
-        )
-    if isinstance(cache, StaticCache):
-        cache.schedule.check_model(blocks, module, ordered=False)  # the plan checks the order it runs them in

@@ -6,7 +6,7 @@ import torch
 
 import ditfx
 from conftest import call, tiny_model
-from ditfx.runtime.schedule import CacheSchedule
+from ditfx.cache.schedule import CacheSchedule
 
 
 @pytest.fixture(autouse=True)

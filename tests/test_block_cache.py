@@ -8,9 +8,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import ditfx
 from conftest import FAMILIES, run_loop, tiny_model
-from ditfx.runtime.block_cache import CachedValues
-from ditfx.runtime.executor import row_bucket
-from ditfx.runtime.schedule import CacheSchedule
+from ditfx.cache.policy import CachedValues
+from ditfx.runtime.rows import bucket, buckets
+from ditfx.cache.schedule import CacheSchedule
 
 EAGER = "aot_eager"
 # random tiny models change a lot between steps (relative L1 about 1): a threshold that skips some steps
@@ -242,10 +242,15 @@ def test_mixed_batch_computes_only_the_rows_that_need_the_blocks(forecast):
         assert (batch[i:i + 1] - alone).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("k,n,size", [(1, 4, 1), (2, 4, 2), (3, 4, None), (20, 200, 25), (26, 200, 50),
-                                      (99, 200, 100), (101, 200, None), (1, 1, None)])
-def test_row_buckets(k, n, size):
-    assert row_bucket(k, n) == size
+@pytest.mark.parametrize("k,n,size", [(0, 4, 0), (1, 4, 1), (3, 4, 3), (4, 4, 4), (20, 200, 25), (26, 200, 50),
+                                      (101, 200, 125), (176, 200, 200), (1, 1, 1), (6, 12, 6), (7, 12, 8),
+                                      (5, 10, 6)])
+def test_one_bucket_rule_for_row_subsets(k, n, size):
+    """Row counts are multiples of ceil(rows / 8), at most the captured rows: guidance's partial calls
+    (B cond rows plus the active uncond rows of 2B) and a per-sample cache's subsets use the same few sizes."""
+    assert bucket(k, n) == size
+    assert size in buckets(n) or size == 0
+    assert len(buckets(n)) <= 8 and buckets(n)[-1] == n
 
 
 def test_named_branches_keep_one_state_each():

@@ -12,9 +12,10 @@ from conftest import cfg_loop, tiny_model
 from ditfx.budget import BudgetAdapter, BudgetSchedule
 from ditfx.budget.adapter import AdapterError
 from ditfx.budget.schedule import weak_steps_for
-from ditfx.budget.weak import BudgetConversionError, find_sites, weak_graph, zero_shot_tensors
+from ditfx.budget.weak import BudgetConversionError, weak_graph, zero_shot_tensors
+from ditfx.graph.sites import SiteError, find_sites
 from ditfx.graph.structure import analyse
-from ditfx.inspect.report import capture
+from ditfx.graph.capture import capture as capture_graph
 from ditfx.models import zoo
 from ditfx.models.dit import build_dit
 
@@ -39,7 +40,7 @@ def test_the_weak_graph_of_the_reference_dit_is_the_dit_at_the_coarse_patch_size
     """The graph rewrite against the module built at patch 4 with the converted layers: the same function. DiT-T/2
     has 16 tokens and a head dimension of 16, so the literals cannot be told apart by value."""
     named = zoo.load("DiT-T/2")
-    gm, inputs = capture(named)
+    gm, inputs = capture_graph(named.model, fullgraph=True, call=named)
     sites = find_sites(gm, analyse(gm).roles)
     weak = weak_graph(gm, sites, 4)
     tensors = zero_shot_tensors(gm, sites, inputs, 4)
@@ -65,7 +66,7 @@ def test_the_weak_graph_of_flux_is_flux_on_coarse_tokens():
     from diffusers import FluxTransformer2DModel
 
     named = zoo.load("tiny:flux")
-    gm, inputs = capture(named)
+    gm, inputs = capture_graph(named.model, fullgraph=True, call=named)
     sites = find_sites(gm, analyse(gm).roles, inputs)
     weak = weak_graph(gm, sites, 4)
     tensors = zero_shot_tensors(gm, sites, inputs, 4)
@@ -122,7 +123,7 @@ def test_families_that_cannot_be_converted_stay_exact_and_say_so(name):
 
 
 def random_adapter(named, rank=2, seed=1):
-    gm, inputs = capture(named)
+    gm, inputs = capture_graph(named.model, fullgraph=True, call=named)
     sites = find_sites(gm, analyse(gm).roles)
     weak = weak_graph(gm, sites, 4, lora_rank=rank)
     g = torch.Generator().manual_seed(seed)
@@ -181,7 +182,7 @@ def test_a_weak_step_costs_what_the_cost_model_says():
         fast(**named.inputs)
     (executor,) = ditfx.api._runtime(fast).executors
     weak_plan = executor.plan.modes["p4"]
-    gm, inputs = capture(named)
+    gm, inputs = capture_graph(named.model, fullgraph=True, call=named)
     sites = find_sites(gm, analyse(gm).roles)
     weak = weak_graph(gm, sites, 4)
     tensors = zero_shot_tensors(gm, sites, inputs, 4)
@@ -238,16 +239,16 @@ def test_per_sample_state_survives_a_mode_switch():
 
 def test_unconvertible_models_give_a_clear_error():
     named = zoo.load("tiny:wan")
-    gm, _ = capture(named)
-    with pytest.raises(BudgetConversionError, match="video latents"):
+    gm, _ = capture_graph(named.model, fullgraph=True, call=named)
+    with pytest.raises(SiteError, match="video latents"):
         find_sites(gm, analyse(gm).roles)
     named = zoo.load("tiny:flux")
-    gm, inputs = capture(named)
+    gm, inputs = capture_graph(named.model, fullgraph=True, call=named)
     inputs = [torch.zeros_like(v) if v.shape == (16, 3) else v for v in inputs]
-    with pytest.raises(BudgetConversionError, match="row-major grid"):
+    with pytest.raises(SiteError, match="row-major grid"):
         find_sites(gm, analyse(gm).roles, inputs)
     named = zoo.load("DiT-T/2")
-    gm, _ = capture(named)
+    gm, _ = capture_graph(named.model, fullgraph=True, call=named)
     sites = find_sites(gm, analyse(gm).roles)
     with pytest.raises(BudgetConversionError, match="multiple of the native"):
         weak_graph(gm, sites, 3)

@@ -11,9 +11,9 @@ import pytest
 
 HEAVY = ("torch._dynamo", "torch._inductor", "triton", "diffusers", "transformers")
 
-RUNTIME = ("ditfx.config", "ditfx.plan", "ditfx.runtime.executor", "ditfx.runtime.policy", "ditfx.runtime.state",
-           "ditfx.runtime.lifecycle", "ditfx.runtime.block_cache", "ditfx.runtime.guidance",
-           "ditfx.runtime.linear_ag", "ditfx.runtime.budget", "ditfx.runtime.history")
+RUNTIME = ("ditfx.config", "ditfx.plan", "ditfx.plan_io", "ditfx.runtime.executor", "ditfx.runtime.policy",
+           "ditfx.runtime.state", "ditfx.runtime.lifecycle", "ditfx.cache.policy", "ditfx.guidance.policy",
+           "ditfx.guidance.linear_ag", "ditfx.budget.policy", "ditfx.history.policy", "ditfx.package.loaded")
 
 
 def _loaded_after(code: str) -> dict:
@@ -37,10 +37,15 @@ def test_import_ditfx_is_light_and_the_public_names_resolve():
 
 
 def test_runtime_modules_import_without_dynamo():
+    """What a loaded package runs: the plan, the executor and every technique's policy (registered with the
+    technique's configs, which ``ditfx.config`` imports)."""
     result = _loaded_after("\n".join(f"import {m}" for m in RUNTIME)
-                           + "\nfrom ditfx.runtime.policy import BUILTIN\nout['builtin'] = list(BUILTIN)")
+                           + "\nfrom ditfx.runtime.policy import _POLICIES\n"
+                           "out['policies'] = sorted(c.__name__ for c in _POLICIES)\n"
+                           "out['configs'] = sorted(c.__name__ for t in ditfx.config.Config.registered() "
+                           "for c in t.configs + t.internal)")
     assert result["heavy"] == [], "the runtime modules pulled in " + ", ".join(result["heavy"])
-    assert set(result["out"]["builtin"]) <= set(RUNTIME), "policy_for imports a module this test does not check"
+    assert result["out"]["policies"] == result["out"]["configs"]  # every technique config runs as a policy
 
 
 def test_every_public_name_resolves():

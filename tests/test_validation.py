@@ -15,10 +15,10 @@ from torch import nn
 import ditfx
 from conftest import tiny_model
 from ditfx.config import GuidanceRecording
-from ditfx.runtime import linear_ag
-from ditfx.runtime.linear_ag import LinearAGCoefficients
-from ditfx.runtime.schedule import FORMAT, CacheSchedule, block_fingerprint
-from ditfx.validation import WrongType, check_model
+from ditfx.guidance import linear_ag
+from ditfx.guidance.linear_ag import LinearAGCoefficients
+from ditfx.cache.schedule import FORMAT, CacheSchedule, block_fingerprint
+from ditfx.validation import WrongType
 
 WEIGHTS = Path(ditfx.__file__).parent / "models" / "digits" / "weights"
 NAN, INF = float("nan"), float("inf")
@@ -212,35 +212,33 @@ def test_no_middle_blocks_fails_in_check_model():
     message = (f"DynamicCache(first={first}, last={n - first}) leaves no middle blocks to skip in a model with "
                f"{n} blocks: use first + last < {n}")
     with pytest.raises(ValueError, match=re.escape(message)):
-        check_model(config, model)
-    check_model(ditfx.Config(cache=ditfx.DynamicCache(0.1, first=first, last=n - first - 1)), model)
+        config.check_model(model)
+    ditfx.Config(cache=ditfx.DynamicCache(0.1, first=first, last=n - first - 1)).check_model(model)
 
 
 def test_no_middle_blocks_message_on_a_four_block_model():
     with pytest.raises(ValueError, match=re.escape("DynamicCache(first=2, last=2) leaves no middle blocks to skip "
                                                    "in a model with 4 blocks: use first + last < 4")):
-        check_model(ditfx.Config(cache=ditfx.DynamicCache(0.1, first=2, last=2)), Toy(n=4))
+        ditfx.Config(cache=ditfx.DynamicCache(0.1, first=2, last=2)).check_model(Toy(n=4))
 
 
 def test_check_model_passes_what_it_cannot_judge():
-    check_model(ditfx.Config(), Toy())
-    check_model(ditfx.Config(cache=ditfx.CacheCalibration()), Toy())
-    check_model(ditfx.Config(guidance=ditfx.AdaptiveGuidance()), Toy())
+    ditfx.Config().check_model(Toy())
+    ditfx.Config(cache=ditfx.CacheCalibration()).check_model(Toy())
+    ditfx.Config(guidance=ditfx.AdaptiveGuidance()).check_model(Toy())
     # no repeated blocks: ditfx falls back to the inner compiler with a warning, not an error here
-    check_model(ditfx.Config(cache=ditfx.DynamicCache(0.1, first=3)), nn.Sequential(nn.Linear(2, 2)))
+    ditfx.Config(cache=ditfx.DynamicCache(0.1, first=3)).check_model(nn.Sequential(nn.Linear(2, 2)))
 
 
 def test_check_model_argument_types():
-    with pytest.raises(TypeError, match="ditfx.Config"):
-        check_model(ditfx.DynamicCache(0.1), Toy())
     with pytest.raises(TypeError, match="nn.Module"):
-        check_model(ditfx.Config(), object())
+        ditfx.Config().check_model(object())
 
 
 def test_static_cache_for_other_block_paths_fails_in_check_model():
     config = ditfx.Config(cache=ditfx.StaticCache(0.1, schedule(n=6)))
     with pytest.raises(ValueError, match="calibrated for a model with 6 blocks.*run 'ditfx calibrate'"):
-        check_model(config, Toy(n=4))
+        config.check_model(Toy(n=4))
 
 
 def test_schedule_fingerprint_rejects_other_widths():
@@ -248,18 +246,18 @@ def test_schedule_fingerprint_rejects_other_widths():
     paths = ditfx.repeated_blocks(calibrated)
     sched = schedule(n=4, fingerprint=block_fingerprint(calibrated, paths))
     config = ditfx.Config(cache=ditfx.StaticCache(0.1, sched))
-    check_model(config, calibrated)
-    check_model(config, Toy(width=8).to(torch.float16))  # same shapes, other dtype: the same model
+    config.check_model(calibrated)
+    config.check_model(Toy(width=8).to(torch.float16))  # same shapes, other dtype: the same model
     wider = Toy(width=16)
     assert ditfx.repeated_blocks(wider) == paths
     with pytest.raises(ValueError, match=r"calibrated for a model whose blocks have other weights' shapes: "
                                          r"4 of 4 blocks differ.*run 'ditfx calibrate' on this model"):
-        check_model(config, wider)
+        config.check_model(wider)
     with pytest.raises(ValueError, match="other weights' shapes"):
         sched.check_model(paths, wider)
     sched.check_model(paths)  # without the module: the paths only, as before
     # a schedule without a fingerprint (written before) is checked by paths only
-    check_model(ditfx.Config(cache=ditfx.StaticCache(0.1, schedule(n=4))), wider)
+    ditfx.Config(cache=ditfx.StaticCache(0.1, schedule(n=4))).check_model(wider)
 
 
 def test_block_fingerprint():

@@ -1,39 +1,48 @@
-"""Token-budget patching (FlexiDiT): early, high-noise denoising steps at a coarser patch size.
+"""Token-budget patching (FlexiDiT): early, high-noise denoising steps at a coarser patch size (docs/token_budget.md).
 
-* :mod:`ditfx.budget.weak`: the weak mode as a rewrite of the captured graph (patch embedding, positional table,
-  de-embedding, size literals; LoRA on the blocks), and its zero-shot tensors;
+* :mod:`ditfx.budget.config`: the knobs, :class:`TokenBudget`, and its check against a model;
+* :mod:`ditfx.budget.adapter`: :class:`BudgetAdapter`, the weak mode's fitted tensors in one safetensors file;
+* :mod:`ditfx.budget.schedule`: :class:`BudgetSchedule`, calibrated weak steps;
 * :mod:`ditfx.budget.resize`: the layer conversions (PI-resize, de-embedding resize, sin-cos tables at coarse
   centres);
-* :mod:`ditfx.budget.adapter`: :class:`BudgetAdapter`, the weak mode's tensors in one safetensors file;
+* :mod:`ditfx.budget.weak`: the weak mode as a rewrite of the captured graph (patch embedding, positional table,
+  de-embedding; LoRA on the blocks), and its zero-shot and merged tensors;
+* :mod:`ditfx.budget.variants`: the pass: one mode of the plan per level;
+* :mod:`ditfx.budget.policy`: the mode selector: which mode each call runs in;
 * :mod:`ditfx.budget.training`: :func:`distill`, training the weak mode on the model's own predictions;
-* :mod:`ditfx.budget.gaps`: :func:`calibrate`, the weak/native gap per step;
-* :mod:`ditfx.budget.schedule`: :class:`BudgetSchedule`, calibrated weak steps.
-
-``ditfx.TokenBudget`` turns it on; docs/token_budget.md.
+* :mod:`ditfx.budget.calibration`: :func:`calibrate`, the weak/native gap per step.
 """
 from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING, Any
 
+import ditfx.budget.policy  # noqa: F401  (registers the policy of its config)
+from ditfx.budget import config, variants
+from ditfx.budget.adapter import AdapterError, BudgetAdapter
+from ditfx.budget.config import TokenBudget
+from ditfx.budget.schedule import BudgetSchedule
+from ditfx.budget.weak import BudgetConversionError
+from ditfx.technique import Technique
+
 if TYPE_CHECKING:
-    from ditfx.budget.adapter import AdapterError, BudgetAdapter
-    from ditfx.budget.gaps import calibrate
+    from ditfx.budget.calibration import calibrate
     from ditfx.budget.resize import (coarse_sincos_pos_embed, coarse_table, pi_resize, resize_deembed,
                                      resize_matrix)
-    from ditfx.budget.schedule import BudgetSchedule
     from ditfx.budget.training import distill, plot_loss, zero_shot
-    from ditfx.budget.weak import BudgetConversionError
 
-# Imported on first access (PEP 562): the budget policy needs only ``schedule``, and training pulls in sympy.
+TECHNIQUE = Technique(
+    name="budget", configs=(TokenBudget,), offer=variants.offer, order=0,
+    example="ditfx.TokenBudget(adapter=..., flops=0.6)", check_model=config.check_model,
+    options={"token": TokenBudget}, option_examples={"token": "{'adapter': 'adapter.safetensors', 'flops': 0.6}"},
+)
+
+# Imported on first access (PEP 562): training and calibration pull in sympy and drive torch.compile.
 _LAZY = {
-    "AdapterError": "adapter", "BudgetAdapter": "adapter",
     "coarse_sincos_pos_embed": "resize", "coarse_table": "resize", "pi_resize": "resize",
     "resize_deembed": "resize", "resize_matrix": "resize",
-    "BudgetSchedule": "schedule",
-    "BudgetConversionError": "weak",
     "distill": "training", "plot_loss": "training", "zero_shot": "training",
-    "calibrate": "gaps",
+    "calibrate": "calibration",
 }
 
 
@@ -51,6 +60,6 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
 
 
-__all__ = ["AdapterError", "BudgetAdapter", "BudgetConversionError", "BudgetSchedule", "calibrate",
-           "coarse_sincos_pos_embed", "coarse_table", "distill", "pi_resize", "plot_loss", "resize_deembed",
-           "resize_matrix", "zero_shot"]
+__all__ = ["TECHNIQUE", "AdapterError", "BudgetAdapter", "BudgetConversionError", "BudgetSchedule", "TokenBudget",
+           "calibrate", "coarse_sincos_pos_embed", "coarse_table", "distill", "pi_resize", "plot_loss",
+           "resize_deembed", "resize_matrix", "zero_shot"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ditfx.models.dit import MAX_PERIOD, _sincos_1d
+from ditfx.positional import MAX_PERIOD, sincos_1d
 
 RESIZE_MODES = ("bilinear", "bicubic")
 
@@ -76,7 +76,7 @@ def coarse_sincos_pos_embed(dim: int, grid_size: int, stride: int) -> torch.Tens
     n = grid_size // stride
     coords = torch.arange(n, dtype=torch.float64) * stride + (stride / 2 if stride > 1 else 0.0)
     rows, cols = torch.meshgrid(coords, coords, indexing="ij")
-    halves = [_sincos_1d(cols.reshape(-1), dim // 2), _sincos_1d(rows.reshape(-1), dim // 2)]
+    halves = [sincos_1d(cols.reshape(-1), dim // 2), sincos_1d(rows.reshape(-1), dim // 2)]
     return torch.cat(halves, dim=1).float()
 
 
@@ -122,7 +122,7 @@ def _sincos_table(fit, grid: tuple[int, int], stride: int, dim: int) -> torch.Te
     cols = a_col + k_col * (torch.arange(w, dtype=torch.float64) * stride + offset)
     rows = a_row + k_row * (torch.arange(h, dtype=torch.float64) * stride + offset)
     r, c = torch.meshgrid(rows, cols, indexing="ij")
-    return torch.cat([_sincos_1d(c.reshape(-1), dim // 2), _sincos_1d(r.reshape(-1), dim // 2)], dim=1)
+    return torch.cat([sincos_1d(c.reshape(-1), dim // 2), sincos_1d(r.reshape(-1), dim // 2)], dim=1)
 
 
 def coarse_table(table: torch.Tensor, grid: tuple[int, int], stride: int) -> torch.Tensor:

@@ -19,77 +19,17 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
 from ditfx.budget.adapter import BudgetAdapter
-from ditfx.budget.weak import WeakGraph, find_sites, weak_graph, zero_shot_tensors
+from ditfx.budget.weak import WeakGraph, weak_graph, zero_shot_tensors
+from ditfx.graph.capture import capture
 from ditfx.graph.cost import graph_flops
+from ditfx.graph.sites import find_sites
 from ditfx.graph.structure import analyse
-
-
-@dataclass
-class Recorded:
-    """One denoiser call: its inputs and the native prediction."""
-
-    args: tuple
-    kwargs: dict
-    target: torch.Tensor
-    u: float  # normalised time
-
-
-def _first_tensor(out) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)):
-        return _first_tensor(out[0])
-    sample = getattr(out, "sample", None)
-    if isinstance(sample, torch.Tensor):
-        return sample
-    raise TypeError(f"cannot find the prediction in the denoiser's output {type(out).__name__}")
-
-
-def _timestep_of(args: tuple, kwargs: dict) -> float | None:
-    for name in ("timestep", "timesteps", "t", "sigma"):
-        t = kwargs.get(name)
-        if t is not None:
-            return float(torch.as_tensor(t).reshape(-1)[0])
-    return float(args[1].reshape(-1)[0]) if len(args) > 1 and isinstance(args[1], torch.Tensor) else None
-
-
-def _detach(x):
-    if isinstance(x, torch.Tensor):
-        return x.detach().clone()
-    if isinstance(x, (tuple, list)):
-        return type(x)(_detach(v) for v in x)
-    if isinstance(x, dict):
-        return {k: _detach(v) for k, v in x.items()}
-    return x
-
-
-def record_calls(denoiser: torch.nn.Module, run: Callable[[], object], time_scale: float,
-                 weak_until: float) -> list[Recorded]:
-    """The denoiser calls ``run()`` makes in the weak range, with their native predictions."""
-    calls: list[Recorded] = []
-
-    def hook(module, args, kwargs, out):
-        t = _timestep_of(args, kwargs)
-        if t is None:
-            raise ValueError("ditfx.budget.distill: the denoiser was called without a timestep it can read (keyword "
-                             "'timestep' or the second positional argument)")
-        u = t / time_scale
-        if u > 1 - weak_until - 1e-9:
-            calls.append(Recorded(_detach(args), _detach(kwargs), _first_tensor(out).detach().clone(), u))
-
-    handle = denoiser.register_forward_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        handle.remove()
-    return calls
+from ditfx.recording import Recorded, first_tensor, record_calls
 
 
 class WeakRunner:
@@ -187,7 +127,7 @@ def distill(pipe, run: Callable[[object], object] | None = None, patch_size: int
         weak_model = torch.compile(denoiser, backend=trainer, dynamic=False)
         trainer.patch = patch_size or 0
         if trainer.patch == 0:  # twice the native patch: read it from a capture
-            sites = _capture_sites(denoiser, train[0])
+            sites = capture_sites(denoiser, train[0])
             trainer.patch = 2 * sites.patch
         first = train[0]
         with torch.no_grad():
@@ -196,7 +136,7 @@ def distill(pipe, run: Callable[[object], object] | None = None, patch_size: int
         optim = torch.optim.Adam(params, lr=lr)
 
         def loss_on(call: Recorded) -> torch.Tensor:
-            pred = _first_tensor(weak_model(*call.args, **call.kwargs))
+            pred = first_tensor(weak_model(*call.args, **call.kwargs))
             return torch.nn.functional.mse_loss(pred.float(), call.target.float())
 
         def evaluate() -> float:
@@ -246,18 +186,10 @@ def distill(pipe, run: Callable[[object], object] | None = None, patch_size: int
                 "seed": seed, "resize": resize})
 
 
-def _capture_sites(denoiser: torch.nn.Module, call: Recorded):
-    found = {}
-
-    def capture(gm, example_inputs):
-        found["sites"] = find_sites(gm, analyse(gm).roles, example_inputs)
-        return gm.forward
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(denoiser, backend=capture, dynamic=False)(*call.args, **call.kwargs)
-    torch._dynamo.reset()
-    return found["sites"]
+def capture_sites(denoiser: torch.nn.Module, call: Recorded):
+    """The patch-size sites of ``denoiser``'s graph, captured on one recorded call."""
+    gm, example_inputs = capture(denoiser, *call.args, **call.kwargs)
+    return find_sites(gm, analyse(gm).roles, example_inputs)
 
 
 def zero_shot(pipe, example: Callable[[object], object], patch_size: int | None = None,
@@ -268,22 +200,13 @@ def zero_shot(pipe, example: Callable[[object], object], patch_size: int | None 
     calls = record_calls(denoiser, lambda: example(pipe), time_scale, 1.0)
     if not calls:
         raise ValueError("example(pipe) made no denoiser call")
-    found = {}
-
-    def capture(gm, example_inputs):
-        sites = find_sites(gm, analyse(gm).roles, example_inputs)
-        patch = patch_size or 2 * sites.patch
-        found["adapter"] = BudgetAdapter(
-            patch=patch, native_patch=sites.patch, tensors=zero_shot_tensors(gm, sites, example_inputs, patch, resize),
-            time_scale=time_scale, record={"zero_shot": True, "resize": resize},
-            model={"class": type(denoiser).__name__, "grid": list(sites.grid), "width": sites.width})
-        return gm.forward
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(denoiser, backend=capture, dynamic=False)(*calls[0].args, **calls[0].kwargs)
-    torch._dynamo.reset()
-    return found["adapter"]
+    gm, example_inputs = capture(denoiser, *calls[0].args, **calls[0].kwargs)
+    sites = find_sites(gm, analyse(gm).roles, example_inputs)
+    patch = patch_size or 2 * sites.patch
+    return BudgetAdapter(
+        patch=patch, native_patch=sites.patch, tensors=zero_shot_tensors(gm, sites, example_inputs, patch, resize),
+        time_scale=time_scale, record={"zero_shot": True, "resize": resize},
+        model={"class": type(denoiser).__name__, "grid": list(sites.grid), "width": sites.width})
 
 
 def plot_loss(adapter: BudgetAdapter, path) -> None:

@@ -1,7 +1,9 @@
-"""Small predicates and readers over FX node metadata, for Dynamo (Torch IR) and torch.export (ATen) graphs."""
+"""Small predicates and readers over FX graphs and their node metadata, for Dynamo (Torch IR) and torch.export
+(ATen) graphs."""
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -89,3 +91,37 @@ def has_symbolic_inputs(gm: fx.GraphModule) -> bool:
         if isinstance(v, torch.Tensor) and any(isinstance(s, torch.SymInt) for s in v.shape):
             return True
     return False
+
+
+def is_per_row(obj: Any, rows: int | None) -> bool:
+    """Whether ``obj`` is a tensor with one entry per batch row (leading dimension ``rows``)."""
+    return isinstance(obj, torch.Tensor) and obj.dim() > 0 and obj.shape[0] == rows
+
+
+def dependents(graph: fx.Graph, sources: Iterable[fx.Node]) -> set[fx.Node]:
+    """``sources`` and every node computed from them (graph order is topological: one pass)."""
+    reached = set(sources)
+    for n in graph.nodes:
+        if n not in reached and any(a in reached for a in n.all_input_nodes):
+            reached.add(n)
+    return reached
+
+
+def evaluate(gm: fx.GraphModule, name: str, example_inputs: list) -> Any:
+    """The value of node ``name`` of ``gm`` on ``example_inputs``, computing only what it needs."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    needed, todo = set(), [nodes[name]]
+    while todo:
+        n = todo.pop()
+        if n not in needed:
+            needed.add(n)
+            todo.extend(n.all_input_nodes)
+    interp = fx.Interpreter(gm)
+    env = interp.env
+    for ph, v in zip(gm.graph.find_nodes(op="placeholder"), example_inputs):
+        env[ph] = v
+    with torch.no_grad():
+        for n in gm.graph.nodes:
+            if n in needed and n.op != "placeholder":
+                env[n] = interp.run_node(n)
+    return env[nodes[name]]

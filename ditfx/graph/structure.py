@@ -100,6 +100,11 @@ class DiTStructure:
     def block_regions(self) -> list[Region]:
         return [r for r in self.regions if r.kind == "block"]
 
+    @property
+    def latent_blocks(self) -> list[int]:
+        """Indices of the blocks whose residual stream carries the latents (text-only refiners excluded)."""
+        return [r.block.index for r in self.block_regions if r.latent_stream]
+
     def region(self, name: str) -> Region:
         for r in self.regions:
             if r.name == name:
@@ -193,14 +198,7 @@ def find_blocks(gm: fx.GraphModule) -> dict[fx.Node, str]:
 
 
 def _is_stream_dependent(gm: fx.GraphModule, roles: InputRoles) -> set[fx.Node]:
-    dep: set[fx.Node] = set()
-    for n in gm.graph.nodes:
-        if n.op == "placeholder":
-            if n.name in roles.tokens:
-                dep.add(n)
-        elif any(a in dep for a in n.all_input_nodes):
-            dep.add(n)
-    return dep
+    return meta.dependents(gm.graph, (n for n in gm.graph.find_nodes(op="placeholder") if n.name in roles.tokens))
 
 
 # -------------------------------------------------------------------------------------------- analysis

@@ -35,11 +35,13 @@ from pathlib import Path
 
 import torch
 
-from ditfx.backend import keep_dynamo_compiling
-from ditfx.budget.training import _first_tensor
+from ditfx.graph.meta import is_per_row
+from ditfx.graph.sites import find_sites
+from ditfx.graph.structure import analyse
 from ditfx.history.oneshot import one_shot
 from ditfx.history.student import HistoryStudent
-from ditfx.runtime.rows import is_per_row
+from ditfx.recording import first_tensor
+from ditfx.runtime.compiler import keep_dynamo_compiling
 
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
 POINTS = ("denoised", "noisy")
@@ -270,7 +272,7 @@ def distill(model: torch.nn.Module, trajectories: Trajectories, layers: int, min
     def loss_of(data: Trajectories, rows: torch.Tensor) -> torch.Tensor:
         kwargs, targets = data.batch(rows)
         with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):  # never the plain forward in its place
-            out = _first_tensor(forward(**kwargs))
+            out = first_tensor(forward(**kwargs))
         if out.shape != targets.shape:
             raise ValueError(f"ditfx.history: the denoiser's output {tuple(out.shape)} is not its latents' shape "
                              f"{tuple(targets.shape)}")
@@ -318,9 +320,6 @@ def distill(model: torch.nn.Module, trajectories: Trajectories, layers: int, min
 
 def _teacher_heads(model: torch.nn.Module, trajectories: Trajectories) -> dict:
     """S copies of the teacher's de-embedding (weight (S, out, in), bias (S, out)), found in its captured graph."""
-    from ditfx.budget.weak import find_sites
-    from ditfx.graph.structure import analyse
-
     found: dict = {}
 
     def backend(gm, example_inputs):

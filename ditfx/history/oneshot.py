@@ -5,7 +5,7 @@ timestep, so the per-token time embedding of the paper (each step's tokens modul
 model's own per-sample conditioning, with no rewrite. Only the attention changes: in the lower N blocks a row's
 queries attend to the keys of the same sample's steps <= s (block-causal, :func:`stepwise_attention` over a
 flex_attention BlockMask), above to its own step's keys (block-diagonal: the unchanged attention of each row).
-Run step by step with the key/value history (:mod:`ditfx.passes.history`), the same model gives the same
+Run step by step with the key/value history (:mod:`ditfx.history.variants`), the same model gives the same
 outputs (tests/test_history.py).
 """
 from __future__ import annotations
@@ -16,12 +16,12 @@ import functools
 import torch
 import torch.fx as fx
 
-from ditfx.backend import keep_dynamo_compiling
 from ditfx.graph import meta
+from ditfx.graph.attention import plain_attention, positional_qkv, sdpa_qkv
+from ditfx.graph.sites import find_sites
 from ditfx.graph.structure import analyse, find_blocks
 from ditfx.history.masks import block_causal, block_mask, dense
-from ditfx.passes.block_cache import latent_blocks
-from ditfx.passes.history import plain_attention, positional_qkv, sdpa_qkv
+from ditfx.runtime.compiler import keep_dynamo_compiling
 
 
 @functools.lru_cache(maxsize=16)
@@ -76,13 +76,10 @@ def oneshot_graph(gm: fx.GraphModule, steps: int, layers: int, heads: bool = Fal
     structure = analyse(out)
     if heads:
         _stepwise_heads(out, structure, steps, example_inputs)
-    lower = {structure.blocks[i].path for i in latent_blocks(structure)[:layers]}
+    lower = {structure.blocks[i].path for i in structure.latent_blocks[:layers]}
     owner = find_blocks(out)
     latents = next(n for n in out.graph.find_nodes(op="placeholder") if n.name == structure.roles.latents)
-    stream: set[fx.Node] = {latents}
-    for n in out.graph.nodes:
-        if any(a in stream for a in n.all_input_nodes):
-            stream.add(n)
+    stream = meta.dependents(out.graph, [latents])
     rewritten = 0
     for n in list(out.graph.nodes):
         if owner.get(n) not in lower or not meta.is_attention(n) or "scaled_dot_product" not in meta.target_name(n):
@@ -107,8 +104,6 @@ def oneshot_graph(gm: fx.GraphModule, steps: int, layers: int, heads: bool = Fal
 
 
 def _stepwise_heads(gm: fx.GraphModule, structure, steps: int, example_inputs) -> None:
-    from ditfx.budget.weak import find_sites
-
     sites = find_sites(gm, structure.roles, example_inputs)
     g = gm.graph
     nodes = {n.name: n for n in g.nodes}

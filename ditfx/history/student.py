@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ditfx.config import HistoryAttention
+from ditfx.history.config import HistoryAttention
 
 FORMAT = "ditfx.history-student/1"
 

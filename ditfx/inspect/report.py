@@ -2,9 +2,8 @@
 what each pass changed, and the per-step plan; as text, JSON or a Graphviz DOT picture."""
 from __future__ import annotations
 
-import torch
-
 from ditfx.config import Config
+from ditfx.graph.capture import capture
 from ditfx.inspect.kernels import format_kernels, kernel_section
 from ditfx.inspect.symbolic import symbolic_flops
 from ditfx.models.zoo import NamedModel
@@ -12,22 +11,8 @@ from ditfx.passes.manager import build_plan
 from ditfx.runtime.policy import policy_for
 
 
-def capture(named: NamedModel):
-    """The Dynamo graph of one call and its example inputs, as torch.compile would hand them to a backend."""
-    graphs = []
-
-    def keep(gm, example_inputs):
-        graphs.append((gm, list(example_inputs)))
-        return gm.forward
-
-    with torch.no_grad():
-        named(torch.compile(named.model, backend=keep, fullgraph=True, dynamic=False))
-    torch._dynamo.reset()
-    return graphs[0]
-
-
 def inspect_model(name: str, named: NamedModel, config: Config, steps: int) -> dict:
-    gm, example_inputs = capture(named)
+    gm, example_inputs = capture(named.model, fullgraph=True, call=named)
     plan = build_plan(gm, config, example_inputs=example_inputs)
     symbolic = symbolic_flops(named)
     regions = []

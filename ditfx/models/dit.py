@@ -22,10 +22,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from ditfx.positional import MAX_PERIOD, sincos_1d
+
 __all__ = ["DiT", "DiTConfig", "DIT_CONFIGS", "build_dit", "load_dit_checkpoint"]
 
 FREQUENCY_EMBEDDING_SIZE = 256
-MAX_PERIOD = 10000
 LAYER_NORM_EPS = 1e-6
 
 
@@ -121,20 +122,13 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-def _sincos_1d(positions: Tensor, dim: int) -> Tensor:
-    """(P,) positions -> (P, dim) ``[sin(p * w_k), cos(p * w_k)]``, w_k = 10000^(-2k/dim)."""
-    omega = 1.0 / MAX_PERIOD ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
-    angles = positions[:, None] * omega[None, :]
-    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
-
-
 def sincos_2d_pos_embed(dim: int, grid_size: int) -> Tensor:
     """(grid_size**2, dim) float32 fixed positional embedding of a row-major patch grid."""
     coords = torch.arange(grid_size, dtype=torch.float64)
     rows, cols = torch.meshgrid(coords, coords, indexing="ij")
     # The official code puts the column embedding in the first half of the channels;
     # pretrained checkpoints were trained with this order.
-    halves = [_sincos_1d(cols.reshape(-1), dim // 2), _sincos_1d(rows.reshape(-1), dim // 2)]
+    halves = [sincos_1d(cols.reshape(-1), dim // 2), sincos_1d(rows.reshape(-1), dim // 2)]
     return torch.cat(halves, dim=1).float()
 
 

@@ -3,7 +3,7 @@ dynamic batch dimension, their AOTInductor models, and the handle the loaded run
 
 One artifact per region signature and variant (blocks of one structure share it: weights are inputs). The batch is
 a dynamic dimension where the graph allows it (its batch literals read the input's size,
-:func:`~ditfx.passes.rebatch.symbolic_batch`); a graph that does not allow it gets one static artifact per row
+:func:`~ditfx.graph.rebatch.symbolic_batch`); a graph that does not allow it gets one static artifact per row
 count the runtime can ask for. A dynamic artifact's batch ranges from 1 (export proves the graph valid there;
 AOTInductor's own input check, which is off, would ask for 2); a static one serves batch 1 where export cannot
 make the batch dynamic.
@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ditfx.plan import Plan, VariantUnavailable
+from ditfx.runtime.rows import buckets
 
 DYNAMIC = "dynamic"
 
@@ -56,12 +57,10 @@ def needed_variants(plan: Plan) -> list[tuple]:
 
 def needed_rows(plan: Plan) -> list[int]:
     """The row counts the runtime may run a region on: the captured batch, and where a policy computes fewer rows
-    (guidance skipping, per-sample caching), the buckets it pads them to (runtime.executor.row_bucket)."""
+    (guidance skipping, per-sample caching), every bucket it pads them to (the runtime's one rule,
+    :func:`ditfx.runtime.rows.bucket`)."""
     n = plan.io.rows or 1
-    rows = {n}
-    if plan.policies and n > 1:
-        rows |= {-(-n // parts) for parts in (8, 4, 2) if -(-n // parts) < n}
-    return sorted(rows)
+    return buckets(n) if plan.policies else [n]
 
 
 def batch_flags(plan: Plan, rm, transforms: tuple[str, ...], gm) -> list[bool | None]:
@@ -82,7 +81,7 @@ def export_variant(plan: Plan, rm, transforms: tuple[str, ...], rows: int | str)
     """The variant as an exported program and its table entry (name left empty); raises VariantUnavailable, or
     ValueError where export refuses a dynamic batch."""
     from ditfx.graph import meta
-    from ditfx.passes.rebatch import RebatchError, symbolic_batch
+    from ditfx.graph.rebatch import RebatchError, symbolic_batch
 
     captured = plan.io.rows
     gm = plan.graph(rm, plan.key(rm, transforms, captured if rows == DYNAMIC else rows))

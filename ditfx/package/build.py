@@ -40,11 +40,11 @@ def export(model_or_optimized, path, example_inputs=None, config: Config | None 
     when loaded, with its schedules and coefficients stored in the package. ``progress`` is called with one line
     per step. ``jobs``: processes that compile the artifacts (default: one per core). Returns the package's path.
     """
-    from ditfx import api
+    from ditfx.api import denoiser_of
 
     start = time.perf_counter()
     say = progress or (lambda line: None)
-    module, _ = api._denoiser(model_or_optimized)
+    module, _ = denoiser_of(model_or_optimized)
     module = getattr(module, "_orig_mod", module)
     if config is None:
         config = _config_of(model_or_optimized) or Config()
@@ -53,9 +53,7 @@ def export(model_or_optimized, path, example_inputs=None, config: Config | None 
     args, kwargs = _example(example_inputs)
     path = Path(path)
     _clear(path, overwrite)
-    from ditfx import validation
-
-    validation.check_model(config, module)
+    config.check_model(module)
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
 
     say("capturing the model and building the plan")
@@ -94,10 +92,10 @@ def _example(example_inputs) -> tuple[tuple, dict]:
 
 
 def _config_of(obj) -> Config | None:
-    from ditfx import api
+    from ditfx.api import runtime_of
 
     try:
-        return api._runtime(obj).config
+        return runtime_of(obj).config
     except ValueError:
         return None
 
@@ -109,15 +107,13 @@ def _qualname(module) -> str:
 def capture(module: torch.nn.Module, config: Config, args: tuple, kwargs: dict) -> tuple[Plan, CallSpec, dict]:
     """Capture one call of ``module`` with ditfx's backend (its regions run uncompiled: only the plan is needed)
     and record its call interface."""
-    from ditfx import api
     from ditfx.backend import DitfxBackend
     from ditfx.graph import meta
-    from ditfx.passes.manager import ModelFacts
+    from ditfx.model_facts import ModelFacts
     from ditfx.runtime.state import ModelRuntime
 
     runtime = ModelRuntime()
-    facts = ModelFacts(null_class=api.null_class(module), blocks=tuple(api.repeated_blocks(module)))
-    backend = DitfxBackend(dataclasses.replace(config, compiler="eager"), runtime, facts)
+    backend = DitfxBackend(dataclasses.replace(config, compiler="eager"), runtime, ModelFacts.of(module))
     seen: list = []
 
     def recording(gm, example_inputs):

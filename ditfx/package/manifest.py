@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from ditfx._version import __version__
+
 FORMAT = "ditfx.package/1"
 MANIFEST = "manifest.json"
 
@@ -42,11 +44,9 @@ def digest(path: Path) -> str:
 
 def write(directory: Path, fields: dict) -> dict:
     """Write ``manifest.json`` listing every file of ``directory`` with its size and digest."""
-    import ditfx
-
     files = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": digest(p)}
              for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST}
-    manifest = {"format": FORMAT, "ditfx": ditfx.__version__, "torch": torch.__version__, **fields, "files": files}
+    manifest = {"format": FORMAT, "ditfx": __version__, "torch": torch.__version__, **fields, "files": files}
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
 

@@ -1,31 +1,34 @@
-"""The pass manager: analyse a captured graph, split it into regions, run the passes the config asks for, and
-return the :class:`~ditfx.plan.Plan` the runtime runs.
+"""The pass manager: analyse a captured graph, split it into regions, run the passes of the techniques the config
+turns on, and return the :class:`~ditfx.plan.Plan` the runtime runs.
 
-The passes run in a fixed order from a table (``PASSES``): kernel lowering first (so the cache variants are
-built from the fused regions), then the guidance and block-cache passes, each only when its technique's config
-is set. Each returns a :class:`~ditfx.report.PassReport`; the plan keeps them in order.
+Kernel lowering runs first (``Config(kernels=True)``, so the techniques' variants are built from the fused
+regions), then each technique the config turns on, in the order its policy chains (``Technique.order``): the
+policy's requirements are checked against the graph, then its pass (``Technique.offer``) registers its variants.
+A technique that cannot apply to the graph (a missing input, a model it cannot convert) is off for this graph with
+a warning; the others stay on. Each pass returns a :class:`~ditfx.report.PassReport`; the plan keeps them in order.
+A pass that rewrites the graph into another mode of the model (a token budget's coarse patch) has it planned here
+too (``PassContext.plan_graph``), with every other technique of the config.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch.fx as fx
 
 from ditfx.config import Config
 from ditfx.graph import cost, meta, regions
+from ditfx.graph.rebatch import rebatch
 from ditfx.graph.structure import DiTStructure, analyse
-from ditfx.passes.block_cache import BlockCacheReport, cache_pass
-from ditfx.passes.budget import budget_pass
-from ditfx.passes.history import history_pass
-from ditfx.passes.context import PassContext
-from ditfx.passes.fusion import FusionReport, fusion_pass
-from ditfx.passes.guidance import guidance_pass
-from ditfx.passes.rebatch import rebatch
+from ditfx.kernels.lowering.cache_bookkeeping import fuse_bookkeeping
+from ditfx.kernels.lowering.fusion import fusion_pass
+from ditfx.model_facts import ModelFacts
 from ditfx.plan import IOSpec, Plan
 from ditfx.report import PassReport, TechniqueUnavailable
-from ditfx.runtime.rows import is_per_row
+from ditfx.runtime.policy import policy_class
+from ditfx.technique import PassContext, Technique
 
 
 @dataclass
@@ -44,34 +47,6 @@ class RegionReport(PassReport):
                 f"artifacts), {self.hoisted} conditioning node(s) hoisted out of blocks to the prologue")
 
 
-@dataclass(frozen=True)
-class ModelFacts:
-    """What :func:`ditfx.optimize` knows of the model that the graph does not show."""
-
-    null_class: int | None = None  # the class label of the unconditional branch, for class-conditional models
-    blocks: tuple[str, ...] = ()  # the model's repeated blocks (module paths), to tell a partial graph
-
-
-@dataclass(frozen=True)
-class Pass:
-    """One pass: it runs when its technique's config field is set, registers what it offers in the plan (named
-    transforms, the regions that offer them) and returns its report. Its technique's policy joins the chain."""
-
-    name: str
-    technique: str  # the Config field that turns it on
-    run: Callable[[Plan, PassContext], PassReport]
-
-
-# in this order; the policies chain in the same order (the budget chooses the mode, guidance the rows, then the
-# cache acts on them)
-PASSES: list[Pass] = [
-    Pass("budget", "budget", budget_pass),
-    Pass("history", "history", history_pass),
-    Pass("guidance", "guidance", guidance_pass),
-    Pass("block_cache", "cache", cache_pass),
-]
-
-
 def build_plan(gm: fx.GraphModule, config: Config, weight_names: set[str] | None = None,
                facts: ModelFacts | None = None, example_inputs: list | None = None) -> Plan:
     """Raises :class:`~ditfx.graph.structure.StructureError` when the graph has no DiT structure.
@@ -79,9 +54,9 @@ def build_plan(gm: fx.GraphModule, config: Config, weight_names: set[str] | None
     facts = facts or ModelFacts()
     structure = analyse(gm, weight_names)
     region_modules = [regions.extract(gm, r) for r in structure.regions]
-    ctx = PassContext(config, example_inputs=example_inputs, facts=facts)
-    if config.kernels:  # before the cache pass, so its variants are built from the fused regions
-        region_modules, ctx.fusion = fusion_pass(region_modules)
+    fusion = None
+    if config.kernels:  # before the techniques' passes, so their variants are built from the fused regions
+        region_modules, fusion = fusion_pass(region_modules)
     flops = {rm.region.name: int(cost.graph_flops(rm.region.nodes)) for rm in region_modules}
     plan = Plan(structure, io_spec(structure, region_modules), region_modules, flops, rebatch=rebatch,
                 null_class=facts.null_class, tokens=_latent_tokens(structure))
@@ -99,20 +74,42 @@ def build_plan(gm: fx.GraphModule, config: Config, weight_names: set[str] | None
     ))
     if structure.inlined.calls:
         plan.reports.append(structure.inlined)
-    if ctx.fusion is not None:
-        plan.reports.append(ctx.fusion)
-    for p in PASSES:
-        technique = getattr(config, p.technique)
-        if technique is None:
-            continue
+    if fusion is not None:
+        plan.reports.append(fusion)
+    lower = functools.partial(_lower_variant, report=fusion) if fusion is not None else None
+    for technique, cfg in config.techniques():
+        ctx = PassContext(example_inputs=example_inputs, facts=facts, lower=lower,
+                          plan_graph=functools.partial(_plan_mode, config=config, without=technique, facts=facts))
         try:
-            report = p.run(plan, ctx)
+            _check_requirements(plan, cfg)
+            report = technique.offer(plan, cfg, ctx)
         except TechniqueUnavailable as e:
-            warnings.warn(f"ditfx: {p.technique} off for this graph: {e}", stacklevel=3)
+            plan.unavailable[technique.name] = str(e)
+            warnings.warn(f"ditfx: {technique.name} off for this graph: {e}", stacklevel=3)
             continue
         plan.reports.append(report)
-        plan.policies.append(technique)
+        plan.policies.append(cfg)
     return plan
+
+
+def _check_requirements(plan: Plan, cfg) -> None:
+    """The call inputs the technique's policy needs (``Policy.requires``) are inputs of this graph."""
+    for role, why in policy_class(cfg).requires.items():
+        if plan.io.position(role) is None:
+            raise TechniqueUnavailable(f"{type(cfg).__name__} needs the denoiser's {role} input {why}, and this graph "
+                                       "has none that ditfx recognises")
+
+
+def _plan_mode(gm: fx.GraphModule, weight_names: set[str], config: Config, without: Technique,
+               facts: ModelFacts) -> Plan:
+    """Another mode of the model (a graph a pass rewrote), planned with every other technique of the config."""
+    return build_plan(gm, dataclasses.replace(config, **{without.name: None}), weight_names=weight_names,
+                      facts=facts)
+
+
+def _lower_variant(gm: fx.GraphModule, label: str, report) -> fx.GraphModule:
+    """Kernel lowering of a variant a pass builds: the cache bookkeeping (the regions were lowered already)."""
+    return fuse_bookkeeping(gm, report, label)
 
 
 def _latent_tokens(structure: DiTStructure) -> int:
@@ -163,7 +160,7 @@ def _batch_carrying(gm: fx.GraphModule, weights: list[str], rows: int | None) ->
     """Batch-sized tensors computed from the batch-sized non-weight inputs (through any op, tuples included)."""
 
     def sized(n: fx.Node) -> bool:
-        return is_per_row(meta.tensor_value(n), rows)
+        return meta.is_per_row(meta.tensor_value(n), rows)
 
     derived: set[str] = set()
     for n in gm.graph.nodes:
@@ -188,4 +185,4 @@ def _release_lists(region_inputs: list[list[str]], placeholders: set[str], kept:
     return release
 
 
-__all__ = ["ModelFacts", "Plan", "RegionReport", "BlockCacheReport", "FusionReport", "build_plan", "io_spec"]
+__all__ = ["RegionReport", "build_plan", "io_spec"]

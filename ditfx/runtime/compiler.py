@@ -14,6 +14,21 @@ import torch.fx as fx
 
 
 _PROBE_STARTED = False
+_GRAPHS = 0  # graphs ditfx has compiled in this process
+_GRAPHS_LOCK = threading.Lock()
+HEADROOM = 8  # Dynamo's default recompile_limit: new graphs ditfx leaves room for
+
+
+def keep_dynamo_compiling() -> None:
+    """Leave Dynamo room for more graphs of ditfx's models: every optimized model (and batch size) is a cache
+    entry of the same code object, and past ``recompile_limit`` Dynamo runs the model uncompiled. Called by every
+    backend ditfx hands Dynamo (the compiler's, and the training forwards')."""
+    global _GRAPHS
+    with _GRAPHS_LOCK:
+        _GRAPHS += 1
+        config = torch._dynamo.config
+        config.recompile_limit = max(config.recompile_limit, _GRAPHS + HEADROOM)
+        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 32 * (_GRAPHS + HEADROOM))
 
 
 def probe_cpu_in_background() -> None:

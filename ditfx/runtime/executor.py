@@ -2,16 +2,17 @@
 region. It names no technique: what a technique does lives in its policy (``ditfx.runtime.policy``)."""
 from __future__ import annotations
 
-import warnings
 import weakref
 from collections.abc import Callable
 
 import torch
 
 from ditfx.graph.regions import RegionModule
-from ditfx.plan import Plan, VariantUnavailable
-from ditfx.runtime.policy import CallContext, Policy, RegionCall, policy_for
+from ditfx.plan import ModeKey, Plan, VariantUnavailable
+from ditfx.runtime.policy import CallContext, ModeSelector, Policy, RegionCall, policy_for
+from ditfx.runtime.rows import bucket
 from ditfx.runtime.state import ModelRuntime
+from ditfx.runtime.warn import WarnOnce
 
 
 class Executor:
@@ -26,17 +27,17 @@ class Executor:
         self.io = plan.io
         self.runtime = runtime
         self.compile_edges = compile_edges
-        self.modes: dict[str | None, Mode] = {None: Mode(None, plan, self)}
-        for name, sub in plan.modes.items():
-            self.modes[name] = Mode(name, sub, self, plan.mode_inputs[name])
-        self.policies = self.modes[None].policies
+        self.modes: dict[ModeKey | None, Mode] = {None: Mode(None, plan, self)}
+        for key, sub in plan.modes.items():
+            self.modes[key] = Mode(key, sub, self, plan.mode_inputs[key])
+        self.selectors = self.modes[None].selectors
         roles = self.io.input_roles
         # weak: Dynamo's cache keeps the executor, and the executor must not keep a deleted model's weights
         self._weights = [weakref.ref(x) for name, x in zip(self.io.input_names, example_inputs)
                          if roles.get(name) == "weight" and isinstance(x, torch.Tensor)]
         self.timestep_pos = self.io.position("timestep")
         self.latents_pos = self.io.position("latents")
-        self._warned: set[tuple] = set()
+        self.warn_once = WarnOnce()
 
     def weight_ids(self) -> set[int]:
         return {id(t) for ref in self._weights if (t := ref()) is not None}
@@ -49,8 +50,12 @@ class Executor:
         store = runtime.store()
         if info.new_generation or store.generation != info.generation:
             store.start(info.generation)
-        mode = self.modes[self._choose_mode(info)]
-        ctx = CallContext(info, [*args, *mode.extra], mode.plan, store, runtime.records, mode.name)
+        ctx = CallContext(info, list(args), self.plan, store, runtime.records)
+        mode = self.modes[None]
+        key = self._choose_mode(ctx)
+        if key is not None:
+            mode = self.modes[key]
+            ctx.enter_mode(key, mode.plan, mode.inputs)
         for policy in mode.policies:
             policy.begin_call(ctx)
         rows = ctx.rows
@@ -62,17 +67,21 @@ class Executor:
             flat, evals = mode.run_regions(ctx)
         for policy in reversed(mode.policies):
             flat = policy.end_call(ctx, flat)
+        for selector in self.selectors:
+            flat = selector.end_call(ctx, flat)
         runtime.add(generations=int(info.new_generation), steps=int(info.index == 0), calls=1, nfe=ctx.nfe,
                     nfe_skipped=ctx.nfe_skipped, **evals)
-        runtime.add_mode(mode.name, calls=1, flops=evals.get("flops", 0),
-                         tokens=mode.plan.tokens * (len(ctx.rows) if ctx.rows is not None else self.io.rows or 1))
+        runtime.add_mode(mode.name, calls=1, flops=evals.get("flops", 0), **ctx.mode_counts)
         return self.io.outputs(flat)
 
-    def _choose_mode(self, info) -> str | None:
-        for policy in self.policies:
-            mode = policy.choose_mode(info)
-            if mode is not None:
-                return mode if mode in self.modes else None
+    def _choose_mode(self, ctx: CallContext) -> ModeKey | None:
+        for selector in self.selectors:
+            key = selector.choose_mode(ctx)
+            if key is not None:
+                if key not in self.modes:
+                    raise RuntimeError(f"{type(selector).__name__} chose the mode {key}, which this plan does not "
+                                       f"have (its modes: {[str(k) for k in self.modes if k is not None]})")
+                return key
         return None
 
     def _timestep(self, args) -> float | None:
@@ -81,26 +90,23 @@ class Executor:
         t = args[self.timestep_pos]
         return float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else float(t)
 
-    def warn_once(self, key, message: str) -> None:
-        if key in self._warned:
-            return
-        self._warned.add(key)
-        warnings.warn(message, stacklevel=5)
 
 
 class Mode:
-    """One mode of the model: its plan (the captured graph, or the graph at a coarser patch size), the policies
-    running on it, the inputs it takes beyond the call's (the adapter's tensors), and how its regions run."""
+    """One mode of the model: its plan (the captured graph, or another graph of the model a technique built), the
+    policies running on it, the inputs its graphs take beyond the call's, and how its regions run."""
 
-    def __init__(self, name: str | None, plan: Plan, executor: Executor, extra: list | None = None):
-        self.name = name
+    def __init__(self, key: ModeKey | None, plan: Plan, executor: Executor, inputs: list | None = None):
+        self.key = key
+        self.name = "native" if key is None else key.name  # in stats
         self.plan = plan
         self.io = plan.io
         self.executor = executor
-        self.policies: list[Policy] = [policy_for(c, plan) for c in plan.policies]
-        self.extra = list(extra or [])  # the adapter tensors this mode's graph takes after the call's inputs
+        policies: list[Policy] = [policy_for(c, plan) for c in plan.policies]
+        self.selectors = [p for p in policies if isinstance(p, ModeSelector)]
+        self.policies = [p for p in policies if not isinstance(p, ModeSelector)]  # the chain
+        self.inputs = list(inputs or [])
         self._refused: set[int] = set()  # row counts some region cannot run on
-        self.tokens = plan.tokens
 
     def run_regions(self, ctx: CallContext) -> tuple[list, dict]:
         io, rows = self.io, ctx.rows
@@ -136,8 +142,8 @@ class Mode:
     # ------------------------------------------------------------------------------ running variants
     def run(self, rm: RegionModule, transforms: tuple[str, ...], args: list, rows: int) -> tuple:
         key = self.plan.key(rm, transforms, rows)
-        compile_it = rm.region.kind == "block" or self.executor.compile_edges or bool(transforms and any(
-            self.plan.transforms[t].after_rows for t in transforms))  # measurement epilogues are compiled
+        compile_it = (rm.region.kind == "block" or self.executor.compile_edges
+                      or any(self.plan.transforms[t].compiled for t in transforms))
         return self.executor.runtime.compiler.run(key, lambda: self.plan.graph(rm, key), args, compile=compile_it)
 
     def run_on_rows(self, rm: RegionModule, transforms: tuple[str, ...], args: list, n: int,
@@ -145,11 +151,11 @@ class Mode:
         """The variant on rows ``ids`` of the ``n`` in ``args`` (their outputs, in that order) and the number of
         rows it ran on, or None when no smaller graph serves.
 
-        The rows are padded with others up to a bucket (n/8, n/4 or n/2, rounded up) so that changing subsets
-        compile at most three re-batched graphs per variant; the padding rows' outputs are discarded.
+        The rows are padded with others up to a bucket (:func:`~ditfx.runtime.rows.bucket`) so that changing
+        subsets build few re-batched graphs per variant; the padding rows' outputs are discarded.
         """
-        size = row_bucket(len(ids), n)
-        if size is None or not self._builds(rm, transforms, size):
+        size = bucket(len(ids), self.io.rows or n)
+        if size >= n or not self._builds(rm, transforms, size):
             return None
         picked = torch.zeros(n, dtype=torch.bool, device=ids.device)
         picked[ids] = True
@@ -167,7 +173,7 @@ class Mode:
             self.executor.warn_once(
                 ("rows", rm.signature, transforms, rows),
                 f"ditfx: cannot run {rm.region.name} on {rows} of its {self.io.rows} rows ({e}); those calls "
-                "compute every row there (no saving, same result)")
+                "compute every row there (no saving, same result)", stacklevel=5)
             return False
 
     def supports_rows(self, rows: int) -> bool:
@@ -182,17 +188,9 @@ class Mode:
                     self.plan.graph(rm, self.plan.key(rm, transforms, rows))
         except VariantUnavailable as e:
             self._refused.add(rows)
-            warnings.warn(f"ditfx: cannot run this graph on {rows} of its {self.io.rows} rows ({e}); those calls "
-                          "compute every row (no saving, same result)", stacklevel=3)
+            self.executor.warn_once(("graph rows", self.name, rows), f"ditfx: cannot run this graph on {rows} of its "
+                                    f"{self.io.rows} rows ({e}); those calls compute every row (no saving, same "
+                                    "result)", stacklevel=3)
             return False
         return True
 
-
-def row_bucket(k: int, n: int) -> int | None:
-    """The fewest rows out of ``n`` (a bucket: n/8, n/4 or n/2, rounded up) that hold ``k`` rows, or None when only
-    all ``n`` do."""
-    for parts in (8, 4, 2):
-        size = -(-n // parts)
-        if k <= size < n:
-            return size
-    return None

@@ -1,9 +1,14 @@
-"""Per-row runtime state when a call computes only some of its rows.
+"""Calls that compute only some of their rows: the one bucket rule of row counts, and per-row state.
 
-Guidance skipping drops the unconditional rows of samples whose guidance has ended, so the rows a branch
-computes change during a generation. Block-cache state (cached residuals, references, reuse counters) is per
-row: :class:`RowState` keeps it in the call's full row space and hands the policies a compact copy for the rows
-being computed, re-gathering only when the set of rows changes (a few times per generation).
+A policy may have a call compute a subset of its rows (guidance skipping drops the unconditional rows of samples
+whose guidance has ended; a per-sample cache runs a block only for the samples that need it). Every row count a
+region then runs on is a bucket of :func:`bucket`: a multiple of an eighth of the captured rows, so a changing
+subset compiles (or, in a package without a dynamic batch, ships) at most eight graphs per variant. The
+executor, the policies and the package use this one rule.
+
+Policy state kept per row (cached residuals, references, reuse counters): :class:`RowState` keeps it in the call's
+full row space and hands the policies a compact copy for the rows being computed, re-gathering only when the set
+of rows changes (a few times per generation).
 """
 from __future__ import annotations
 
@@ -11,10 +16,21 @@ import dataclasses
 
 import torch
 
+from ditfx.graph.meta import is_per_row
 
-def is_per_row(obj, rows: int) -> bool:
-    """Whether ``obj`` is a tensor with one entry per row (leading dimension ``rows``)."""
-    return isinstance(obj, torch.Tensor) and obj.dim() > 0 and obj.shape[0] == rows
+PARTS = 8  # row counts are multiples of ceil(captured rows / PARTS)
+
+
+def bucket(k: int, rows: int) -> int:
+    """The fewest rows, out of ``rows`` (the captured batch), a bucket holds that hold ``k`` rows: ``k`` rounded up
+    to a multiple of ``ceil(rows / 8)``, at most ``rows`` (0 for 0)."""
+    unit = -(-rows // PARTS)
+    return min(rows, -(-k // unit) * unit)
+
+
+def buckets(rows: int) -> list[int]:
+    """Every row count :func:`bucket` gives for a captured batch of ``rows``, ascending (``rows`` last)."""
+    return sorted({bucket(k, rows) for k in range(1, rows + 1)})
 
 
 def gather(obj, ids: torch.Tensor, rows: int):

@@ -10,7 +10,7 @@ import threading
 
 from ditfx.runtime.lifecycle import Lifecycle
 from ditfx.runtime.rows import RowState
-from ditfx.runtime.session import Stats, _dynamo_counts
+from ditfx.runtime.stats import Stats, dynamo_counts
 
 
 class StateStore:
@@ -56,7 +56,7 @@ class ModelRuntime:
         self.fallbacks: list[str] = []  # why graphs run without ditfx
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._dynamo_base = _dynamo_counts()
+        self._dynamo_base = dynamo_counts()
 
     def store(self) -> StateStore:
         store = getattr(self._local, "store", None)
@@ -76,7 +76,7 @@ class ModelRuntime:
                 entry[k] = entry.get(k, 0) + v
 
     def snapshot(self) -> Stats:
-        breaks, recompiles = _dynamo_counts()
+        breaks, recompiles = dynamo_counts()
         s = Stats(**self.stats.to_dict())
         s.graph_breaks = breaks - self._dynamo_base[0]
         s.recompiles = max(recompiles - self._dynamo_base[1], max(0, s.graphs - 1))
@@ -84,6 +84,10 @@ class ModelRuntime:
             s.region_compiles = self.compiler.compiles
             s.compile_seconds = self.compiler.compile_seconds
         return s
+
+    def unavailable(self, technique: str) -> list[str]:
+        """Why ``technique`` is off for the graphs of this model (empty where it runs on them)."""
+        return [ex.plan.unavailable[technique] for ex in self.executors if technique in ex.plan.unavailable]
 
     def parameters(self) -> set[int]:
         """ids of the weights the model's graphs read (to find a model's runtime from the model)."""

@@ -8,7 +8,7 @@
 Spaces (what is searched) are built with :func:`techniques` or from :class:`Knob` and :class:`Space`. See
 docs/tune.md.
 """
-from ditfx.tuning.budget import QualityBudget
+from ditfx.tuning.quality import QualityBudget
 from ditfx.tuning.space import Knob, Space, techniques
 from ditfx.tuning.study import default_space, tune
 

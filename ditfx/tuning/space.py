@@ -13,8 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ditfx.config import AdaptiveGuidance, Config, DynamicCache, StaticCache, TokenBudget
-from ditfx.runtime.schedule import CacheSchedule
+from ditfx.budget.config import TokenBudget
+from ditfx.cache.config import DynamicCache, StaticCache
+from ditfx.cache.schedule import CacheSchedule
+from ditfx.config import Config
+from ditfx.guidance.config import AdaptiveGuidance
 
 DELTAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0, 1.2)
 THRESHOLDS = (0.0, 0.02, 0.04, 0.06, 0.08, 0.1, 0.12, 0.15, 0.2)

@@ -26,8 +26,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ditfx.api import denoiser_of, generation, optimize, runtime_of, stats
 from ditfx.config import Config
-from ditfx.tuning.budget import QualityBudget
+from ditfx.tuning.quality import QualityBudget
 from ditfx.tuning.metrics import measure
 from ditfx.tuning.search import pareto_front, search
 from ditfx.tuning.space import Space
@@ -66,10 +67,8 @@ class Candidates:
     A copy is dropped, and with it its compiled graphs and runtime, when its evaluation ends."""
 
     def __init__(self, obj):
-        from ditfx.api import _denoiser
-
         self.obj = obj
-        self.module, self.is_pipeline = _denoiser(obj)
+        self.module, self.is_pipeline = denoiser_of(obj)
         self.tensors = {id(t): t for t in (*self.module.parameters(), *self.module.buffers())}
 
     def fresh_module(self):
@@ -87,19 +86,16 @@ class Candidates:
         return shell
 
     def optimized(self, config: Config):
-        import ditfx
-
         # the search compiles without codegen: the same outputs as any compiler, in a fraction of the time
-        return ditfx.optimize(self.fresh(), dataclasses.replace(config, compiler=SEARCH_COMPILER))
+        return optimize(self.fresh(), dataclasses.replace(config, compiler=SEARCH_COMPILER))
 
 
-def _run_cases(run: Callable, target, cases: Sequence, generation: bool) -> tuple[torch.Tensor, float]:
-    import ditfx
-
+def _run_cases(run: Callable, target, cases: Sequence, marked: bool) -> tuple[torch.Tensor, float]:
+    """``run(target, case)`` for every case, each a generation of its own (``marked``: in ``ditfx.generation``)."""
     outputs, start = [], time.perf_counter()
     for case in cases:
-        if generation:
-            with ditfx.generation(target):
+        if marked:
+            with generation(target):
                 out = run(target, case)
         else:
             out = run(target, case)
@@ -174,7 +170,7 @@ class Study:
         outputs = self.store.outputs(name)
         if outputs is None or name not in self.store.reference:
             self.say(f"reference run on the {name} inputs ({len(cases)} case(s))")
-            outputs, wall = _run_cases(self.run, self.obj, cases, generation=False)
+            outputs, wall = _run_cases(self.run, self.obj, cases, marked=False)
             self.store.save_outputs(name, outputs)
             self.store.reference[name] = {"wall_s": wall}
         record = self.store.reference[name]
@@ -185,10 +181,8 @@ class Study:
 
     # ----------------------------------------------------------------------------------------- evaluation
     def evaluate_config(self, config: Config, cases, reference: torch.Tensor) -> dict:
-        from ditfx.api import stats
-
         target = self.candidates.optimized(config)
-        outputs, wall = _run_cases(self.run, target, cases, generation=True)
+        outputs, wall = _run_cases(self.run, target, cases, marked=True)
         s = stats(target)
         if s.graphs_without_ditfx or not s.graphs:
             raise RuntimeError(f"tune: ditfx did not compile the model for {config!r} ({s.graphs_without_ditfx} of "
@@ -270,11 +264,11 @@ class Study:
             if r.get("wall_rounds", 0) >= rounds:  # timed by an earlier run of a resumed study
                 continue
             target = self.candidates.optimized(self.config_of(r))
-            _run_cases(self.run, target, case, generation=True)  # compiles
+            _run_cases(self.run, target, case, marked=True)  # compiles
             ratios = []
             for _ in range(rounds):
-                _, ref_wall = _run_cases(self.run, self.obj, case, generation=False)
-                _, wall = _run_cases(self.run, target, case, generation=True)
+                _, ref_wall = _run_cases(self.run, self.obj, case, marked=False)
+                _, wall = _run_cases(self.run, target, case, marked=True)
                 ratios.append(ref_wall / wall)
             r["wall_speedup"] = sorted(ratios)[len(ratios) // 2]
             self.store.points[r["key"]].update(wall_speedup=r["wall_speedup"], wall_rounds=rounds)
@@ -332,8 +326,6 @@ def tune(pipe_or_model, run: Callable, budget: QualityBudget | None = None, spac
       (``QualityBudget.tightened``: PSNR 1 dB higher at 0.1, FD within 9 % for 10 %): the fastest points sit at the
       budget's edge on the inputs they were found on, and inputs not seen yet move them by a few percent.
     """
-    from ditfx.api import _runtime
-
     if not callable(run):
         raise TypeError(f"tune: run must be a callable run(target, case) -> outputs, got {type(run).__name__}")
     budget = QualityBudget() if budget is None else budget
@@ -341,7 +333,7 @@ def tune(pipe_or_model, run: Callable, budget: QualityBudget | None = None, spac
         raise TypeError(f"tune: budget must be a ditfx.QualityBudget, got {type(budget).__name__}")
     check_cases(calibration, held_out)
     try:
-        _runtime(pipe_or_model)
+        runtime_of(pipe_or_model)
     except ValueError:
         pass
     else:
@@ -460,7 +452,7 @@ def _finite(value):
 def default_space(pipe_or_model, run: Callable, case) -> Space:
     """Static cache (a schedule calibrated here on one calibration case), Adaptive Guidance, and no token budget
     (it needs an adapter distilled for the model: pass a space built with ``techniques(adapter=...)``)."""
-    import ditfx
+    from ditfx.cache.calibration import calibrate
     from ditfx.tuning.space import techniques
 
     candidates = Candidates(pipe_or_model)
@@ -468,5 +460,5 @@ def default_space(pipe_or_model, run: Callable, case) -> Space:
     def one_generation(model):
         run(candidates.fresh(model), case)
 
-    schedule = ditfx.calibrate(candidates.fresh_module(), one_generation, generations=1)
+    schedule = calibrate(candidates.fresh_module(), one_generation, generations=1)
     return techniques(cache="static", schedule=schedule, guidance=True)

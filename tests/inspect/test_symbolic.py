@@ -5,7 +5,7 @@ import sympy
 import torch
 
 import ditfx
-from ditfx.inspect.report import capture
+from ditfx.graph.capture import capture
 from ditfx.inspect.symbolic import symbolic_flops
 from ditfx.models import zoo
 from ditfx.passes.manager import build_plan
@@ -21,7 +21,7 @@ def test_symbolic_flops_are_named_and_match_the_numeric_cost(name, sizes):
     assert isinstance(symbolic, dict), symbolic
     exprs = {region: sympy.sympify(text) for region, text in symbolic.items()}
     assert set().union(*(e.free_symbols for e in exprs.values())) == {sympy.Symbol(s) for s in sizes}
-    plan = build_plan(capture(named)[0], ditfx.Config())
+    plan = build_plan(capture(named.model, fullgraph=True, call=named)[0], ditfx.Config())
     for region, expr in exprs.items():
         assert int(expr.subs({sympy.Symbol(k): v for k, v in sizes.items()})) == plan.flops[region], region
     torch._dynamo.reset()

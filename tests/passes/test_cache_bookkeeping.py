@@ -6,8 +6,8 @@ import torch
 from conftest import cfg_loop, function_graph, tiny_model
 
 import ditfx
-from ditfx.passes.cache_bookkeeping import find_bookkeeping, fuse_bookkeeping
-from ditfx.passes.fusion import FusionReport
+from ditfx.kernels.lowering.cache_bookkeeping import find_bookkeeping, fuse_bookkeeping
+from ditfx.kernels.lowering.fusion import FusionReport
 
 SHAPE = (2, 5, 8)
 

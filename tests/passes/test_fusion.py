@@ -7,7 +7,7 @@ from conftest import call, cfg_loop, function_graph, run_loop, tiny_model
 import ditfx
 from ditfx.backend import DitfxBackend
 from ditfx.kernels.testing import assert_close
-from ditfx.passes.fusion import FusionReport, fuse_graph
+from ditfx.kernels.lowering.fusion import FusionReport, fuse_graph
 
 TOL = 1e-5
 

@@ -2,8 +2,8 @@
 import torch
 import torch.fx as fx
 
-from ditfx.passes.guidance import cosine_sums_variant
-from ditfx.runtime.guidance import cosine_from_sums
+from ditfx.guidance.variants import cosine_sums_variant
+from ditfx.guidance.policy import cosine_from_sums
 
 
 def epilogue(x, w):

@@ -6,7 +6,7 @@ import torch
 from conftest import function_graph
 
 from ditfx.graph import meta
-from ditfx.passes.rebatch import rebatch
+from ditfx.graph.rebatch import rebatch
 
 B, H, T = 2, 3, 5
 

@@ -5,7 +5,7 @@ from collections.abc import Mapping, Sequence
 import sympy
 import torch
 
-from .. import expression
+import ditfx.kernels.expression as expression
 from .reference import fused_elementwise_reference
 from .spec import check_inputs, format_spec
 

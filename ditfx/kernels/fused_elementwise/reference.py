@@ -8,7 +8,7 @@ Optionally the first input is LayerNorm-ed over D (no affine) first: that is the
 import torch
 import torch.nn.functional as F
 
-from .. import expression
+import ditfx.kernels.expression as expression
 from .._common import upcast
 from .spec import check_inputs, parse_spec, result_dtype
 

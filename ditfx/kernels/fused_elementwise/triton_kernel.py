@@ -6,7 +6,8 @@ the input kinds and dtypes and the template; this module only maps the op's argu
 
 import torch
 
-from .. import codegen, expression
+import ditfx.kernels.codegen as codegen
+import ditfx.kernels.expression as expression
 from .spec import check_inputs, parse_spec, result_dtype
 
 

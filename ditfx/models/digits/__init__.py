@@ -14,14 +14,13 @@ docs/digits.md.
 
 from __future__ import annotations
 
-import torch
-
-from .budget import budget_adapter
+from .build import pipeline
 from .metrics import metrics
 from .model import NULL_CLASS
 from .pipeline import DigitsPipeline, DigitsStudentPipeline, make_scheduler
 from .shipped import WEIGHTS_DIR, load_classifier, load_transformer
 from .students import STUDENTS, load_student
+from .token_budget import budget_adapter
 from .tuning import TuningRun, tuning_space
 
 __all__ = [
@@ -40,29 +39,3 @@ __all__ = [
     "pipeline",
     "tuning_space",
 ]
-
-
-def pipeline(
-    scheduler: str = "euler", device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-    student=None, compiler: str = "inductor",
-):
-    """The digits pipeline from the shipped weights, with the "euler" or "dpm" scheduler.
-
-    ``student="ard"`` or ``"step"``: the shipped 4-step student instead (history attention in the lower 2 blocks,
-    or none; or a :class:`~ditfx.history.HistoryStudent` of your own), a :class:`DigitsStudentPipeline` that
-    samples without guidance, already compiled by ditfx with the student's ``HistoryAttention`` (and its step
-    heads) with ``compiler``."""
-    if student is None:
-        transformer = load_transformer(device=device, dtype=dtype)
-        return DigitsPipeline(transformer=transformer, scheduler=make_scheduler(scheduler))
-    import ditfx
-
-    if scheduler != "euler":
-        raise ValueError(f"the students were distilled for flow-matching Euler steps; scheduler={scheduler!r} "
-                         "is not supported with student=")
-    distilled = load_student(student) if isinstance(student, str) else student
-    transformer = distilled.model(load_transformer(device=device, dtype=dtype))
-    heads = {k: v.to(device=device, dtype=dtype) for k, v in distilled.heads.items()} if distilled.heads else None
-    history = ditfx.HistoryAttention(distilled.layers, distilled.steps, heads=heads)
-    pipe = DigitsStudentPipeline(transformer, make_scheduler("euler"), distilled.sigmas)
-    return ditfx.optimize(pipe, ditfx.Config(history=history, compiler=compiler))

@@ -25,8 +25,8 @@ DEFAULT_GUIDANCE_SCALE = 1.5
 def calibrate_cache(steps: int = 50, generations: int = 1, per_class: int = 10,
                     guidance_scale: float = DEFAULT_GUIDANCE_SCALE, seed: int = 1000):
     """Record each block's change curve over ``generations`` uncached generations (seeds distinct from the
-    demo's and the benchmarks'), and return the :class:`~ditfx.runtime.schedule.CacheSchedule`."""
-    import ditfx
+    demo's and the benchmarks'), and return the :class:`~ditfx.cache.schedule.CacheSchedule`."""
+    from ditfx.cache.calibration import calibrate
 
     labels = class_grid(per_class)
     counter = iter(range(generations))
@@ -35,7 +35,7 @@ def calibrate_cache(steps: int = 50, generations: int = 1, per_class: int = 10,
         generate(model, labels, steps, guidance_scale, seed + next(counter),
                  progress={"desc": "calibrating", "file": sys.stderr, "leave": False})
 
-    schedule = ditfx.calibrate(load_transformer(), one_generation, generations=generations)
+    schedule = calibrate(load_transformer(), one_generation, generations=generations)
     schedule.meta.update(model="digits", steps=steps, per_class=per_class, guidance_scale=guidance_scale,
                          seed=seed, command="python -m ditfx.models.digits.calibrate " + " ".join(sys.argv[1:]))
     return schedule
@@ -44,7 +44,7 @@ def calibrate_cache(steps: int = 50, generations: int = 1, per_class: int = 10,
 def calibrate_linear_ag(steps: int = 50, generations: int = 2, per_class: int = 4,
                         guidance_scale: float = DEFAULT_GUIDANCE_SCALE, seed: int = 2000):
     """Record full-guidance trajectories and fit LinearAG's per-step coefficients for ``steps`` Euler steps."""
-    import ditfx
+    from ditfx.guidance.calibration import calibrate_guidance
 
     labels = class_grid(per_class)
     counter = iter(range(generations))
@@ -53,7 +53,7 @@ def calibrate_linear_ag(steps: int = 50, generations: int = 2, per_class: int = 
         generate(model, labels, steps, guidance_scale, seed + next(counter),
                  progress={"desc": "recording guidance", "file": sys.stderr, "leave": False})
 
-    coefficients = ditfx.calibrate_guidance(load_transformer(), one_generation, generations=generations)
+    coefficients = calibrate_guidance(load_transformer(), one_generation, generations=generations)
     coefficients.meta.update(model="digits", steps=steps, per_class=per_class, guidance_scale=guidance_scale,
                              seed=seed)
     return coefficients

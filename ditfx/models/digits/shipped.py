@@ -1,4 +1,5 @@
-"""Loading the shipped digits weights (safetensors only) from the package's ``weights/`` folder."""
+"""Loading the shipped digits weights (safetensors only) from the package's ``weights/`` folder, and the pipeline
+of the trained DiT."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from diffusers import DiTTransformer2DModel
 from safetensors.torch import load_file
 
 from .classifier import DigitsClassifier
+from .pipeline import DigitsPipeline, make_scheduler
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 TRAIN_COMMAND = (
@@ -38,6 +40,12 @@ def load_transformer(
         # Only cast when asked to: diffusers warns on every dtype cast, even float32 -> float32.
         transformer = transformer.to(dtype=dtype)
     return transformer.to(device=device).eval()
+
+
+def teacher_pipeline(scheduler: str = "euler", device: str | torch.device = "cpu",
+                     dtype: torch.dtype = torch.float32) -> DigitsPipeline:
+    """The digits pipeline of the trained DiT, with the "euler" or "dpm" scheduler (``digits.pipeline()``)."""
+    return DigitsPipeline(transformer=load_transformer(device=device, dtype=dtype), scheduler=make_scheduler(scheduler))
 
 
 @lru_cache(maxsize=1)

@@ -74,7 +74,7 @@ def plot_loss(student: HistoryStudent, path: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from . import pipeline
+    from .shipped import teacher_pipeline
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--student", choices=sorted(STUDENTS),
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-    pipe = pipeline()
+    pipe = teacher_pipeline()
     pipe.set_progress_bar_config(disable=True)
     if args.trajectories is not None and args.trajectories.is_file():
         trajectories = Trajectories.load(args.trajectories)

@@ -1,4 +1,5 @@
-"""Block caching as a graph pass: every cacheable block region gets variants that also return what is cached.
+"""Block caching's graph variants (its pass): every cacheable block region gets variants that also return what is
+cached.
 
 Pattern (a block region, weights and conditioning as inputs)::
 
@@ -22,14 +23,16 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from ditfx.cache.config import CacheCalibration, DynamicCache, StaticCache
 from ditfx.graph import meta
-from ditfx.config import DynamicCache, StaticCache
 from ditfx.graph.regions import RegionModule
 from ditfx.graph.structure import DiTStructure
-from ditfx.passes.cache_bookkeeping import fuse_bookkeeping
-from ditfx.passes.context import PassContext
 from ditfx.plan import Plan, Transform
 from ditfx.report import PassReport
+from ditfx.technique import PassContext
+
+# the variants the cache policies run (declared here, once)
+RESIDUAL, PROBE = "cache.residual", "cache.probe"
 
 
 @dataclass
@@ -94,9 +97,6 @@ def probe_variant(gm: fx.GraphModule, streams: list[tuple[int, int]], primary: i
     return gm
 
 
-RESIDUAL, PROBE = "cache.residual", "cache.probe"
-
-
 def offer_cache_variants(plan: Plan, mode: str, probe: str | None,
                      lower: Callable[[fx.GraphModule, str], fx.GraphModule] | None = None) -> BlockCacheReport:
     """Offer the cache variants on each cacheable block region of ``plan``; ``probe`` names the region whose
@@ -134,15 +134,10 @@ def offer_cache_variants(plan: Plan, mode: str, probe: str | None,
     return report
 
 
-def latent_blocks(structure: DiTStructure) -> list[int]:
-    """Indices of the blocks whose residual stream carries the latents (text-only refiners excluded)."""
-    return [r.block.index for r in structure.block_regions if r.latent_stream]
-
-
 def probe_region(structure: DiTStructure, cache: DynamicCache) -> str:
     """DynamicCache counts ``first`` and ``last`` along the blocks that carry the latents: a text-only block (a
     caption refiner) neither probes nor is skipped."""
-    blocks = latent_blocks(structure)
+    blocks = structure.latent_blocks
     n = len(blocks)
     if cache.first + cache.last >= n:
         raise ValueError(
@@ -152,19 +147,15 @@ def probe_region(structure: DiTStructure, cache: DynamicCache) -> str:
     return f"block.{blocks[cache.first - 1]}"
 
 
-def cache_pass(plan: Plan, ctx: PassContext) -> BlockCacheReport:
-    """The block-cache pass of the pass manager: the probe (DynamicCache) or the schedule's blocks (StaticCache)
-    checked, the cache variants offered and built, one per block structure, so the report is complete before
-    the first call."""
-    cache = ctx.config.cache
+def offer(plan: Plan, cache: DynamicCache | StaticCache | CacheCalibration, ctx: PassContext) -> BlockCacheReport:
+    """Block caching's pass: the probe (DynamicCache) or the schedule's blocks (StaticCache) checked, the cache
+    variants offered and built, one per block structure, so the report is complete before the first call."""
     probe = None
     if isinstance(cache, DynamicCache):
         probe = probe_region(plan.structure, cache)
     elif isinstance(cache, StaticCache):
         cache.schedule.check_model(plan.block_names)
-    fusion = ctx.fusion
-    lower = (lambda gm, label: fuse_bookkeeping(gm, fusion, label)) if fusion is not None else None
-    report = offer_cache_variants(plan, cache.mode, probe, lower)
+    report = offer_cache_variants(plan, cache.mode, probe, ctx.lower)
     if probe is not None and probe not in report.cacheable:
         raise ValueError(f"the probe block {probe} is not cacheable: {report.not_cacheable.get(probe)}; "
                          "choose another DynamicCache.first")

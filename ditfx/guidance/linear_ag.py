@@ -3,7 +3,7 @@
 For step k the estimate is ``u_k ~ b0 c_k + sum_{j=1..W} (b_j c_{k-j} + b'_j u_{k-j}) + b_1``: the current
 conditional prediction (computed anyway), the predictions of the ``W`` previous steps, and an intercept.
 Coefficients are scalars per step, fitted by ordinary least squares over every element of every sample of
-recorded full-guidance trajectories (Castillo et al., section 2.5 of shared/research/methods.md).
+recorded full-guidance trajectories (Castillo et al., section 2.5).
 
 The step schedule: steps in the first half alternate exact guidance (even k) and estimated guidance (odd k),
 the second half is conditional only. Coefficients are per step index of the calibrated step count, and the

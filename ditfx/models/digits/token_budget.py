@@ -1,6 +1,6 @@
 """The digits model's token-budget adapter: how it is made and where it is shipped.
 
-    python -m ditfx.models.digits.budget --out ditfx/models/digits/weights --minutes 20
+    python -m ditfx.models.digits.token_budget --out ditfx/models/digits/weights --minutes 20
 
 records generations of the shipped digits pipeline (random labels; guidance scales 1.5, 2.5 and 4; 25 and 50
 steps), distils the patch-4 weak mode on them (:func:`ditfx.budget.distill`) and writes
@@ -21,7 +21,7 @@ from ditfx.budget.training import distill, plot_loss
 from .shipped import WEIGHTS_DIR, shipped_file
 
 ADAPTER_FILE = "budget_p4.safetensors"
-COMMAND = "python -m ditfx.models.digits.budget --out ditfx/models/digits/weights --minutes 20"
+COMMAND = "python -m ditfx.models.digits.token_budget --out ditfx/models/digits/weights --minutes 20"
 SCALES = (1.5, 2.5, 4.0)
 STEP_COUNTS = (25, 50)
 
@@ -42,7 +42,7 @@ def budget_adapter() -> BudgetAdapter:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from . import pipeline
+    from .shipped import teacher_pipeline
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=WEIGHTS_DIR)
@@ -58,12 +58,12 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    pipe = pipeline()
+    pipe = teacher_pipeline()
     pipe.set_progress_bar_config(disable=True)
     adapter = distill(pipe, budget_run, patch_size=args.patch, minutes=args.minutes, steps=args.steps,
                       lora_rank=args.rank, weak_until=args.weak_until, generations=args.generations, lr=args.lr,
                       seed=args.seed)
-    adapter.record["command"] = " ".join(["python -m ditfx.models.digits.budget",
+    adapter.record["command"] = " ".join(["python -m ditfx.models.digits.token_budget",
                                           *(sys.argv[1:] if argv is None else argv)])
     stem = Path(ADAPTER_FILE).stem
     path = adapter.save(args.out / ADAPTER_FILE)

@@ -32,7 +32,8 @@ class Stats(Mapping):
     graphs_without_ditfx: int = 0  # of those, compiled without ditfx's passes (each warned with its reason)
     region_compiles: int = 0
     compile_seconds: float = 0.0
-    # per mode ("native", or the weak mode's name such as "p4"): calls, tokens run (rows x tokens per row) and FLOPs
+    # per mode ("native", or another mode's name such as the token budget's "p4"): calls and FLOPs, and what the
+    # mode's technique counts (a token budget: tokens run, rows x tokens per row)
     modes: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def __getitem__(self, key: str):
@@ -56,7 +57,7 @@ class Stats(Mapping):
 _STATS_FIELDS: dict[str, None] = dict.fromkeys(f.name for f in fields(Stats))  # ordered, hashed lookups
 
 
-def _dynamo_counts() -> tuple[int, int]:
+def dynamo_counts() -> tuple[int, int]:
     if "torch._dynamo" not in sys.modules:  # nothing compiled (a loaded package): no breaks, and no 1 s import
         return 0, 0
     from torch._dynamo.utils import counters

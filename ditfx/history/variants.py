@@ -1,4 +1,5 @@
-"""The history-attention pass (ARD): the lower N blocks' self-attention also reads this generation's earlier steps.
+"""History attention's graph variants (its pass, ARD): the lower N blocks' self-attention also reads this
+generation's earlier steps.
 
 In each of the first N blocks on the latent stream, every scaled-dot-product attention whose keys come from the
 block's own stream (self-attention over the image tokens, or joint text + image attention, whose text keys are
@@ -8,7 +9,7 @@ kept per step) gets the ``history.kv`` variant::
 
 ``K_hist``/``V_hist`` are a static buffer of ``steps x keys`` positions per sample (gpt-fast's KV cache: written at
 positions, never reallocated, one graph for every step) and ``valid_hist`` marks the positions written so far;
-the policy (:mod:`ditfx.runtime.history`) writes each call's k, v at its step's positions. Cross-attention (keys
+the policy (:mod:`ditfx.history.policy`) writes each call's k, v at its step's positions. Cross-attention (keys
 from the text only) is unchanged.
 """
 from __future__ import annotations
@@ -21,11 +22,22 @@ import torch
 import torch.fx as fx
 
 from ditfx.graph import meta
-from ditfx.passes.block_cache import latent_blocks
-from ditfx.passes.context import PassContext
+from ditfx.graph.attention import plain_attention, positional_qkv, self_attention_sites
+from ditfx.graph.sites import SiteError, find_sites
+from ditfx.history.config import HistoryAttention
 from ditfx.plan import Plan, Transform, VariantUnavailable
 from ditfx.report import PassReport, TechniqueUnavailable
-from ditfx.runtime.history import HEADS, history_at
+from ditfx.technique import PassContext
+
+# the variants the history policy runs (declared here, once)
+HISTORY = "history.kv"
+HEADS = "history.heads"  # the epilogue variant whose de-embedding takes the step's head
+
+
+def history_at(step: int) -> str:
+    """The block variant of step ``step``: it reads the ``step`` earlier steps' keys and values (a prefix of the
+    static buffer), so each step attends to the keys that exist and no more."""
+    return f"{HISTORY}@{step}"
 
 
 @dataclass
@@ -42,51 +54,12 @@ class HistoryReport(PassReport):
                 f"history ({sum(self.sites.values())} attention site(s))")
 
 
-def _is_sdpa(n: fx.Node) -> bool:
-    return n.op == "call_function" and "scaled_dot_product" in meta.target_name(n) and "backward" not in \
-        meta.target_name(n)
-
-
-_QKV = ("query", "key", "value")
-
-
-def sdpa_qkv(n: fx.Node) -> tuple:
-    """(q, k, v) of an attention call, positional or by keyword (diffusers' dispatch passes them by name)."""
-    return tuple(n.args[i] if i < len(n.args) else n.kwargs.get(name) for i, name in enumerate(_QKV))
-
-
-def positional_qkv(n: fx.Node) -> None:
-    """Rewrite the call so q, k, v are its first three positional arguments."""
-    n.args = (*sdpa_qkv(n), *n.args[3:])
-    n.kwargs = {k: v for k, v in n.kwargs.items() if k not in _QKV}
-
-
-_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "enable_gqa": False}
-
-
-def plain_attention(n: fx.Node) -> bool:
-    """``sdpa(q, k, v)`` with no mask, dropout or causal flag (the defaults spelled out are fine); a scale is."""
-    return len(n.args) <= 3 and all(k in _QKV or k == "scale" or (k in _DEFAULTS and v == _DEFAULTS[k])
-                                    for k, v in n.kwargs.items())
-
-
-def history_sites(gm: fx.GraphModule, stream_input: int) -> list[fx.Node]:
-    """The attention calls of a block region whose keys come from the block's stream input."""
-    placeholders = list(gm.graph.find_nodes(op="placeholder"))
-    stream = placeholders[stream_input]
-    depends: set[fx.Node] = {stream}
-    for n in gm.graph.nodes:
-        if any(a in depends for a in n.all_input_nodes):
-            depends.add(n)
-    return [n for n in gm.graph.nodes if _is_sdpa(n) and sdpa_qkv(n)[1] in depends and sdpa_qkv(n)[0] in depends]
-
-
 def history_variant(gm: fx.GraphModule, stream_input: int, steps: int) -> fx.GraphModule:
     """The block reading ``steps`` x keys of history per attention site (0: none, it only returns its own): extra
     inputs (k_hist, v_hist, valid) per site after the block's own, extra outputs (k, v) per site after its own."""
     gm = copy.deepcopy(gm)
     g = gm.graph
-    sites = history_sites(gm, stream_input)
+    sites = self_attention_sites(gm, list(g.find_nodes(op="placeholder"))[stream_input])
     if not sites:
         raise VariantUnavailable("the block has no self-attention over its own stream")
     last = list(g.find_nodes(op="placeholder"))[-1]
@@ -130,12 +103,12 @@ def history_variant(gm: fx.GraphModule, stream_input: int, steps: int) -> fx.Gra
     return gm
 
 
-def history_pass(plan: Plan, ctx: PassContext) -> HistoryReport:
-    cfg = ctx.config.history
-    lower = latent_blocks(plan.structure)[:cfg.layers]
+def offer(plan: Plan, cfg: HistoryAttention, ctx: PassContext) -> HistoryReport:
+    """History attention's pass: each step's variant of the lower blocks (and the step heads' epilogue)."""
+    lower = plan.structure.latent_blocks[:cfg.layers]
     if len(lower) < cfg.layers:
         raise TechniqueUnavailable(f"HistoryAttention(layers={cfg.layers}) asks for more blocks than the "
-                                   f"{len(latent_blocks(plan.structure))} on this model's latent stream")
+                                   f"{len(plan.structure.latent_blocks)} on this model's latent stream")
 
     names = [history_at(step) for step in range(cfg.steps)]
     for step, name in enumerate(names):
@@ -181,19 +154,18 @@ def heads_variant(gm: fx.GraphModule, weight: int, bias: int | None) -> fx.Graph
 
 def _offer_heads(plan: Plan, ctx: PassContext) -> None:
     """Step-specific output heads: the epilogue's de-embedding linear takes each step's head."""
-    from ditfx.budget.weak import BudgetConversionError, find_sites
-
     try:
         sites = find_sites(plan.structure.gm, plan.structure.roles, ctx.example_inputs)
-    except BudgetConversionError as e:
+    except SiteError as e:
         raise TechniqueUnavailable(f"step heads need the de-embedding linear: {e}") from e
     for rm in plan.regions:
         names = [n.name for n in rm.region.inputs]
         if sites.deembed in {n.name for n in rm.region.nodes} and sites.deembed_weight in names:
             bias = names.index(sites.deembed_bias) if sites.deembed_bias in names else None
             weight = names.index(sites.deembed_weight)
+            # after re-batching (the head is not a batch row), compiled as the epilogue it replaces
             plan.transforms[HEADS] = Transform(HEADS, lambda _rm, gm, w=weight, b=bias: heads_variant(gm, w, b),
-                                               after_rows=True)  # the head is not a batch row
+                                               after_rows=True, compiled=True)
             plan.offers.setdefault(rm.region.name, set()).add(HEADS)
             return
     raise TechniqueUnavailable("step heads: no region holds the de-embedding linear with its weight as an input")

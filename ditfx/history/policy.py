@@ -1,4 +1,4 @@
-"""The history-attention policy (ARD): each lower block's keys and values, written at the call's step.
+"""History attention's policy (ARD): each lower block's keys and values, written at the call's step.
 
 State: per branch and per sample (``per_row``), one static buffer per attention site of the lower blocks,
 ``(steps - 1) x keys`` positions (the last step's keys are never read), and which positions hold a written step.
@@ -13,19 +13,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ditfx.config import HistoryAttention
+from ditfx.history.config import HistoryAttention
+from ditfx.history.variants import HEADS, history_at
 from ditfx.plan import Plan
 from ditfx.runtime.policy import CallContext, Policy, RegionCall, StateSlot, register_policy
-
-# The variant names, shared with the pass (passes/history.py), kept here so that the runtime needs no pass module
-HISTORY = "history.kv"
-HEADS = "history.heads"  # the epilogue variant whose de-embedding takes the step's head
-
-
-def history_at(step: int) -> str:
-    """The block variant of step ``step``: it reads the ``step`` earlier steps' keys and values (a prefix of the
-    static buffer), so each step attends to the keys that exist and no more."""
-    return f"{HISTORY}@{step}"
 
 
 @dataclass
@@ -42,23 +33,31 @@ class HistoryPolicy(Policy):
     name = "history"
     slots = (StateSlot("history", _new_history, scope="branch", per_row=True),)
 
-    def __init__(self, cfg: HistoryAttention, plan: Plan):
-        super().__init__(cfg, plan)
-        self.cfg = cfg
+    def __init__(self, config: HistoryAttention, plan: Plan):
+        super().__init__(config, plan)
         self.lower = set(plan.blocks_offering(history_at(0)))
         self._inputs: dict[int, list[torch.Tensor]] = {}  # block -> its history inputs' values at one step
 
+    def describe(self, steps: int) -> dict:
+        cfg, blocks = self.config, self.plan.block_names
+        lower = [blocks[i] for i in sorted(self.lower)]
+        return {"kind": "history", "layers": cfg.layers, "steps": cfg.steps, "blocks": lower,
+                "heads": cfg.heads is not None,
+                "description": (f"the lower {len(lower)} block(s) attend to the keys and values of up to {cfg.steps} "
+                                "earlier steps of the generation" + ("; each step has its own output head"
+                                                                     if cfg.heads is not None else ""))}
+
     def begin_call(self, ctx: CallContext) -> None:
-        if self.lower and ctx.info.step >= self.cfg.steps:
-            raise RuntimeError(f"HistoryAttention(steps={self.cfg.steps}) holds {self.cfg.steps} steps of history "
+        if self.lower and ctx.info.step >= self.config.steps:
+            raise RuntimeError(f"HistoryAttention(steps={self.config.steps}) holds {self.config.steps} steps of history "
                                f"and this generation is at step {ctx.info.step + 1}: raise steps, or mark "
                                "generations (a diffusers pipeline, or `with ditfx.generation(model):`)")
 
     def run_region(self, ctx: CallContext, call: RegionCall, proceed) -> list:
         region = call.region
         step = ctx.info.step
-        if self.cfg.heads is not None and HEADS in self.plan.offers.get(region.name, ()):
-            w, b = self.cfg.heads["weight"][step], self.cfg.heads["bias"][step]
+        if self.config.heads is not None and HEADS in self.plan.offers.get(region.name, ()):
+            w, b = self.config.heads["weight"][step], self.config.heads["bias"][step]
             ref = call.args[0]
             return list(call.run((HEADS,), [*call.args, w.to(ref.device), b.to(ref.device)]))
         if region.kind != "block" or region.block.index not in self.lower:
@@ -79,7 +78,7 @@ class HistoryPolicy(Policy):
             length = k.shape[2]
             # the work of reading the earlier steps' keys: Q K^T and A V over step * length more keys
             call.extra_flops += 4 * k.shape[0] * k.shape[1] * length * step * length * k.shape[3]
-            if step + 1 < self.cfg.steps:  # a later step reads it
+            if step + 1 < self.config.steps:  # a later step reads it
                 hk, hv, valid = buffers[3 * j: 3 * j + 3]
                 hk[:, :, step * length:(step + 1) * length] = k
                 hv[:, :, step * length:(step + 1) * length] = v
@@ -91,7 +90,7 @@ class HistoryPolicy(Policy):
         written flags (B, keys) per attention site (the second step's variant; with steps=1, the first's, empty)."""
         index = call.region.block.index
         if index not in self._inputs:
-            key = self.plan.key(call.rm, (history_at(min(1, self.cfg.steps - 1)),))
+            key = self.plan.key(call.rm, (history_at(min(1, self.config.steps - 1)),))
             self._inputs[index] = self.plan.input_values(call.rm, key)[len(call.args):]
         return self._inputs[index]
 
@@ -100,7 +99,7 @@ class HistoryPolicy(Policy):
         out = []
         for one in self._one_step(call):
             shape = list(one.shape[1:])
-            shape[1 if one.dim() == 4 else 0] = _keys(one) * (self.cfg.steps - 1)
+            shape[1 if one.dim() == 4 else 0] = _keys(one) * (self.config.steps - 1)
             out.append(torch.zeros((call.rows, *shape), dtype=one.dtype, device=call.args[0].device))
         return out
 

@@ -1,7 +1,7 @@
 """Budget calibration: how far the weak mode's prediction is from the native one at each step of a generation.
 
 ``run(pipe)`` drives generations as they will be run; every denoiser call is recorded with its native prediction
-(:func:`~ditfx.budget.training.record_calls`) and the weak mode is run on the same inputs. The relative gap
+(:func:`~ditfx.recording.record_calls`) and the weak mode is run on the same inputs. The relative gap
 ``|weak - native| / |native|`` per step (averaged over calls at the same normalised time) is a
 :class:`~ditfx.budget.schedule.BudgetSchedule`: ``TokenBudget(adapter=..., flops=0.6, calibrated=schedule)``
 runs weak the steps with the smallest gaps that bring the FLOPs within the budget.
@@ -14,8 +14,9 @@ from collections.abc import Callable
 import torch
 
 from ditfx.budget.adapter import BudgetAdapter
-from ditfx.budget.training import WeakRunner, _first_tensor, record_calls
 from ditfx.budget.schedule import BudgetSchedule
+from ditfx.budget.training import WeakRunner, capture_sites
+from ditfx.recording import first_tensor, record_calls
 
 
 def calibrate(pipe, run: Callable[[object], object], adapter: BudgetAdapter | None = None,
@@ -35,16 +36,14 @@ def calibrate(pipe, run: Callable[[object], object], adapter: BudgetAdapter | No
         raise ValueError("run(pipe) made no denoiser call")
     runner = WeakRunner(patch_size or 0, 0, "bilinear", adapter)
     if runner.patch == 0:
-        from ditfx.budget.training import _capture_sites
-
-        runner.patch = 2 * _capture_sites(denoiser, calls[0]).patch
+        runner.patch = 2 * capture_sites(denoiser, calls[0]).patch
     torch._dynamo.reset()
     try:
         weak = torch.compile(denoiser, backend=runner, dynamic=False)
         gaps: dict[float, list[float]] = defaultdict(list)
         with torch.no_grad():
             for call in calls:
-                pred = _first_tensor(weak(*call.args, **call.kwargs)).float()
+                pred = first_tensor(weak(*call.args, **call.kwargs)).float()
                 native = call.target.float()
                 gaps[round(call.u, 6)].append(float((pred - native).norm() / native.norm().clamp_min(1e-12)))
     finally:

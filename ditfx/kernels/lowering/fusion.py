@@ -1,4 +1,5 @@
-"""Kernel fusion as a graph pass: DiT's adaLN and gated-residual patterns become ``torch.ops.ditfx`` calls.
+"""Kernel lowering of the regions (``Config(kernels=True)``): DiT's adaLN and gated-residual patterns become
+``torch.ops.ditfx`` calls.
 
 Patterns, in a region's Dynamo graph (x, y: ``(B, T, D)``; scale, shift, gate: per sample ``(B, D)``
 lifted by ``unsqueeze(1)`` / ``[:, None]``, or ``(B, 1, D)``)::
@@ -40,6 +41,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 import ditfx.kernels
+import ditfx.kernels.codegen as codegen
+import ditfx.kernels.expression as expression
 from ditfx.graph import meta
 from ditfx.graph.elementwise import (
     Expression,
@@ -50,7 +53,6 @@ from ditfx.graph.elementwise import (
     same_rank,
 )
 from ditfx.graph.regions import RegionModule
-from ditfx.kernels import codegen, expression
 from ditfx.kernels.fused_elementwise.spec import format_spec, result_dtype
 from ditfx.report import PassReport
 

@@ -1,22 +1,29 @@
-"""The token-budget pass: the weak (coarse-patch) mode of the captured model, as a plan of its own.
+"""Token budgets' graph variants (their pass): the weak (coarse-patch) mode of the captured model, as a mode of
+the plan.
 
 From the captured graph it builds the graph at the adapter's patch size (:mod:`ditfx.budget.weak`), checks the
 adapter's tensors against what that graph takes (or computes the zero-shot ones from the model's weights), and
-plans the weak graph with the same config minus the budget, so caching, guidance and kernels apply in both modes.
-The weak plan's blocks share one compiled artifact per structure, as the native ones do.
+has the pass manager plan the weak graph with every other technique of the config (``ctx.plan_graph``), so
+caching, guidance and kernels apply in both modes. The weak plan's blocks share one compiled artifact per
+structure, as the native ones do.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 from ditfx.budget.adapter import AdapterError
-from ditfx.budget.weak import (BudgetConversionError, adapter_shapes, find_sites, merge_lora, weak_graph,
-                               zero_shot_tensors)
+from ditfx.budget.config import TokenBudget
+from ditfx.budget.weak import BudgetConversionError, adapter_shapes, merge_lora, weak_graph, zero_shot_tensors
+from ditfx.graph.sites import find_sites
 from ditfx.graph.structure import StructureError
-from ditfx.passes.context import PassContext
-from ditfx.plan import Plan
+from ditfx.plan import ModeKey, Plan
 from ditfx.report import PassReport
+from ditfx.technique import PassContext
+
+
+def mode_key(patch: int) -> ModeKey:
+    """The weak mode at patch size ``patch``."""
+    return ModeKey("budget", patch, f"p{patch}")
 
 
 @dataclass
@@ -44,15 +51,12 @@ class BudgetReport(PassReport):
         return "\n".join(lines)
 
 
-def budget_pass(plan: Plan, ctx: PassContext) -> BudgetReport:
-    from ditfx.passes.manager import build_plan  # the weak graph is planned like any captured graph
-
-    cfg = ctx.config.budget
+def offer(plan: Plan, cfg: TokenBudget, ctx: PassContext) -> BudgetReport:
+    """Token budgets' pass: one mode of the plan per level of ``cfg``, coarsest first as the config lists them."""
     gm, structure = plan.structure.gm, plan.structure
     sites = find_sites(gm, structure.roles, ctx.example_inputs)
     ref = next((v for ph, v in zip(gm.graph.find_nodes(op="placeholder"), ctx.example_inputs or [])
                 if ph.name == sites.embed_weight), None)
-    sub_config = dataclasses.replace(ctx.config, budget=None)
     built = []
     for patch, adapter, _ in cfg.levels():
         patch = patch or 2 * sites.patch
@@ -71,19 +75,20 @@ def budget_pass(plan: Plan, ctx: PassContext) -> BudgetReport:
         else:
             tensors = zero_shot_tensors(gm, sites, ctx.example_inputs, patch, cfg.resize)
         try:
-            sub = build_plan(weak.gm, sub_config, weight_names=set(weak.placeholders), facts=ctx.facts)
+            sub = ctx.plan_graph(weak.gm, set(weak.placeholders))
         except StructureError as e:
             raise BudgetConversionError(f"the graph at patch size {patch} has no DiT structure ditfx can split: "
                                         f"{e}") from e
         inputs = [tensors[k].to(device=ref.device, dtype=ref.dtype) if ref is not None else tensors[k]
                   for k in weak.keys]
-        built.append((f"p{patch}", sub, inputs, adapter, weak.lora_rank, patch))
-    for name, sub, inputs, *_ in built:  # the plan changes only once every level converted
-        plan.modes[name] = sub
-        plan.mode_inputs[name] = inputs
+        built.append((mode_key(patch), sub, inputs, adapter, weak.lora_rank, patch))
+    for key, sub, inputs, *_ in built:  # the plan changes only once every level converted
+        plan.modes[key] = sub
+        plan.mode_inputs[key] = inputs
     total = max(1, sum(plan.flops.values()))
-    return BudgetReport(modes=[name for name, *_ in built], native_patch=sites.patch,
-                        patches=[patch for *_, patch in built], tokens=[plan.tokens] + [sub.tokens for _, sub, *_ in built],
+    return BudgetReport(modes=[key.name for key, *_ in built], native_patch=sites.patch,
+                        patches=[patch for *_, patch in built],
+                        tokens=[plan.tokens] + [sub.tokens for _, sub, *_ in built],
                         flops_ratio=[sum(sub.flops.values()) / total for _, sub, *_ in built],
                         zero_shot=[a is None for *_, a, _, _ in built], lora_rank=[r for *_, r, _ in built],
                         pos_table=sites.pos_operand is not None)

@@ -1,4 +1,4 @@
-"""Adaptive Guidance's measurement fused into the compiled epilogue.
+"""Guidance skipping's graph variant (its pass): Adaptive Guidance's measurement fused into the compiled epilogue.
 
 AG compares the conditional and unconditional predictions of each sample on every full-guidance step. Done by
 the runtime after the call, that is one more read of the whole prediction; done here, the sums are taken where
@@ -25,11 +25,11 @@ import torch
 import torch.fx as fx
 
 from ditfx.graph import meta
-from ditfx.passes.context import PassContext
 from ditfx.plan import Plan, Transform
 from ditfx.report import PassReport
+from ditfx.technique import PassContext
 
-TRANSFORM = "guidance.cosine"
+COSINE = "guidance.cosine"  # the epilogue variant the guidance policies run (declared here, once)
 
 
 def cosine_sums_variant(gm: fx.GraphModule, pred_index: int) -> fx.GraphModule:
@@ -79,13 +79,15 @@ class GuidanceReport(PassReport):
         return f"guidance: the cosine of the two predictions is summed in {self.epilogue} (compiled)"
 
 
-def guidance_pass(plan: Plan, ctx: PassContext | None = None) -> GuidanceReport:
-    """Offer ``guidance.cosine`` on the epilogue when it returns the call's prediction."""
+def offer(plan: Plan, guidance, ctx: PassContext | None = None) -> GuidanceReport:
+    """Guidance skipping's pass: ``guidance.cosine`` on the epilogue when it returns the call's prediction."""
     last = plan.regions[-1]
     outputs = plan.io.region_outputs[-1]
     if last.region.kind != "epilogue" or plan.io.output_names[0] not in outputs:
         return GuidanceReport(None)
     pred = outputs.index(plan.io.output_names[0])
-    plan.transforms[TRANSFORM] = Transform(TRANSFORM, lambda rm, gm: cosine_sums_variant(gm, pred), after_rows=True)
-    plan.offers.setdefault(last.region.name, set()).add(TRANSFORM)
+    # after re-batching (its row indices are not batch rows), and compiled: the sums are worth it fused
+    plan.transforms[COSINE] = Transform(COSINE, lambda rm, gm: cosine_sums_variant(gm, pred), after_rows=True,
+                                        compiled=True)
+    plan.offers.setdefault(last.region.name, set()).add(COSINE)
     return GuidanceReport(last.region.name)

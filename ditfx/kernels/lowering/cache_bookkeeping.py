@@ -1,6 +1,7 @@
-"""Kernel fusion of the block-cache bookkeeping: the probe variant's residual and change sums become one op.
+"""Kernel lowering of the variants the passes build (``Config(kernels=True)``): the block-cache bookkeeping, the
+probe variant's residual and change sums, becomes one op.
 
-Pattern (what :func:`ditfx.passes.block_cache.probe_variant` adds to the probe block; out, inp, ref ``(B, ...)``)::
+Pattern (what :func:`ditfx.cache.variants.probe_variant` adds to the probe block; out, inp, ref ``(B, ...)``)::
 
     residual = out - inp
     num = sum(flatten(abs(residual - ref), 1), 1, dtype=float32)
@@ -25,7 +26,7 @@ import torch.fx as fx
 
 from ditfx.graph import meta
 from ditfx.graph.elementwise import KERNEL_DTYPES, arithmetic
-from ditfx.passes.fusion import FusionReport, FusionSite, kernel_file_source
+from ditfx.kernels.lowering.fusion import FusionReport, FusionSite, kernel_file_source
 
 KERNEL = "cache_residual"
 EXPRESSION = "r = out - inp; num = sum|r - ref|; den = sum|ref|"

@@ -1,4 +1,5 @@
-"""The block caches' change rule, ``num / den`` per sample, in one place for the runtime and the kernels.
+"""The block caches' change rule, ``num / den`` per sample, in one place for the cache policies and the
+``cache_residual`` kernel.
 
 Kept outside :mod:`ditfx.kernels`: importing that package registers the Triton ops, which imports Inductor, and
 the cache policies (also run from a loaded package) need only this rule. ``ditfx.kernels.cache_residual``

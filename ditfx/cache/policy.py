@@ -1,4 +1,4 @@
-"""Block caching at run time: per-step policies (dynamic, static, calibration) and their per-branch state.
+"""Block caching's policies: per-step decisions (dynamic, static, calibration) and their per-branch state.
 
 Each policy decides, block by block, whether a block runs or reuses what it cached; state lives per
 generation and per branch (the calls of one step), and per sample inside a batch. The block-cache pass offers
@@ -11,15 +11,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ditfx.config import CacheCalibration, DynamicCache, StaticCache
+import ditfx.cache.variants as variants
+from ditfx.cache.change import relative_l1_from_sums
+from ditfx.cache.config import CacheCalibration, DynamicCache, StaticCache
+from ditfx.cache.schedule import CacheSchedule
 from ditfx.graph.regions import RegionModule
 from ditfx.runtime.lifecycle import CallInfo
 from ditfx.runtime.policy import CallContext, Policy, RegionCall, StateSlot, register_policy
-from ditfx.runtime.relative_change import relative_l1_from_sums
-from ditfx.runtime.schedule import CacheSchedule
 
-RESIDUAL = ("cache.residual",)
-PROBE = ("cache.probe",)
+RESIDUAL = (variants.RESIDUAL,)
+PROBE = (variants.PROBE,)
+TIMESTEP = "to place each step on the schedule's normalised time (DynamicCache needs no timestep)"
 
 def split_cached(rm: RegionModule, outs: tuple) -> tuple[list, list]:
     """Split a residual variant's outputs into the block outputs and the cached values (one per stream)."""
@@ -112,9 +114,9 @@ class _CachePolicy(Policy):
 
     name = "cache"
 
-    def __init__(self, cfg, plan):
-        super().__init__(cfg, plan)
-        self.cacheable = set(plan.blocks_offering("cache.residual"))
+    def __init__(self, config, plan):
+        super().__init__(config, plan)
+        self.cacheable = set(plan.blocks_offering(variants.RESIDUAL))
 
     def run_region(self, ctx: CallContext, call: RegionCall, proceed) -> list:
         region = call.region
@@ -125,27 +127,24 @@ class _CachePolicy(Policy):
     def run_block(self, ctx: CallContext, call: RegionCall, index: int, proceed) -> list:
         raise NotImplementedError
 
-    def describe(self, steps: int) -> dict:
-        """What the policy will do over ``steps`` steps, for ``ditfx inspect``."""
-        raise NotImplementedError
-
 
 @register_policy(DynamicCache)
 class DynamicCachePolicy(_CachePolicy):
     """First-block-cache style: block ``first-1``'s change decides whether the middle blocks run."""
 
     slots = (StateSlot("cache", lambda ctx: _DynamicState(), scope="branch", per_row=True, per_mode=True),)
+    Scratch = _Decision
 
-    def __init__(self, cfg: DynamicCache, plan):
-        super().__init__(cfg, plan)
-        self.cfg = cfg
+    def __init__(self, config: DynamicCache, plan):
+        super().__init__(config, plan)
+        cfg = config
         # first and last count along the blocks that carry the latents (a text-only refiner always runs)
         latent = [r.block.index for r in plan.structure.block_regions if r.latent_stream]
         self.probe = latent[cfg.first - 1]
         self.middle = {i for i in latent[cfg.first:len(latent) - cfg.last] if i in self.cacheable}
 
     def describe(self, steps: int) -> dict:
-        cfg, blocks = self.cfg, self.plan.block_names
+        cfg, blocks = self.config, self.plan.block_names
         skippable = [blocks[i] for i in sorted(self.middle)]
         probe = blocks[self.probe]
         return {"kind": "dynamic", "threshold": cfg.threshold,
@@ -155,16 +154,13 @@ class DynamicCachePolicy(_CachePolicy):
                                 f"per {'sample' if cfg.per_sample else 'batch'}: below {cfg.threshold} the "
                                 f"{len(skippable)} middle blocks reuse their cached residuals")}
 
-    def begin_call(self, ctx: CallContext) -> None:
-        ctx.scratch[self.name] = _Decision()
-
     def run_block(self, ctx: CallContext, call: RegionCall, index: int, proceed) -> list:
         if index == self.probe:
             return self._run_probe(ctx, call)
         if index not in self.middle:
             return proceed(call)
-        state, decision = ctx.state(self, "cache"), ctx.scratch[self.name]
-        rm, args, mode = call.rm, call.args, self.cfg.mode
+        state, decision = ctx.state(self, "cache"), ctx.scratch(self)
+        rm, args, mode = call.rm, call.args, self.config.mode
         time = step_time(ctx.info)
         if decision.skip_all:
             return call.reuse(reuse_outputs(rm, args, state.cached[index], time, mode))
@@ -186,13 +182,13 @@ class DynamicCachePolicy(_CachePolicy):
             return outs
         outs, cached = split_cached(rm, call.run(RESIDUAL))
         if entry is None:
-            state.cached[index] = CachedValues.first(cached, time, self.cfg.forecast)
+            state.cached[index] = CachedValues.first(cached, time, self.config.forecast)
         else:
             entry.update(cached, time)
         return outs
 
     def _run_probe(self, ctx: CallContext, call: RegionCall) -> list:
-        state, decision = ctx.state(self, "cache"), ctx.scratch[self.name]
+        state, decision = ctx.state(self, "cache"), ctx.scratch(self)
         rm = call.rm
         primary = rm.region.primary_stream
         if state.ref is None:
@@ -202,16 +198,17 @@ class DynamicCachePolicy(_CachePolicy):
         result = call.run(PROBE, [*call.args, state.ref])
         outs, cached = split_cached(rm, result[:-2])
         num, den = result[-2], result[-1]
-        if self.cfg.per_sample:
+        cfg = self.config
+        if cfg.per_sample:
             change = relative_l1_from_sums(num, den)
         else:  # one decision for the batch: the change of all samples together
             change = relative_l1_from_sums(num.sum(), den.sum()).expand_as(num)
-        skip = change < self.cfg.threshold  # NaN compares False: a sample with a NaN change computes
+        skip = change < cfg.threshold  # NaN compares False: a sample with a NaN change computes
         if state.reuse is None:
             state.reuse = torch.zeros_like(num, dtype=torch.int64)
-        if self.cfg.max_reuse is not None:
-            skip &= state.reuse < self.cfg.max_reuse
-        ready = ctx.info.step >= self.cfg.warmup and all(i in state.cached for i in self.middle)
+        if cfg.max_reuse is not None:
+            skip &= state.reuse < cfg.max_reuse
+        ready = ctx.info.step >= cfg.warmup and all(i in state.cached for i in self.middle)
         skip &= ready
         decided = skip.tolist()  # the one host sync of the step
         decision.skip, decision.skip_all, decision.skip_any = skip, all(decided), any(decided)
@@ -248,16 +245,23 @@ def back_to_back(plan, blocks: list[int]) -> bool:
     return True
 
 
+@dataclass
+class _ChainReuse:
+    reused: bool = False  # this call reuses the back-to-back chain as one, at its first block
+
+
 @register_policy(StaticCache)
 class StaticCachePolicy(_CachePolicy):
     """The paper's accumulate-until-delta schedule, evaluated online on the steps' normalised times."""
 
     slots = (StateSlot("cache", lambda ctx: _StaticState(acc=[0.0] * len(ctx.plan.structure.blocks)),
                        scope="branch", per_row=True, per_mode=True),)
+    requires = {"timestep": TIMESTEP}
+    Scratch = _ChainReuse
 
-    def __init__(self, cfg: StaticCache, plan):
-        super().__init__(cfg, plan)
-        self.cfg = cfg
+    def __init__(self, config: StaticCache, plan):
+        super().__init__(config, plan)
+        cfg = config
         self.schedule: CacheSchedule = cfg.schedule
         self.blocks = sorted(self.cacheable)
         # blocks that recompute together and run back to back are reused as one: x + sum of their values
@@ -266,7 +270,7 @@ class StaticCachePolicy(_CachePolicy):
 
     def describe(self, steps: int) -> dict:
         """The schedule on ``steps`` uniform steps: which block runs at which step."""
-        cfg, blocks = self.cfg, self.plan.block_names
+        cfg, blocks = self.config, self.plan.block_names
         times = [1 - k / steps for k in range(steps)]
         scheduled = self.schedule.plan(cfg.delta, times, cfg.per_block, self.blocks)
         grid = [[run or i not in self.cacheable for run in row]  # blocks without cache variants always run
@@ -276,12 +280,9 @@ class StaticCachePolicy(_CachePolicy):
                 "block_evals": sum(map(sum, grid)), "block_evals_uncached": len(blocks) * steps}
 
     def begin_call(self, ctx: CallContext) -> None:
-        if ctx.info.timestep is None:
-            raise RuntimeError("StaticCache needs the denoiser's timestep input to key its schedule, and this "
-                               "graph has none that ditfx recognises; use DynamicCache")
         state = ctx.state(self, "cache")
         u = ctx.info.timestep / self.schedule.time_scale
-        compute = self.schedule.advance(state.acc, state.u_prev, u, self.cfg.delta, self.cfg.per_block,
+        compute = self.schedule.advance(state.acc, state.u_prev, u, self.config.delta, self.config.per_block,
                                         self.blocks)
         state.compute = [run or i not in state.cached for i, run in enumerate(compute)]
         state.u_prev = u
@@ -296,7 +297,7 @@ class StaticCachePolicy(_CachePolicy):
             outs, cached = split_cached(rm, call.run(RESIDUAL))
             entry = state.cached.get(index)
             if entry is None:
-                state.cached[index] = CachedValues.first(cached, time, self.cfg.forecast)
+                state.cached[index] = CachedValues.first(cached, time, self.config.forecast)
             else:
                 entry.update(cached, time)
             state.chain_sum = None
@@ -304,12 +305,12 @@ class StaticCachePolicy(_CachePolicy):
         if index in self.chain and not any(state.compute[i] for i in self.chain):
             if index == self.chain[0]:
                 state.chain_sum = state.chain_sum or _summed([state.cached[i] for i in self.chain])
-                ctx.scratch[self.name] = state.chain_sum is not None  # this call reuses the chain as one
+                ctx.scratch(self).reused = state.chain_sum is not None  # this call reuses the chain as one
                 if state.chain_sum is not None:
-                    return call.reuse(reuse_outputs(rm, call.args, state.chain_sum, time, self.cfg.mode))
-            elif ctx.scratch.get(self.name):  # already added with the chain's first block
+                    return call.reuse(reuse_outputs(rm, call.args, state.chain_sum, time, self.config.mode))
+            elif ctx.scratch(self).reused:  # already added with the chain's first block
                 return call.reuse([call.args[i] for _, i in sorted(rm.region.streams)])
-        return call.reuse(reuse_outputs(rm, call.args, state.cached[index], time, self.cfg.mode))
+        return call.reuse(reuse_outputs(rm, call.args, state.cached[index], time, self.config.mode))
 
 
 def _summed(entries: list[CachedValues]) -> CachedValues | None:
@@ -350,18 +351,16 @@ class CalibrationPolicy(_CachePolicy):
 
     RECORD = "cache_calibration"
     slots = (StateSlot("run", _calibration_run, scope="branch", per_mode=True),)
+    requires = {"timestep": "to record each step's normalised time"}
 
-    def __init__(self, cfg: CacheCalibration, plan):
-        super().__init__(cfg, plan)
+    def __init__(self, config: CacheCalibration, plan):
+        super().__init__(config, plan)
         self.n_blocks = len(plan.structure.blocks)
 
     def describe(self, steps: int) -> dict:
         return {"kind": "calibration", "description": "every block runs; each block's change is recorded per step"}
 
     def begin_call(self, ctx: CallContext) -> None:
-        if ctx.info.timestep is None:
-            raise RuntimeError("calibration needs the denoiser's timestep input, and this graph has none that "
-                               "ditfx recognises")
         run = ctx.state(self, "run")
         run.times.append(ctx.info.timestep)
         run.rows.append([0.0] * self.n_blocks)
