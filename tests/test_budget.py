@@ -12,6 +12,7 @@ from conftest import cfg_loop, tiny_model
 from ditfx.budget import BudgetAdapter, BudgetSchedule
 from ditfx.budget.adapter import AdapterError
 from ditfx.budget.schedule import weak_steps_for
+from ditfx.budget.variants import mode_key
 from ditfx.budget.weak import BudgetConversionError, weak_graph, zero_shot_tensors
 from ditfx.graph.sites import SiteError, find_sites
 from ditfx.graph.structure import analyse
@@ -98,7 +99,7 @@ def test_the_full_budget_is_the_native_model(name):
         warnings.simplefilter("error")  # no fallback, no technique turned off
         got, fast = generate(named, ditfx.Config(compiler="eager", budget=budget(named, weak_until=0.0)))
     (executor,) = ditfx.api._runtime(fast).executors
-    assert set(executor.plan.modes) == {"p4"}
+    assert set(executor.plan.modes) == {mode_key(4)}
     assert (got - expected).abs().max() <= TOL
     assert ditfx.stats(fast).modes == {"native": {"calls": 4, "flops": ditfx.stats(fast).flops,
                                                   "tokens": 4 * 2 * executor.plan.tokens}}
@@ -181,7 +182,7 @@ def test_a_weak_step_costs_what_the_cost_model_says():
     with torch.no_grad():
         fast(**named.inputs)
     (executor,) = ditfx.api._runtime(fast).executors
-    weak_plan = executor.plan.modes["p4"]
+    weak_plan = executor.plan.modes[mode_key(4)]
     gm, inputs = capture_graph(named.model, fullgraph=True, call=named)
     sites = find_sites(gm, analyse(gm).roles)
     weak = weak_graph(gm, sites, 4)

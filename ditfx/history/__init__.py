@@ -11,7 +11,7 @@ of its own earlier steps.
   SDPA);
 * :mod:`ditfx.history.cost`: the history's FLOPs in closed form;
 * :mod:`ditfx.history.oneshot`: the one-shot training forward (steps stacked along the batch);
-* :mod:`ditfx.history.distill`: teacher trajectories and the teacher-forced distillation.
+* :mod:`ditfx.history.distillation`: teacher trajectories and the teacher-forced distillation.
 
 ``ditfx.Config(history=ditfx.HistoryAttention(layers=N))``, or ``student.history()``.
 """
@@ -29,7 +29,7 @@ from ditfx.history.student import HistoryStudent
 from ditfx.technique import Technique
 
 if TYPE_CHECKING:
-    from ditfx.history.distill import Trajectories, distill, record_trajectories
+    from ditfx.history.distillation import Trajectories, distill, record_trajectories
     from ditfx.history.oneshot import one_shot
 
 TECHNIQUE = Technique(
@@ -40,7 +40,8 @@ TECHNIQUE = Technique(
 )
 
 # Imported on first access (PEP 562): training drives torch.compile and flex_attention.
-_LAZY = {"Trajectories": "distill", "distill": "distill", "record_trajectories": "distill", "one_shot": "oneshot"}
+_LAZY = {"Trajectories": "distillation", "distill": "distillation", "record_trajectories": "distillation",
+         "one_shot": "oneshot"}
 
 
 def __getattr__(name: str) -> Any:

@@ -14,6 +14,7 @@ from ditfx.runtime.policy import policy_for
 def inspect_model(name: str, named: NamedModel, config: Config, steps: int) -> dict:
     gm, example_inputs = capture(named.model, fullgraph=True, call=named)
     plan = build_plan(gm, config, example_inputs=example_inputs)
+    described = describe_techniques(plan, config, steps)
     symbolic = symbolic_flops(named)
     regions = []
     for entry in plan.reports[0].regions:
@@ -32,18 +33,19 @@ def inspect_model(name: str, named: NamedModel, config: Config, steps: int) -> d
         "passes": [{"pass": type(r).__name__, "summary": r.summary()} for r in plan.reports],
         "kernels": kernel_section(plan.reports),
         "total_flops": sum(plan.flops.values()),
-        "plan": step_plan(plan, config, steps),
-        "budget": policy_for(config.budget, plan).describe(steps) if config.budget is not None and plan.modes
-        else None,
+        "techniques": described,
+        "off": dict(plan.unavailable),
+        # the block plan and the budget's modes, as the text report and earlier readers of the JSON know them
+        "plan": described.get("cache", {"kind": "none", "description": "every block runs at every step"}),
+        "budget": described.get("budget") if plan.modes else None,
     }
     return report
 
 
-def step_plan(plan, config: Config, steps: int) -> dict:
-    """The cache policy's per-step plan (what the policy says it will do), or that every block runs."""
-    if config.cache is None:
-        return {"kind": "none", "description": "every block runs at every step"}
-    return policy_for(config.cache, plan).describe(steps)
+def describe_techniques(plan, config: Config, steps: int) -> dict:
+    """What each technique the plan runs says it will do over ``steps`` uniform steps (``Policy.describe``)."""
+    on = {id(cfg) for cfg in plan.policies}
+    return {t.name: policy_for(cfg, plan).describe(steps) for t, cfg in config.techniques() if id(cfg) in on}
 
 
 def format_text(report: dict) -> str:
@@ -75,6 +77,11 @@ def format_text(report: dict) -> str:
             lines.append(f"  {path:<32}" + "".join("#" if v else "." for v in row))
     else:
         lines.append("  " + plan["description"])
+    for name, described in report.get("techniques", {}).items():
+        if name not in ("cache", "budget"):
+            lines.append(f"{name} ({described['kind']}): {described.get('description', '')}")
+    for name, why in report.get("off", {}).items():
+        lines.append(f"{name}: off for this graph: {why}")
     budget = report.get("budget")
     if budget:
         lines.append("")

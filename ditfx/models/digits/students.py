@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ditfx.history.distill import POINTS, Trajectories, distill, record_trajectories
+from ditfx.history.distillation import POINTS, Trajectories, distill, record_trajectories
 from ditfx.history.student import HistoryStudent
 
 from .shipped import WEIGHTS_DIR, shipped_file
