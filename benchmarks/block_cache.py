@@ -24,12 +24,12 @@ import sys
 import time
 
 import torch
+from reporting import write_json  # benchmarks/reporting.py, beside this script
 from torch._dynamo.utils import compilation_time_metrics
 
 import ditfx
 from ditfx.api import repeated_blocks
 from ditfx.models import zoo
-from reporting import write_json  # benchmarks/reporting.py, beside this script
 
 
 def timed_loop(named, model, steps):
@@ -135,7 +135,8 @@ def main(argv=None):
     torch._dynamo.reset()
     schedule = ditfx.calibrate(named.model, lambda m: zoo.run_loop(named, m, steps=args.steps), generations=1)
     delta = delta_for_fraction(schedule, 1 - args.skip)
-    cached = ditfx.optimize(named.model, ditfx.Config(cache=ditfx.StaticCache(delta, schedule, per_block=True, forecast="none")))
+    cache = ditfx.StaticCache(delta, schedule, per_block=True, forecast="none")
+    cached = ditfx.optimize(named.model, ditfx.Config(cache=cache))
     first_call(named, cached)
     ditfx.reset_stats(cached)
     with ditfx.generation(cached):
@@ -159,7 +160,8 @@ def main(argv=None):
         "cache_speedup": round(speedup, 3),
         "cache_flops_ratio": round(flops_ratio, 3),
         "realized_over_flops_ratio": round(speedup / flops_ratio, 3),
-        "first_call_ditfx_over_torch_compile": round(base["first_call_s"] / results["torch.compile"]["first_call_s"], 3),
+        "first_call_ditfx_over_torch_compile": round(base["first_call_s"] / results["torch.compile"]["first_call_s"],
+                                                     3),
         "ditfx_all_regions_vs_torch_compile": round(
             results["torch.compile"]["loop_s"] / results["ditfx compile_regions=all"]["loop_s"], 3),
         **first,

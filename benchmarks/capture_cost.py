@@ -22,10 +22,10 @@ import time
 
 import torch
 import torch.nn as nn
+from reporting import write_json  # benchmarks/reporting.py, beside this script
 from torch._dynamo.utils import compilation_time_metrics
 
 from ditfx.models import zoo
-from reporting import write_json  # benchmarks/reporting.py, beside this script
 
 _BLOCKS: list[nn.Module] = []  # what the opaque op runs; set by main
 

@@ -163,11 +163,11 @@ def main(argv=None) -> dict:
         p.error(f"unknown ways {sorted(unknown)}; choose from {', '.join(WAYS)}")
 
     import torch
+    from reporting import write_json  # benchmarks/reporting.py, beside this script
     from safetensors.torch import save_file
 
     import ditfx
     from ditfx.models import zoo
-    from reporting import write_json  # benchmarks/reporting.py, beside this script
 
     work = Path(tempfile.mkdtemp(prefix="cold_start_"))
     try:
@@ -216,7 +216,8 @@ def main(argv=None) -> dict:
         report["ratios"] = ratios
         write_json(report, args.json)
         for way, s in summary.items():
-            print(f"{way:<14} first output {s['start_to_first_output_s']:6.2f} s   first call {s['first_call_s']:6.2f} s"
+            print(f"{way:<14} first output {s['start_to_first_output_s']:6.2f} s   "
+                  f"first call {s['first_call_s']:6.2f} s"
                   f"   steady call {s['second_call_s']:.3f} s")
         print(f"package: built in {build_s:.0f} s, {package_bytes / 1e6:.1f} MB; steady generation "
               f"{report['steady']['package_vs_optimized']:.3f}x the optimized model's; ratios {ratios}")

@@ -17,12 +17,12 @@ import time
 from pathlib import Path
 
 import torch
+from reporting import write_json  # benchmarks/reporting.py, beside this script
 
 import ditfx
 from ditfx.models import digits
 from ditfx.models.digits.calibrate import LINEAR_AG_FILE, SCHEDULE_FILE, shipped_file
 from ditfx.models.digits.sampling import class_grid, generate
-from reporting import write_json  # benchmarks/reporting.py, beside this script
 
 GAMMAS = (0.99, 0.995, 0.997)
 
@@ -87,7 +87,8 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_sampling_arguments(p)
-    p.add_argument("--delta", type=float, default=0.5, help="StaticCache delta of the combined settings (blocks together, linear forecast)")
+    p.add_argument("--delta", type=float, default=0.5,
+                   help="StaticCache delta of the combined settings (blocks together, linear forecast)")
     p.add_argument("--gammas", type=float, nargs="+", default=list(GAMMAS))
     p.add_argument("--compiler", default="inductor")
     p.add_argument("--check-only", action="store_true",

@@ -14,12 +14,12 @@ import argparse
 import sys
 
 import torch
+from guidance import add_sampling_arguments  # benchmarks/guidance.py, beside this script
+from reporting import write_json
 
 import ditfx
 from ditfx.models import digits
 from ditfx.models.digits.sampling import class_grid, generate
-from guidance import add_sampling_arguments  # benchmarks/guidance.py, beside this script
-from reporting import write_json
 
 BINS = (1.0, 0.8, 0.6, 0.4, 0.2, 0.0)  # t / t_k, high to low
 

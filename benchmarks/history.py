@@ -22,13 +22,13 @@ import time
 import warnings
 
 import torch
+from reporting import write_json  # benchmarks/reporting.py, beside this script
 
 import ditfx
 from ditfx.models import digits
 from ditfx.models.digits.metrics import fd_between
 from ditfx.models.digits.sampling import class_grid
 from ditfx.models.digits.students import STUDENTS, TEACHER, load_student
-from reporting import write_json  # benchmarks/reporting.py, beside this script
 
 warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
 

@@ -251,7 +251,8 @@ def format_markdown(report: dict) -> str:
                 continue
             out.append(f"| {name} | {knob_label(p.get('knob'))} | {cell(p.get('wall_s'), '.1f')} | "
                        f"{cell(p.get('speedup'))} | {cell(p.get('cpu_speedup'))} | {cell(p.get('compile_s'), '.1f')} | "
-                       f"{cell(p.get('psnr'), '.1f', 'inf')} | {cell(p.get('ssim'), '.3f')} | {cell(p.get('fd'), '.1f')} | "
+                       f"{cell(p.get('psnr'), '.1f', 'inf')} | {cell(p.get('ssim'), '.3f')} | "
+                       f"{cell(p.get('fd'), '.1f')} | "
                        f"{cell(p.get('accuracy'), '.2f')} | {'yes' if p.get('in_budget') else 'no'} |")
     return "\n".join(out)
 
@@ -1235,7 +1236,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: steadier timings on a CPU shared with other jobs)")
     p.add_argument("--compiler", default=None, choices=["inductor", "aot_eager", "eager"],
-                   help="backend of every torch.compile and of ditfx's regions (default inductor; aot_eager in --quick)")
+                   help="backend of every torch.compile and of ditfx's regions "
+                        "(default inductor; aot_eager in --quick)")
     p.add_argument("--methods", nargs="*", help="run only these methods (shell patterns on the names)")
     p.add_argument("--compiled-sweep", choices=["near-budget", "all"], default="near-budget",
                    help="compiled peers repeat the eager twin's in-budget knobs plus the next one, or all knobs")
@@ -1258,7 +1260,8 @@ def parse_args(argv=None):
     p.add_argument("--suffix", default="", help=argparse.SUPPRESS)
     p.add_argument("--confirm", type=int, default=None, metavar="K",
                    help="after the sweep, re-time the best in-budget setting of the K best ditfx methods and of the K "
-                        "best peers (by wall and by CPU time) in --rounds interleaved rounds, each against an eager run "
+                        "best peers (by wall and by CPU time) in --rounds interleaved rounds, each against an eager "
+                        "run "
                         "of its own round (default 4; 0: none; off in --quick)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--recheck-worker", action="store_true", help=argparse.SUPPRESS)

@@ -20,12 +20,12 @@ import sys
 import time
 
 import torch
+from reporting import write_json  # benchmarks/reporting.py, beside this script
 
 import ditfx
 from ditfx.budget import BudgetSchedule
 from ditfx.models import digits
 from ditfx.models.digits.sampling import class_grid
-from reporting import write_json  # benchmarks/reporting.py, beside this script
 
 FLOPS = (0.8, 0.7, 0.6, 0.5)
 
@@ -105,7 +105,7 @@ def main(argv=None):
         reference, eager_s = sample(make_pipe(None), labels, steps, scale, args.seed)
         base = digits.metrics(reference, labels)
         print(f"[{setting}] eager: {eager_s:.1f} s, fd {base['fd']:.1f}, acc {base['accuracy']:.3f}", file=sys.stderr)
-        gaps = ditfx.budget.calibrate(make_pipe(None), lambda pipe: pipe(
+        gaps = ditfx.budget.calibrate(make_pipe(None), lambda pipe, steps=steps, scale=scale: pipe(
             class_grid(2), num_inference_steps=steps, guidance_scale=scale,
             generator=torch.Generator().manual_seed(1000)), adapter=adapter, generations=1, progress=None)
         points = [run_point("native", None, config(), labels, args, reference, scale, steps)]

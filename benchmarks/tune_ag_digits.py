@@ -2,8 +2,10 @@
 accuracy within one point): the study `benchmarks/tune_digits.py` runs per setting, here with the digits per class
 as an argument (the accuracy bound is two digits at 10 per class over two seeds, eight at 20).
 
-    python benchmarks/tune_ag_digits.py --settings 1.5:25 1.5:50 --per-class 10 --workdir out/tune2 --json docs/results/tune_ag_1.5.json
-    python benchmarks/tune_ag_digits.py --settings 1.5:25 --per-class 20 --workdir out/pc20 --json docs/results/tune_ag_1.5_per_class_20.json
+    python benchmarks/tune_ag_digits.py --settings 1.5:25 1.5:50 --per-class 10 --workdir out/tune2 \
+        --json docs/results/tune_ag_1.5.json
+    python benchmarks/tune_ag_digits.py --settings 1.5:25 --per-class 20 --workdir out/pc20 \
+        --json docs/results/tune_ag_1.5_per_class_20.json
 """
 from __future__ import annotations
 
@@ -12,10 +14,10 @@ import json
 from pathlib import Path
 
 import torch
+from tune_digits import _finite, study  # benchmarks/tune_digits.py, beside this script
 
 from ditfx.models import digits
 from ditfx.tuning import QualityBudget
-from tune_digits import _finite, study  # benchmarks/tune_digits.py, beside this script
 
 
 def main(argv=None) -> int:

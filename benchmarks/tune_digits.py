@@ -15,7 +15,8 @@ Then the tuned configuration and the hand-picked one (TokenBudget(flops=0.7) + S
 + AdaptiveGuidance(0.99)) run on report seeds 300 and 301 against the reference: quality, FLOPs, and wall time in
 interleaved rounds (compiler eager for both, compilation excluded).
 
-    python benchmarks/tune_digits.py --settings 1.5:50 4:50 1.5:25 4:25 1.5:20 4:20 --workdir out/tune --json out/tune_digits.json
+    python benchmarks/tune_digits.py --settings 1.5:50 4:50 1.5:25 4:25 1.5:20 4:20 --workdir out/tune \
+        --json out/tune_digits.json
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from reporting import write_json  # benchmarks/reporting.py, beside this script
 
 import ditfx
 from ditfx.models import digits
@@ -34,7 +36,6 @@ from ditfx.models.digits.calibrate import SCHEDULE_FILE, shipped_file
 from ditfx.tuning import QualityBudget, techniques
 from ditfx.tuning.metrics import measure
 from ditfx.tuning.study import Candidates, _finite, _run_cases
-from reporting import write_json  # benchmarks/reporting.py, beside this script
 
 CALIBRATION, HELD_OUT, REPORT = [100, 101], [200, 201], [300, 301]
 
@@ -59,12 +60,12 @@ def study(name, pipe, run, budget, space, workdir, timing):
 def compare(pipe, run, budget, configs: dict, rounds: int) -> dict:
     """Each config on the report seed: quality and FLOPs against the reference, wall time in interleaved rounds."""
     candidates = Candidates(pipe)
-    reference, _ = _run_cases(run, pipe, REPORT, generation=False)
+    reference, _ = _run_cases(run, pipe, REPORT, marked=False)
     ref_measures = measure(reference, reference, budget.metric)
     targets, out = {}, {}
     for name, config in configs.items():
         target = ditfx.optimize(candidates.fresh(), config)
-        outputs, _ = _run_cases(run, target, REPORT, generation=True)  # compiles
+        outputs, _ = _run_cases(run, target, REPORT, marked=True)  # compiles
         s = ditfx.stats(target)
         m = measure(outputs, reference, budget.metric)
         out[name] = {"config": repr(config), "measures": m, "inside": budget.inside(m, ref_measures),
@@ -72,14 +73,14 @@ def compare(pipe, run, budget, configs: dict, rounds: int) -> dict:
         targets[name] = target
     walls = {"reference": []}
     for _ in range(rounds):
-        walls["reference"].append(_run_cases(run, pipe, REPORT, generation=False)[1])
+        walls["reference"].append(_run_cases(run, pipe, REPORT, marked=False)[1])
         for name, target in targets.items():
-            out[name]["wall"].append(_run_cases(run, target, REPORT, generation=True)[1])
+            out[name]["wall"].append(_run_cases(run, target, REPORT, marked=True)[1])
     exact = ditfx.optimize(candidates.fresh(), ditfx.Config(compiler="eager"))
-    _run_cases(run, exact, REPORT, generation=True)
+    _run_cases(run, exact, REPORT, marked=True)
     ref_flops = ditfx.stats(exact).flops
     ref_wall = sorted(walls["reference"])[rounds // 2]
-    for name, r in out.items():
+    for r in out.values():
         r["flops_speedup"] = ref_flops / r["flops"]
         r["wall_speedup"] = ref_wall / sorted(r["wall"])[rounds // 2]
     return {"reference": {"measures": ref_measures, "wall": walls["reference"], "flops": ref_flops}, **out}
@@ -139,7 +140,8 @@ def defaults(settings: dict) -> dict:
     """Each technique's default: its most aggressive value inside the budget at every setting (the least aggressive
     of the per-setting limits); for Adaptive Guidance per fade, then the fade whose common gamma is lowest."""
     out = {}
-    delta = {s: e["full"]["limits"][next(iter(e["full"]["limits"]))]["limits"].get("delta") for s, e in settings.items()}
+    delta = {s: e["full"]["limits"][next(iter(e["full"]["limits"]))]["limits"].get("delta")
+             for s, e in settings.items()}
     out["StaticCache.delta"] = {"per_setting": delta, "default": min(delta.values())}
     if all("dynamic" in e for e in settings.values()):
         threshold = {s: e["dynamic"]["limits"]["dynamic"]["limits"]["threshold"] for s, e in settings.items()}

@@ -131,8 +131,8 @@ def cmd_calibrate_budget(args) -> int:
 def cmd_export(args) -> int:
     from ditfx.config import Config
     from ditfx.guidance.config import AdaptiveGuidance
-    from ditfx.package.build import export
     from ditfx.models import zoo
+    from ditfx.package.build import export
 
     if args.demo:
         if args.model != "digits":
@@ -180,8 +180,8 @@ def cmd_tune(args) -> int:
     import torch
 
     from ditfx.cache.calibration import calibrate
-    from ditfx.tuning.study import tune
     from ditfx.tuning import QualityBudget, plot
+    from ditfx.tuning.study import tune
 
     if args.threads:
         torch.set_num_threads(args.threads)

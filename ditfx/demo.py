@@ -43,7 +43,8 @@ class DemoSettings:
 
     def __post_init__(self):
         if self.per_class < 2:
-            raise ValueError(f"per_class must be >= 2 (digits-FD needs several samples per class), got {self.per_class}")
+            raise ValueError(f"per_class must be >= 2 (digits-FD needs several samples per class), got "
+                             f"{self.per_class}")
         if self.steps < 2:
             raise ValueError(f"steps must be >= 2, got {self.steps}")
         if self.guidance_scale < 0:
@@ -135,7 +136,8 @@ def run_demo(settings: DemoSettings = DemoSettings()) -> dict:
         {"method": "diffusers (eager)", "steps": steps, "nfe": cfg_rows * steps, "block_evals": n_blocks * steps,
          "flops": call_flops * steps, "wall_s": baseline_s, "compile_s": 0.0, "speedup": 1.0,
          "fd": base_metrics["fd"], "accuracy": base_metrics["accuracy"], "psnr": None},
-        {"method": "ditfx" if settings.package is None else "ditfx (package)", "steps": stats.steps, "nfe": nfe, "block_evals": stats.block_evals,
+        {"method": "ditfx" if settings.package is None else "ditfx (package)", "steps": stats.steps, "nfe": nfe,
+         "block_evals": stats.block_evals,
          "flops": stats.flops, "wall_s": fast_s, "compile_s": compile_s, "speedup": baseline_s / fast_s,
          "fd": fast_metrics["fd"], "accuracy": fast_metrics["accuracy"], "psnr": fast_metrics["psnr"]},
     ]
@@ -143,7 +145,8 @@ def run_demo(settings: DemoSettings = DemoSettings()) -> dict:
         rows.append(_student_row(settings, labels, baseline, baseline_s))
     png = write_grids(Path(settings.out), baseline, fast, settings.per_class,
                       ["diffusers (eager)", f"ditfx ({rows[1]['speedup']:.2f}x)"])
-    return {"settings": settings.__dict__, "config": config if isinstance(config, str) else repr(config), "png": str(png), "samples": n, "rows": rows,
+    return {"settings": settings.__dict__, "config": config if isinstance(config, str) else repr(config),
+            "png": str(png), "samples": n, "rows": rows,
             "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(),
                         "cuda": torch.cuda.is_available()}}
 
@@ -153,8 +156,8 @@ def _package_pipeline(settings: DemoSettings, rows: int):
     (the package's)."""
     import ditfx.api as api
     from ditfx.guidance.config import AdaptiveGuidance, GuidanceWindow, LinearAG
-    from ditfx.package.loaded import load
     from ditfx.models import digits
+    from ditfx.package.loaded import load
 
     transformer = load(settings.package)
     exported = transformer.call_spec.tensors.get("hidden_states", {}).get("shape", [None])[0]

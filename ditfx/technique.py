@@ -46,7 +46,8 @@ class Technique:
     example: str  # how to build one, for error messages: "ditfx.DynamicCache(threshold=0.1)"
     internal: tuple[type, ...] = ()  # configs ditfx's own tools set (calibration recordings), not documented
     check_model: Callable[[Any, Any, ModelFacts], None] | None = None
-    options: Mapping[str, type] = field(default_factory=dict)  # torch.compile's dict form: kind -> class; first is default
+    # torch.compile's dict forms: kind -> config class, the first the default
+    options: Mapping[str, type] = field(default_factory=dict)
     option_examples: Mapping[str, str] = field(default_factory=dict)  # kind -> an example dict form
     conflicts: Mapping[str, str] = field(default_factory=dict)  # techniques it cannot run with -> why
 

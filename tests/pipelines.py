@@ -83,8 +83,12 @@ def _dit(seed, r):
 
 def _pixart(sigma: bool):
     def build(seed, r):
-        from diffusers import (DPMSolverMultistepScheduler, EulerDiscreteScheduler, PixArtAlphaPipeline,
-                               PixArtSigmaPipeline)
+        from diffusers import (
+            DPMSolverMultistepScheduler,
+            EulerDiscreteScheduler,
+            PixArtAlphaPipeline,
+            PixArtSigmaPipeline,
+        )
 
         # v-prediction: an epsilon-predicting random model's x0 estimates at high noise reach hundreds
         cls, scheduler = ((PixArtSigmaPipeline, EulerDiscreteScheduler) if sigma

@@ -9,8 +9,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import ditfx
 from conftest import FAMILIES, run_loop, tiny_model
 from ditfx.cache.policy import CachedValues
-from ditfx.runtime.rows import bucket, buckets
 from ditfx.cache.schedule import CacheSchedule
+from ditfx.runtime.rows import bucket, buckets
 
 EAGER = "aot_eager"
 # random tiny models change a lot between steps (relative L1 about 1): a threshold that skips some steps
@@ -73,7 +73,8 @@ def test_calibration_and_static_plan_is_what_runs():
     assert all(c[0] == 0 and all(v > 0 for v in c[1:]) for c in schedule.change)
     delta = sorted(v for c in schedule.change for v in c[1:])[len(schedule.change) * 4]
     plan = schedule.plan(delta)
-    fast = ditfx.optimize(model, ditfx.Config(cache=ditfx.StaticCache(delta, schedule, per_block=True, forecast="none"), compiler=EAGER))
+    cache = ditfx.StaticCache(delta, schedule, per_block=True, forecast="none")
+    fast = ditfx.optimize(model, ditfx.Config(cache=cache, compiler=EAGER))
     run_loop(fast, kw, "reference", steps=8)
     s = ditfx.stats(fast)
     assert s.block_evals == sum(map(sum, plan)) and 0 < s.block_evals_skipped
@@ -89,7 +90,8 @@ def test_schedule_serves_another_step_count():
     fine = [1 - k / 16 for k in range(16)]
     plan = schedule.plan(0.3, fine)
     assert len(plan[0]) == 16 and all(row[0] for row in plan)
-    fast = ditfx.optimize(model, ditfx.Config(cache=ditfx.StaticCache(0.3, schedule, per_block=True, forecast="none"), compiler=EAGER))
+    cache = ditfx.StaticCache(0.3, schedule, per_block=True, forecast="none")
+    fast = ditfx.optimize(model, ditfx.Config(cache=cache, compiler=EAGER))
     run_loop(fast, kw, "reference", steps=16)
     assert ditfx.stats(fast).block_evals == sum(map(sum, plan))
 
@@ -142,7 +144,8 @@ def test_linear_forecast_extrapolates_a_linear_trajectory():
     torch.testing.assert_close(entry.reuse([], 0.3, residual=False)[0], value(0.3)[0])
     entry.update([value(0.6)[0] + 1.0], 0.6, computed=torch.tensor([True, False]))
     assert entry.time.tolist() == pytest.approx([0.6, 0.8])
-    torch.testing.assert_close(entry.reuse([], 0.2, residual=False)[0][1], value(0.2)[0][1])  # sample 1 still on its line
+    # sample 1 still on its line
+    torch.testing.assert_close(entry.reuse([], 0.2, residual=False)[0][1], value(0.2)[0][1])
     torch.testing.assert_close(entry.reuse([], 0.6, residual=False)[0][0], value(0.6)[0][0] + 1.0)
     plain = CachedValues.first(value(1.0), 1.0, "none")
     plain.update(value(0.8), 0.8)
@@ -155,8 +158,8 @@ def test_linear_forecast_moves_only_reused_blocks():
     delta = sorted(v for c in schedule.change for v in c[1:])[len(schedule.change) * 4]
     runs = {}
     for forecast in ("none", "linear"):
-        fast = ditfx.optimize(model, ditfx.Config(cache=ditfx.StaticCache(delta, schedule, per_block=True, forecast=forecast),
-                                                  compiler=EAGER))
+        cache = ditfx.StaticCache(delta, schedule, per_block=True, forecast=forecast)
+        fast = ditfx.optimize(model, ditfx.Config(cache=cache, compiler=EAGER))
         runs[forecast] = (run_loop(fast, kw, "reference", steps=8), ditfx.stats(fast).block_evals)
     assert runs["none"][1] == runs["linear"][1] < 8 * 4
     assert (runs["none"][0] - runs["linear"][0]).abs().max() > 1e-4

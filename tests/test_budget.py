@@ -14,9 +14,9 @@ from ditfx.budget.adapter import AdapterError
 from ditfx.budget.schedule import weak_steps_for
 from ditfx.budget.variants import mode_key
 from ditfx.budget.weak import BudgetConversionError, weak_graph, zero_shot_tensors
+from ditfx.graph.capture import capture as capture_graph
 from ditfx.graph.sites import SiteError, find_sites
 from ditfx.graph.structure import analyse
-from ditfx.graph.capture import capture as capture_graph
 from ditfx.models import zoo
 from ditfx.models.dit import build_dit
 
@@ -188,7 +188,8 @@ def test_a_weak_step_costs_what_the_cost_model_says():
     weak = weak_graph(gm, sites, 4)
     tensors = zero_shot_tensors(gm, sites, inputs, 4)
     counted = {}
-    for name, run in (("native", lambda: gm(*inputs)), ("weak", lambda: weak.gm(*inputs, *[tensors[k] for k in weak.keys]))):
+    weak_inputs = [*inputs, *[tensors[k] for k in weak.keys]]
+    for name, run in (("native", lambda: gm(*inputs)), ("weak", lambda: weak.gm(*weak_inputs))):
         # the math attention path: the counter sees its matmuls (it does not count the fused CPU kernel)
         with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
             run()

@@ -220,7 +220,8 @@ def test_loaded_equals_optimized_with_caching_and_guidance(family, tmp_path):
 
         lines = []
         rebuild(tmp_path / family, tmp_path / "rebuilt", progress=lines.append)
-        assert sum(line.startswith("  compiled") for line in lines) == len(list((tmp_path / family / "artifacts").iterdir()))
+        artifacts = list((tmp_path / family / "artifacts").iterdir())
+        assert sum(line.startswith("  compiled") for line in lines) == len(artifacts)
         again = ditfx.load(tmp_path / "rebuilt")
         _, kw = tiny_model(family, batch=4)
         assert (cfg_loop(again, kw, family, steps=STEPS) - cfg_loop(loaded, kw, family, steps=STEPS)).abs().max() == 0

@@ -14,10 +14,10 @@ from torch import nn
 
 import ditfx
 from conftest import tiny_model
+from ditfx.cache.schedule import FORMAT, CacheSchedule, block_fingerprint
 from ditfx.config import GuidanceRecording
 from ditfx.guidance import linear_ag
 from ditfx.guidance.linear_ag import LinearAGCoefficients
-from ditfx.cache.schedule import FORMAT, CacheSchedule, block_fingerprint
 from ditfx.validation import WrongType
 
 WEIGHTS = Path(ditfx.__file__).parent / "models" / "digits" / "weights"

@@ -27,8 +27,7 @@ from ditfx.technique import Technique
 
 if TYPE_CHECKING:
     from ditfx.budget.calibration import calibrate
-    from ditfx.budget.resize import (coarse_sincos_pos_embed, coarse_table, pi_resize, resize_deembed,
-                                     resize_matrix)
+    from ditfx.budget.resize import coarse_sincos_pos_embed, coarse_table, pi_resize, resize_deembed, resize_matrix
     from ditfx.budget.training import distill, plot_loss, zero_shot
 
 TECHNIQUE = Technique(

@@ -51,7 +51,8 @@ class BudgetAdapter:
         if missing or extra:
             raise AdapterError(f"{source} does not fit this model at patch size {self.patch}: missing "
                                f"{missing[:4]}{'...' if len(missing) > 4 else ''}, unexpected "
-                               f"{extra[:4]}{'...' if len(extra) > 4 else ''} (made for {self.model or 'an unknown model'};"
+                               f"{extra[:4]}{'...' if len(extra) > 4 else ''} "
+                               f"(made for {self.model or 'an unknown model'};"
                                " distil one for this model with ditfx.budget.distill)")
         for key, shape in shapes.items():
             if tuple(self.tensors[key].shape) != tuple(shape):

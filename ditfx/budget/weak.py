@@ -10,8 +10,8 @@ Three sites of the captured graph change (shared/research/methods.md 3.7); the b
   (``deembed.weight``/``deembed.bias``), and the unpatchify follows;
 
 then :func:`~ditfx.graph.retoken.retoken` moves every size literal that followed the token count. Optionally
-each linear of the blocks (the token stream's and the adaLN modulation's) gains a low-rank update (LoRA, ``lora.<module>.down/up``) that
-exists only in this graph, so the native mode stays the captured graph, bit for bit.
+each linear of the blocks (the token stream's and the adaLN modulation's) gains a low-rank update (LoRA,
+``lora.<module>.down/up``) that exists only in this graph, so the native mode stays the captured graph, bit for bit.
 Where a site is missing, :class:`BudgetConversionError` says which.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch.fx as fx
 from ditfx.budget.resize import coarse_table, pi_resize, resize_deembed
 from ditfx.graph import meta
 from ditfx.graph.retoken import RetokenError, retoken
-from ditfx.graph.sites import Sites, SiteError, shape_of
+from ditfx.graph.sites import SiteError, Sites, shape_of
 
 
 class BudgetConversionError(SiteError):

@@ -23,8 +23,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ditfx.validation import (WrongType, build_from_file, check_choice, check_float, check_floats, check_int,
-                              check_list, check_strictly_decreasing, read_json_file)
+from ditfx.validation import (
+    WrongType,
+    build_from_file,
+    check_choice,
+    check_float,
+    check_floats,
+    check_int,
+    check_list,
+    check_strictly_decreasing,
+    read_json_file,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

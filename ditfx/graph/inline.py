@@ -115,7 +115,7 @@ def inline_subgraph_calls(gm: fx.GraphModule) -> InlineReport:
                     setattr(gm, name, getattr(sub, node.target))
                     new = gm.graph.get_attr(name)
                 else:
-                    new = gm.graph.node_copy(node, lambda n: env[n])
+                    new = gm.graph.node_copy(node, env.__getitem__)
                 new.meta = dict(node.meta)
                 if "nn_module_stack" in node.meta:
                     new.meta["nn_module_stack"] = _restack(

@@ -72,7 +72,8 @@ def _rewrite_constant_rows(node: fx.Node, rows: int, new_rows: int) -> None:
 
 def _is_repeat_interleave(node: fx.Node) -> bool:
     return ((node.op == "call_method" and node.target == "repeat_interleave")
-            or (node.op == "call_function" and node.target in (torch.repeat_interleave, torch.Tensor.repeat_interleave)))
+            or (node.op == "call_function"
+                and node.target in (torch.repeat_interleave, torch.Tensor.repeat_interleave)))
 
 
 def _rewrite_output_size(node: fx.Node, rows: int, new_rows: int) -> None:
@@ -130,7 +131,8 @@ def _batch_related(gm: fx.GraphModule, rows: int, batch_inputs: list[bool]) -> s
     for node in reversed(list(gm.graph.nodes)):
         if node in related:
             for a in node.all_input_nodes:
-                if a.op != "placeholder" and (a in derived or _leading_rows(a) == rows or _sizes_position(a) is not None):
+                if a.op != "placeholder" and (a in derived or _leading_rows(a) == rows
+                                              or _sizes_position(a) is not None):
                     related.add(a)
     return related
 

@@ -157,7 +157,8 @@ def _packed_sites(gm: fx.GraphModule, latents: fx.Node, shape, example_inputs) -
     final = flat[0] if flat else None
     while final is not None and final.op == "call_method" and final.target in ("contiguous", "to"):
         final = final.args[0]
-    if final is None or not (final.op == "call_function" and final.target in LINEARS)             or shape_of(final)[-2:] != (shape[1], features) and shape_of(final)[-2] != shape[1]:
+    if (final is None or not (final.op == "call_function" and final.target in LINEARS)
+            or (shape_of(final)[-2:] != (shape[1], features) and shape_of(final)[-2] != shape[1])):
         raise SiteError("packed tokens need the model's output to be a final linear's packed tokens")
     out_features = shape_of(final)[-1]
     w = shape_of(embed.args[1])
@@ -230,8 +231,9 @@ def _find_pos_add(conv: fx.Node, tokens: int, width: int) -> tuple[fx.Node | Non
 def _find_deembed(gm, patch: int, grid: tuple[int, int]) -> tuple[fx.Node, int]:
     """The final linear whose (B, N, p*p*C) output the unpatchify reshapes to (B, h, w, p, p, C)."""
     for n in gm.graph.nodes:
-        if n.op not in ("call_method", "call_function") or (n.op == "call_method" and n.target not in ("reshape", "view")) \
-                or (n.op == "call_function" and n.target is not torch.reshape):
+        if (n.op not in ("call_method", "call_function")
+                or (n.op == "call_method" and n.target not in ("reshape", "view"))
+                or (n.op == "call_function" and n.target is not torch.reshape)):
             continue
         s = shape_of(n)
         if s is None or len(s) != 6 or s[1:5] != (*grid, patch, patch):

@@ -7,9 +7,9 @@ from collections.abc import Callable
 
 import torch.nn as nn
 
+import ditfx.guidance.linear_ag as linear_ag
 from ditfx.api import generation, optimize, runtime_of
 from ditfx.config import Config
-import ditfx.guidance.linear_ag as linear_ag
 from ditfx.guidance.config import GuidanceRecording
 from ditfx.guidance.policy import RECORDING, TRACE
 

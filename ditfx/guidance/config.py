@@ -59,7 +59,8 @@ class AdaptiveGuidance:
         check_choice(o, "fill", self.fill, ("cond", "delta"),
                      f"AdaptiveGuidance.fill must be 'cond' (guidance ends) or 'delta' (the last measured guidance "
                      f"direction, fading to zero at t = 0), got {self.fill!r}")
-        set_field(self, "fade", check_float(o, "fade", self.fade, 0, hint=" (0 keeps the direction, 1 fades it linearly)"))
+        set_field(self, "fade", check_float(o, "fade", self.fade, 0,
+                                            hint=" (0 keeps the direction, 1 fades it linearly)"))
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,16 @@ from pathlib import Path
 
 import torch
 
-from ditfx.validation import (WrongType, build_from_file, check_float, check_floats, check_int, check_list,
-                              check_strictly_decreasing, read_json_file)
+from ditfx.validation import (
+    WrongType,
+    build_from_file,
+    check_float,
+    check_floats,
+    check_int,
+    check_list,
+    check_strictly_decreasing,
+    read_json_file,
+)
 
 FORMAT = "ditfx.linear_ag/1"
 _REMEDY = "fit the coefficients again with 'ditfx calibrate-guidance' or ditfx.calibrate_guidance()"

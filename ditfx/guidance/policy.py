@@ -300,7 +300,8 @@ class GuidancePolicy(Policy):
         with ``fill="delta"``) the guidance direction of their last full step scaled by (t / t_switch) ** fade."""
         if not is_pred or state.delta is None:
             return cond[idx]
-        scale = ((1.0 - state.progress) / state.delta_time[idx].clamp_min(1e-12)) ** self.config.fade  # (t/t_switch)^fade
+        # (t / t_switch) ** fade
+        scale = ((1.0 - state.progress) / state.delta_time[idx].clamp_min(1e-12)) ** self.config.fade
         scale = scale.to(cond.device, cond.dtype).view(-1, *([1] * (cond.dim() - 1)))
         return cond[idx] - state.delta[idx].to(cond.device) * scale
 

@@ -18,7 +18,8 @@ class HistoryAttention:
 
     layers: int
     steps: int = 4
-    heads: dict[str, torch.Tensor] | None = field(default=None, repr=False)  # {"weight": (S, out, in), "bias": (S, out)}
+    # the step-specific output heads: {"weight": (S, out, in), "bias": (S, out)}
+    heads: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     def __post_init__(self):
         o = "HistoryAttention"

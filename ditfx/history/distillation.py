@@ -170,7 +170,7 @@ def record_trajectories(pipe, run: Callable, generations: int, steps: int = 4, t
     start = time.time()
     for g in range(generations):
         seen: list[tuple] = []
-        handle = denoiser.register_forward_pre_hook(lambda m, a, k: seen.append((a, k)), with_kwargs=True)
+        handle = denoiser.register_forward_pre_hook(lambda m, a, k, seen=seen: seen.append((a, k)), with_kwargs=True)
         try:
             run(pipe, g, num_inference_steps=steps, sigmas=sigmas, guidance_scale=1.0,
                 generator=torch.Generator().manual_seed(seed + g))
@@ -182,18 +182,18 @@ def record_trajectories(pipe, run: Callable, generations: int, steps: int = 4, t
                                "must call the denoiser once per step without guidance")
         latents_key, x_t = _hidden(*seen[0])
         rows = x_t.shape[0]
-        for s, (a, k) in enumerate(seen):
+        for s, (_, k) in enumerate(seen):
             calls[s].append({key: v.detach().clone() if isinstance(v, torch.Tensor) else v
                              for key, v in k.items() if key != latents_key})
         trajectory: dict[int, torch.Tensor] = {}
 
-        def keep(p, i, t, kw):
+        def keep(p, i, t, kw, trajectory=trajectory):
             trajectory[i + 1] = kw["latents"].detach().clone()
             return kw
 
         first: list = []
         handle = denoiser.register_forward_pre_hook(
-            lambda m, a, k: first.append(_hidden(a, k)[1]) if not first else None, with_kwargs=True)
+            lambda m, a, k, first=first: first.append(_hidden(a, k)[1]) if not first else None, with_kwargs=True)
         try:
             run(pipe, g, num_inference_steps=teacher_steps, guidance_scale=guidance_scale,
                 generator=torch.Generator().manual_seed(seed + g), callback_on_step_end=keep)

@@ -49,7 +49,8 @@ class HistoryPolicy(Policy):
 
     def begin_call(self, ctx: CallContext) -> None:
         if self.lower and ctx.info.step >= self.config.steps:
-            raise RuntimeError(f"HistoryAttention(steps={self.config.steps}) holds {self.config.steps} steps of history "
+            raise RuntimeError(f"HistoryAttention(steps={self.config.steps}) holds {self.config.steps} steps of "
+                               "history "
                                f"and this generation is at step {ctx.info.step + 1}: raise steps, or mark "
                                "generations (a diffusers pipeline, or `with ditfx.generation(model):`)")
 

@@ -28,7 +28,8 @@ def format_kernels(section: dict) -> list[str]:
     w_kernel = max([len(s["kernel"]) for _, s in rows], default=0) + 2
     w_expr = max([len(s["expression"]) for _, s in rows], default=0) + 2
     for region, s in rows:
-        lines.append(f"  {region:<{w_region}}{s['kernel']:<{w_kernel}}{s['expression']:<{w_expr}}{', '.join(s['nodes'])}")
+        lines.append(f"  {region:<{w_region}}{s['kernel']:<{w_kernel}}{s['expression']:<{w_expr}}"
+                     f"{', '.join(s['nodes'])}")
     for region, reasons in section["not_lowered"].items():
         lines.extend(f"  {region:<{w_region}}not lowered: {why}" for why in reasons)
     lines.append("  (symbols: x the normalised input, y full (B, T, D), m per sample, t per token, c scalar; "

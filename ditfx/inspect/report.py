@@ -58,7 +58,8 @@ def format_text(report: dict) -> str:
     for r in report["regions"]:
         lines.append(f"{r['name']:<12}{(r['module'] or ''):<30}{r['nodes']:>6}{r['inputs']:>5}{r['outputs']:>5}"
                      f"{r['flops'] / 1e9:>10.4f}  {r['flops_symbolic'] or '-'}  "
-                     f"{', '.join(r['shares_artifact_with'][:3]) + ('...' if len(r['shares_artifact_with']) > 3 else '')}")
+                     f"{', '.join(r['shares_artifact_with'][:3])}"
+                     f"{'...' if len(r['shares_artifact_with']) > 3 else ''}")
     if report["symbolic_flops_note"]:
         lines.append(f"(symbolic FLOPs: {report['symbolic_flops_note']})")
     lines.append("")

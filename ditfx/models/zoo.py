@@ -26,7 +26,8 @@ class NamedModel:
     diffusers: bool  # diffusers models take return_dict=False and return a tuple
 
     def __call__(self, model=None, **overrides):
-        out = (self.model if model is None else model)(**{**self.inputs, **overrides}, **({"return_dict": False} if self.diffusers else {}))
+        flags = {"return_dict": False} if self.diffusers else {}
+        out = (self.model if model is None else model)(**{**self.inputs, **overrides}, **flags)
         return out[0] if self.diffusers else out
 
 

@@ -81,7 +81,8 @@ class CallSpec:
                         for p, t in leaves.items()}
         by_id = {id(t): _key(p) for p, t in leaves.items()}
         names = {}
-        for name, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]:
+        named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+        for name, t in named:
             names.setdefault(id(t), name)
         stored: dict[str, torch.Tensor] = {}
         for k, (x, placeholder) in enumerate(zip(example_inputs, input_names)):

@@ -12,7 +12,6 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.fx as fx
 
-
 _PROBE_STARTED = False
 _GRAPHS = 0  # graphs ditfx has compiled in this process
 _GRAPHS_LOCK = threading.Lock()

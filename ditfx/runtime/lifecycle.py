@@ -14,8 +14,8 @@ Where the caller states it, it is known, not guessed:
 
 The timestep is the fallback: samplers call the denoiser with non-increasing timesteps, so without stated
 boundaries a new generation starts when it goes up (inside ``ditfx.generation()`` a rising timestep is the
-sampler's own: some run time upward). A call at the same timestep as the previous one is another branch of the same step when
-its latents are the previous call's (two-call classifier-free guidance), and a new step otherwise (a
+sampler's own: some run time upward). A call at the same timestep as the previous one is another branch of the same step
+when its latents are the previous call's (two-call classifier-free guidance), and a new step otherwise (a
 second-order sampler such as Heun evaluates twice at every timestep after the first; new latents at the
 generation's first timestep start the next generation). Where the fallback has to guess it warns: a repeat with
 new latents past the first step (taken as a second-order step), and calls with no timestep ditfx can read (each

@@ -160,13 +160,15 @@ class Policy(abc.ABC):
     def describe(self, steps: int) -> dict:
         """What the policy will do over a generation of ``steps`` uniform steps (``{"kind": ..., ...}``)."""
 
-    def begin_call(self, ctx: CallContext) -> None:
-        pass
+    def begin_call(self, ctx: CallContext) -> None:  # noqa: B027 - an optional hook, not an abstract one
+        """Before any region runs; may set ``ctx.rows``."""
 
     def run_region(self, ctx: CallContext, call: RegionCall, proceed: Callable[[RegionCall], list]) -> list:
+        """Around one region: run it (a variant, some rows, or not at all) or hand it on with ``proceed``."""
         return proceed(call)
 
     def end_call(self, ctx: CallContext, outputs: list) -> list:
+        """After the regions (reverse chain order): the call's flat outputs, completed."""
         return outputs
 
 

@@ -5,6 +5,7 @@ import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 
+
 @dataclass
 class Stats(Mapping):
     """What ran. Block evaluations count (call, block) pairs; FLOPs come from the regions' cost model.

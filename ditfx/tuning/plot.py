@@ -41,7 +41,7 @@ def pareto(tuning: dict, path) -> Path:
         raise ValueError("the tuning record has no quality measures to plot")
     fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 3.6), squeeze=False)
     for ax, (key, label, sign, bound) in zip(axes[0], shown):
-        def xy(rs):
+        def xy(rs, key=key):
             rs = [r for r in rs if key in r["quality"]]
             return [min(_number(r["quality"][key]), 80.0) for r in rs], [r["speed"] for r in rs]
 

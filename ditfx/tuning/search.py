@@ -10,7 +10,8 @@ from collections.abc import Callable
 
 from ditfx.tuning.space import Space
 
-USAGE_STEP = 0.02  # the smallest rise in budget usage a step is charged: free gains rank first, among themselves by gain
+# the smallest rise in budget usage a step is charged: free gains rank first, among themselves by gain
+USAGE_STEP = 0.02
 Evaluate = Callable[[Space, tuple[int, ...]], dict]  # -> a record with "inside" and "speed"
 
 
@@ -51,7 +52,7 @@ def ascend(space: Space, evaluate: Evaluate, start: tuple[int, ...] | None = Non
         if not inside:
             return point
 
-        def rate(rm):
+        def rate(rm, here=here):
             r, m = rm
             gain = math.log(max(r["speed"], 1e-9) / max(here["speed"], 1e-9))
             # among equal rates the least aggressive (a technique that buys nothing stays off)

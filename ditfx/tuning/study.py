@@ -28,8 +28,8 @@ from safetensors.torch import load_file, save_file
 
 from ditfx.api import denoiser_of, generation, optimize, runtime_of, stats
 from ditfx.config import Config
-from ditfx.tuning.quality import QualityBudget
 from ditfx.tuning.metrics import measure
+from ditfx.tuning.quality import QualityBudget
 from ditfx.tuning.search import pareto_front, search
 from ditfx.tuning.space import Space
 
@@ -237,7 +237,8 @@ class Study:
                          f"{100 * q['fd_change']:.1f}%")
         if "accuracy" in q:
             parts.append(f"acc {100 * q['accuracy']:.1f}%")
-        verdict = "inside" if r["inside"] else "outside (" + ", ".join(k for k, v in r["misses"].items() if v > 1e-9) + ")"
+        missed = ", ".join(k for k, v in r["misses"].items() if v > 1e-9)
+        verdict = "inside" if r["inside"] else f"outside ({missed})"
         return f"{len(self.store.points):3d} {r['space']} {values}: {', '.join(p for p in parts if p)}: {verdict}"
 
     # ------------------------------------------------------------------------------------------- the study
@@ -304,10 +305,10 @@ def _backed_off(study: Study, failed: dict, ranked: list[dict]) -> list[dict]:
     return timed + sorted((r for r in ranked if "wall_speedup" not in r), key=lambda r: -r["speed"])
 
 
-def tune(pipe_or_model, run: Callable, budget: QualityBudget | None = None, space: Space | Sequence[Space] | None = None,
-         calibration: Sequence = (0,), held_out: Sequence = (1,), compiler: str = "inductor", workdir=None,
-         timing: int = 1, progress: bool | Callable[[str], None] = True, out=None, label: str | None = None,
-         margin: float = 0.1) -> Config:
+def tune(pipe_or_model, run: Callable, budget: QualityBudget | None = None,
+         space: Space | Sequence[Space] | None = None, calibration: Sequence = (0,), held_out: Sequence = (1,),
+         compiler: str = "inductor", workdir=None, timing: int = 1, progress: bool | Callable[[str], None] = True,
+         out=None, label: str | None = None, margin: float = 0.1) -> Config:
     """The fastest configuration inside ``budget``: a :class:`~ditfx.Config` whose ``tuning`` holds the measured
     front, the chosen point's held-out check and the reference.
 
@@ -421,7 +422,8 @@ def tune(pipe_or_model, run: Callable, budget: QualityBudget | None = None, spac
             why = "no configuration of the space runs faster than the reference (nothing was skipped)"
         tuning["message"] = f"{why}: the reference (exact) configuration is returned"
         warnings.warn(f"ditfx.tune: {tuning['message']}" + (
-            f"; the closest miss was {closest['space']} {closest['values']} ({_miss_text(closest)})" if closest else ""),
+            f"; the closest miss was {closest['space']} {closest['values']} ({_miss_text(closest)})"
+            if closest else ""),
             stacklevel=2)
     config = dataclasses.replace(config, compiler=compiler, tuning=tuning)
     if out is not None:

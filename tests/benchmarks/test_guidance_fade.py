@@ -16,8 +16,10 @@ def test_projection_follows_a_known_decay_from_each_samples_switch_step(fade):
     t = torch.linspace(1000, 100, 6, dtype=torch.float64)
     c = torch.randn(6, 2, 8, generator=g, dtype=torch.float64)
     u = c.clone()
-    d_k = torch.zeros(8, dtype=torch.float64); d_k[0] = 1.0
-    side = torch.zeros(8, dtype=torch.float64); side[1] = 1.0
+    d_k = torch.zeros(8, dtype=torch.float64)
+    d_k[0] = 1.0
+    side = torch.zeros(8, dtype=torch.float64)
+    side[1] = 1.0
     for step in range(6):
         u[step, 1] = -c[step, 1]  # opposite: cosine -1
         if step < 2:

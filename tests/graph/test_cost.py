@@ -1,13 +1,13 @@
 """The cost model agrees with torch.utils.flop_counter, region by region summed over the model."""
 import pytest
 import torch
+from graph.test_structure import dynamo_graph
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import FAMILIES, call, tiny_model
 from ditfx.graph.cost import graph_flops
 from ditfx.graph.structure import analyse
-from graph.test_structure import dynamo_graph
 
 
 @pytest.mark.parametrize("family", FAMILIES)

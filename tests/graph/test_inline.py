@@ -144,8 +144,9 @@ def test_a_reuse_key_that_misses_a_difference_is_caught_before_inlining():
 def test_a_wrongly_keyed_region_is_named_and_never_run():
     """Dynamo's graph is wrong itself (the stamped-out subgraph does not fit block 1), so no backend can run it:
     ditfx names the cause in its fall-back warning, and the inner backend then fails instead of computing."""
-    import ditfx
     from torch._dynamo.exc import BackendCompilerFailed
+
+    import ditfx
 
     fast = ditfx.optimize(WrongKeyStack(), ditfx.Config(compiler="aot_eager"))
     with pytest.warns(UserWarning, match="reuses subgraph"), pytest.raises(BackendCompilerFailed), \

@@ -1,6 +1,7 @@
 """Region extraction: signatures, lazily built region graphs, and one cache variant per block structure."""
 import pytest
 import torch
+from test_structure import dynamo_graph
 
 import ditfx
 from conftest import FAMILIES, call, tiny_model
@@ -8,7 +9,6 @@ from ditfx.config import Config, DynamicCache
 from ditfx.graph.regions import extract, signature
 from ditfx.graph.structure import analyse
 from ditfx.passes.manager import build_plan
-from test_structure import dynamo_graph
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -3,9 +3,9 @@ import warnings
 
 import pytest
 import torch
-from conftest import cfg_loop, function_graph, tiny_model
 
 import ditfx
+from conftest import cfg_loop, function_graph, tiny_model
 from ditfx.kernels.lowering.cache_bookkeeping import find_bookkeeping, fuse_bookkeeping
 from ditfx.kernels.lowering.fusion import FusionReport
 

@@ -2,12 +2,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import call, cfg_loop, function_graph, run_loop, tiny_model
 
 import ditfx
+from conftest import call, cfg_loop, function_graph, run_loop, tiny_model
 from ditfx.backend import DitfxBackend
-from ditfx.kernels.testing import assert_close
 from ditfx.kernels.lowering.fusion import FusionReport, fuse_graph
+from ditfx.kernels.testing import assert_close
 
 TOL = 1e-5
 

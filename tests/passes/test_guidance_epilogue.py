@@ -2,8 +2,8 @@
 import torch
 import torch.fx as fx
 
-from ditfx.guidance.variants import cosine_sums_variant
 from ditfx.guidance.policy import cosine_from_sums
+from ditfx.guidance.variants import cosine_sums_variant
 
 
 def epilogue(x, w):

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import function_graph
 
+from conftest import function_graph
 from ditfx.graph import meta
 from ditfx.graph.rebatch import rebatch
 

@@ -6,6 +6,7 @@ import sympy
 import torch
 
 import ditfx.kernels.expression as expression
+
 from .reference import fused_elementwise_reference
 from .spec import check_inputs, format_spec
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import ditfx.kernels.expression as expression
+
 from .._common import upcast
 from .spec import check_inputs, parse_spec, result_dtype
 

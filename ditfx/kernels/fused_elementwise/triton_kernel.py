@@ -8,6 +8,7 @@ import torch
 
 import ditfx.kernels.codegen as codegen
 import ditfx.kernels.expression as expression
+
 from .spec import check_inputs, parse_spec, result_dtype
 
 

@@ -13,7 +13,6 @@ import argparse
 import sys
 from pathlib import Path
 
-
 from .sampling import class_grid, generate
 from .shipped import WEIGHTS_DIR, load_transformer
 

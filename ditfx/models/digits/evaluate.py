@@ -20,10 +20,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .shipped import teacher_pipeline
-from .metrics import metrics
 from .data import NUM_CLASSES
-from .metrics import real_floor_fd
+from .metrics import metrics, real_floor_fd
+from .shipped import teacher_pipeline
 
 
 def sample(

@@ -55,8 +55,8 @@ def tuning_space(run: TuningRun | None = None, cache: str | None = "static", gui
     configuration, its knobs that this space has), so the tuned result is never slower than it where it holds."""
     from ditfx.tuning.space import techniques
 
-    from .token_budget import budget_adapter
     from .calibrate import SCHEDULE_FILE, shipped_file
+    from .token_budget import budget_adapter
 
     guided = guidance and (run is None or run.guidance_scale > 1)
     space = techniques(cache=cache, schedule=shipped_file(SCHEDULE_FILE) if cache == "static" else None,
