@@ -360,3 +360,25 @@ def test_row_state_views_a_call_that_computes_no_rows():
     state = RowState(full, rows=2)
     assert state.view(torch.tensor([], dtype=torch.long))["cached"].shape == (0, 3)
     assert torch.equal(state.view(None)["cached"], full["cached"])
+
+
+@pytest.mark.parametrize("batch,two_calls", [(8, False), (6, False), (10, True)])
+def test_every_row_count_that_runs_is_a_bucket_a_package_ships(batch, two_calls):
+    """One bucket rule for row subsets (runtime/rows.py): guidance's partial and conditional-only calls, and a
+    per-sample cache's subsets inside them, run only on row counts the package of the same plan ships when its
+    graphs take no dynamic batch (package/artifacts.needed_rows)."""
+    from ditfx.package.artifacts import needed_rows
+
+    model, kw = tiny_model("reference", batch=batch)
+    probe = optimized(model, ditfx.AdaptiveGuidance(gamma=1.0))
+    cfg_loop(probe, kw, "reference", two_calls=two_calls)
+    values = sorted({v for row in ditfx.guidance_trace(probe) for v in row if v == v})
+    gamma = values[len(values) // 2] - 1e-9  # about half the samples' steps switch: partial calls
+    torch._dynamo.reset()
+    fast = optimized(model, ditfx.AdaptiveGuidance(gamma=gamma), cache=ditfx.DynamicCache(threshold=0.3))
+    cfg_loop(fast, kw, "reference", two_calls=two_calls)
+    runtime = ditfx.api.runtime_of(fast)
+    (executor,) = runtime.executors
+    ran = {key.rows for key in runtime.compiler.calls}
+    assert ditfx.stats(fast).nfe_skipped > 0 and len(ran) > 1  # it ran on fewer rows
+    assert ran <= set(needed_rows(executor.plan))

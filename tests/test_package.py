@@ -258,3 +258,28 @@ def test_a_history_student_and_a_token_budget_export(tmp_path):
     assert ditfx.stats(loaded).modes == ditfx.stats(budget).modes and ditfx.stats(loaded).modes["p4"]["calls"] > 0
     with pytest.raises(ValueError, match="runs the config it was exported with"):
         ditfx.optimize(loaded, config)
+
+
+def test_a_package_without_a_dynamic_batch_skips_guidance_at_the_reduced_rows(tmp_path, monkeypatch, recwarn):
+    """Where export cannot make the batch dynamic, the package ships one artifact per row count of the runtime's
+    bucket rule: Adaptive Guidance's conditional-only steps then run on the conditional rows alone, as in process,
+    not on every row."""
+    from ditfx.graph import rebatch
+
+    def refuse(*args, **kwargs):
+        raise rebatch.RebatchError("a graph whose batch export cannot make dynamic (this test's stand-in)")
+
+    monkeypatch.setattr(rebatch, "symbolic_batch", refuse)
+    model, kw = tiny_model("reference", batch=2)  # one sample, its two branches
+    config = ditfx.Config(guidance=ditfx.AdaptiveGuidance(gamma=-1.0), compiler="eager")  # cond-only after step 0
+    lines = []
+    ditfx.export(model, tmp_path / "static", example_inputs=kw, config=config, progress=lines.append)
+    plan = json.loads((tmp_path / "static" / "plan" / "plan.json").read_text())
+    assert {a["rows"] for a in plan["artifacts"]} == {1, 2} and any("no dynamic batch" in line for line in lines)
+    optimized, loaded = ditfx.optimize(model, config), ditfx.load(tmp_path / "static")
+    expected = cfg_loop(optimized, kw, "reference", steps=STEPS)
+    got = cfg_loop(loaded, kw, "reference", steps=STEPS)
+    assert (got - expected).abs().max() <= 1e-5
+    assert not [w for w in recwarn if "compute every row" in str(w.message)]  # no fallback to all rows
+    a, b = ditfx.stats(optimized), ditfx.stats(loaded)
+    assert b.nfe == a.nfe == 2 + (STEPS - 1) and b.nfe_skipped == STEPS - 1  # the uncond rows skipped after step 0

@@ -1,4 +1,4 @@
-"""Inputs and tolerances shared by the kernel tests and ``benchmarks/kernels.py``.
+"""Inputs and tolerances shared by the kernel tests and ``benchmarks/kernel_ops.py``.
 
 Keeping the input factory here (as Liger-Kernel's benchmarks import their tests' baselines)
 means the tests and the benchmark exercise the same argument layouts.

@@ -18,7 +18,7 @@ from ditfx.runtime.warn import WarnOnce
 class Executor:
     """Called by Dynamo in place of the captured graph, with the same inputs and outputs.
 
-    Data-dependent decisions (reuse a cached residual, drop rows, run a coarser mode) are made by the policies
+    Data-dependent decisions (reuse what a region returned before, drop rows, run another mode) are made by the policies
     between compiled regions, so no region has a graph break and Dynamo's guards never see a decision.
     """
 
@@ -32,7 +32,7 @@ class Executor:
             self.modes[key] = Mode(key, sub, self, plan.mode_inputs[key])
         self.selectors = self.modes[None].selectors
         roles = self.io.input_roles
-        # weak: Dynamo's cache keeps the executor, and the executor must not keep a deleted model's weights
+        # weak: Dynamo keeps the executor alive, and the executor must not keep a deleted model's weights
         self._weights = [weakref.ref(x) for name, x in zip(self.io.input_names, example_inputs)
                          if roles.get(name) == "weight" and isinstance(x, torch.Tensor)]
         self.timestep_pos = self.io.position("timestep")

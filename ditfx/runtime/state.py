@@ -1,7 +1,7 @@
 """What ditfx keeps for one optimized model: its lifecycle, each thread's policy state, stats and records.
 
 Policy state lives in declared slots (:class:`~ditfx.runtime.policy.StateSlot`), in a store per thread: a new
-generation (or its stated end) frees it all. Records (calibration curves, guidance traces) outlive generations.
+generation (or its stated end) frees it all. Records (what the calibrations and traces read) outlive generations.
 Nothing here holds the model's weights: a deleted model is freed.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""benchmarks/kernels.py exits cleanly, benchmarking nothing, where there is no CUDA device."""
+"""benchmarks/kernel_ops.py exits cleanly, benchmarking nothing, where there is no CUDA device."""
 
 import subprocess
 import sys
@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA path")
 def test_benchmark_without_cuda_exits_zero():
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "kernels.py"), "--json"],
+        [sys.executable, str(REPO / "benchmarks" / "kernel_ops.py"), "--json"],
         check=False,
         capture_output=True,
         text=True,

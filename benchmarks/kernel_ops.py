@@ -14,9 +14,9 @@ the ditfx output is checked against the reference.
 
 Usage::
 
-    python benchmarks/kernels.py                          # full sweep, table on stdout
-    python benchmarks/kernels.py --ops adaln_modulate --dtypes bfloat16 --batch 2 --tokens 1024
-    python benchmarks/kernels.py --json results.json      # also JSON (``--json`` alone: stdout)
+    python benchmarks/kernel_ops.py                          # full sweep, table on stdout
+    python benchmarks/kernel_ops.py --ops adaln_modulate --dtypes bfloat16 --batch 2 --tokens 1024
+    python benchmarks/kernel_ops.py --json results.json      # also JSON (``--json`` alone: stdout)
 
 Without a CUDA device it prints a message and exits with status 0.
 """
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
         print(
-            "benchmarks/kernels.py: no CUDA device found; the Triton kernels need an NVIDIA "
+            "benchmarks/kernel_ops.py: no CUDA device found; the Triton kernels need an NVIDIA "
             "GPU, so nothing was benchmarked.",
             file=sys.stderr,
         )
