@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -19,6 +20,9 @@ from ditfx.api import null_class
 from ditfx.models import zoo
 
 FAMILIES = ("reference",) + zoo.TINY_FAMILIES
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # the cores shared by the workers, not each taking them all
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 
 @pytest.fixture

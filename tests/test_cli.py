@@ -1,6 +1,8 @@
 """The ``ditfx calibrate`` and ``ditfx inspect`` commands on the tiny reference DiT."""
 import json
 
+import pytest
+
 from ditfx import cli
 
 
@@ -35,6 +37,7 @@ def test_calibrate_writes_a_budget_schedule_and_inspect_shows_the_patch_per_step
     assert "patch per step: 4 4 4 n n n" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # AOTInductor builds
 def test_export_writes_a_package_that_loads_and_refuses_bad_requests(tmp_path, capsys):
     """``ditfx export`` on the tiny reference DiT (positional call x, t, y): a package, its summary as JSON, and
     the module ``ditfx.load`` makes of it runs the model's call."""

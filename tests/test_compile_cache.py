@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 SCRIPT = """
 import json
 import torch
@@ -39,6 +41,7 @@ def _run(cache_dir) -> dict:
     return json.loads(done.stdout.splitlines()[-1])
 
 
+@pytest.mark.slow  # Inductor in fresh processes
 def test_a_second_process_hits_the_fx_graph_and_autograd_caches(tmp_path):
     cold = _run(tmp_path)
     assert cold["compiles"] >= 1 and cold["diff"] < 1e-4

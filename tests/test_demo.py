@@ -8,6 +8,7 @@ from ditfx import cli
 from ditfx.demo import DemoSettings, format_table, run_demo
 
 
+@pytest.mark.slow  # the demo end to end
 def test_demo_writes_both_grids_and_the_table(tmp_path, capsys):
     out = tmp_path / "demo.png"
     assert cli.main(["demo", "--per-class", "2", "--steps", "4", "--compiler", "aot_eager", "--out", str(out),

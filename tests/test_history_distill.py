@@ -8,6 +8,8 @@ import ditfx
 from ditfx.history import HistoryStudent, Trajectories, distill, history_flops, one_shot, record_trajectories
 from ditfx.models import digits
 
+pytestmark = pytest.mark.slow  # trains students
+
 warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
 
 

@@ -14,7 +14,7 @@ import ditfx
 from conftest import cfg_loop, tiny_model
 from ditfx.package.manifest import PackageError
 
-pytestmark = pytest.mark.usefixtures("fresh_dynamo")
+pytestmark = [pytest.mark.usefixtures("fresh_dynamo"), pytest.mark.slow]  # AOTInductor builds
 
 STEPS = 8
 
@@ -192,7 +192,9 @@ def test_export_refuses_bad_arguments_before_work(digits_package, tmp_path):
 
 
 # with the digits model above (diffusers' DiT): the reference DiT and five diffusers families
-FAMILIES = ["reference", "pixart", "sd3", "flux", "wan"]
+# the DiT, cross-attention with adaLN-single, joint attention over packed tokens, video latents (SD3's joint
+# attention is Flux's: exported by the same code, and left out to keep the suite's AOTInductor builds down)
+FAMILIES = ["reference", "pixart", "flux", "wan"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

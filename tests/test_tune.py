@@ -304,7 +304,9 @@ def test_cli_tune_writes_config_report_and_plot(tmp_path, capsys):
     assert "--fd and --accuracy" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["pixart_alpha", "flux"])
+@pytest.mark.slow  # a whole study on a diffusers pipeline
+# Flux: two calls per step (the other tune tests sample batched guidance), packed tokens, joint attention
+@pytest.mark.parametrize("name", ["flux"])
 def test_tune_an_unmodified_diffusers_pipeline_with_the_default_space(name):
     """The default space (a schedule calibrated here, Adaptive Guidance) on a tiny diffusers pipeline: a config
     comes back, the user's pipeline is left uncompiled, and the exact point reproduced the reference (else tune

@@ -96,6 +96,7 @@ def _help(script: Path, env: dict[str, str]) -> str | None:
     return f"{script.name} --help: exit status {proc.returncode}\n{proc.stdout[-2000:]}{proc.stderr[-4000:]}"
 
 
+@pytest.mark.slow  # a fresh process per script
 def test_every_benchmark_answers_help_in_a_fresh_process():
     scripts = _command_lines()
     assert scripts, f"no script with a command line in {BENCHMARKS}"

@@ -14,6 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # the Triton interpreter in a fresh process
 def test_interpreter_tests_pass():
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
