@@ -149,7 +149,7 @@ def cmd_export(args) -> int:
     named = zoo.load(args.model, batch=batch)
     inputs = {**named.inputs, **({"return_dict": False} if named.diffusers else {})}
     path = export(named.model, args.path, example_inputs=inputs, config=config, overwrite=args.overwrite,
-                        progress=lambda line: print(line, file=sys.stderr, flush=True))
+                  progress=lambda line: print(line, file=sys.stderr, flush=True))
     manifest = json.loads((path / "manifest.json").read_text())
     summary = {"path": str(path), "model": args.model, "batch": batch, "config": manifest["config"],
                "build_seconds": manifest["build_seconds"], "artifacts": sum(1 for f in manifest["files"]

@@ -39,8 +39,9 @@ def test_calibrate_writes_a_budget_schedule_and_inspect_shows_the_patch_per_step
 
 @pytest.mark.slow  # AOTInductor builds
 def test_export_writes_a_package_that_loads_and_refuses_bad_requests(tmp_path, capsys):
-    """``ditfx export`` on the tiny reference DiT (positional call x, t, y): a package, its summary as JSON, and
-    the module ``ditfx.load`` makes of it runs the model's call."""
+    """``ditfx export`` on the tiny reference DiT (positional call x, t, y): a package, its summary as JSON, the
+    module ``ditfx.load`` makes of it runs the model's call, and ``ditfx rebuild`` compiles the same package again
+    from its programs."""
     import torch
 
     import ditfx
@@ -57,6 +58,11 @@ def test_export_writes_a_package_that_loads_and_refuses_bad_requests(tmp_path, c
     with torch.no_grad():
         got, expected = loaded(*named.inputs.values()), named.model(**named.inputs)
     assert (got - expected).abs().max() <= 1e-5
+    # compiled again from the exported programs alone (``ditfx rebuild``): the same package
+    assert cli.main(["rebuild", str(path), str(tmp_path / "rebuilt")]) == 0
+    assert sum(line.startswith("  compiled") for line in capsys.readouterr().err.splitlines()) == 5
+    with torch.no_grad():
+        assert torch.equal(ditfx.load(tmp_path / "rebuilt")(*named.inputs.values()), got)
     assert cli.main(["export", "DiT-T/2", str(path)]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
     assert cli.main(["export", "DiT-T/2", str(tmp_path / "demo"), "--demo"]) == 2

@@ -8,12 +8,10 @@ residual barely changes between steps is not run; its cached residual is added i
 * :mod:`ditfx.cache.variants`: the pass: each block's variants that also return what is cached (and the probe's
   change sums);
 * :mod:`ditfx.cache.policy`: the policies that decide, per step and block, to run or reuse;
-* :mod:`ditfx.cache.calibration`: :func:`calibrate` (``ditfx.calibrate``), which records a schedule.
+* :mod:`ditfx.cache.calibration`: ``calibrate`` (``ditfx.calibrate``), which records a schedule through
+  ``ditfx.optimize`` like a user (it sits above the api, so this package does not import it).
 """
 from __future__ import annotations
-
-import importlib
-from typing import Any
 
 import ditfx.cache.policy  # noqa: F401  (registers the policies of its configs)
 from ditfx.cache import config, variants
@@ -30,12 +28,4 @@ TECHNIQUE = Technique(
 )
 
 
-def __getattr__(name: str) -> Any:
-    if name == "calibrate":  # drives ditfx.optimize: imported on first use (it sits above the api)
-        value = importlib.import_module("ditfx.cache.calibration").calibrate
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'ditfx.cache' has no attribute {name!r}")
-
-
-__all__ = ["TECHNIQUE", "CacheCalibration", "CacheSchedule", "DynamicCache", "StaticCache", "calibrate"]
+__all__ = ["TECHNIQUE", "CacheCalibration", "CacheSchedule", "DynamicCache", "StaticCache"]

@@ -7,12 +7,11 @@ once it stops mattering; the unconditional rows are then not computed (docs/guid
 * :mod:`ditfx.guidance.variants`: the pass: Adaptive Guidance's cosine summed in the compiled epilogue;
 * :mod:`ditfx.guidance.layout`: the CFG layout of a generation, from evidence (branch names, null class, data);
 * :mod:`ditfx.guidance.policy`: the policies: which rows each call computes, and how the others are filled;
-* :mod:`ditfx.guidance.calibration`: :func:`calibrate_guidance` (LinearAG's coefficients) and :func:`guidance_trace`.
+* :mod:`ditfx.guidance.calibration`: ``calibrate_guidance`` (LinearAG's coefficients) and ``guidance_trace``
+  (``ditfx.calibrate_guidance``, ``ditfx.guidance_trace``), through ``ditfx.optimize`` like a user (above the api, so
+  this package does not import it).
 """
 from __future__ import annotations
-
-import importlib
-from typing import Any
 
 import ditfx.guidance.policy  # noqa: F401  (registers the policies of its configs)
 from ditfx.guidance import variants
@@ -29,16 +28,5 @@ TECHNIQUE = Technique(
                      "linear": "{'kind': 'linear', 'coefficients': 'linear_ag.json'}"},
 )
 
-_LAZY = {"calibrate_guidance", "guidance_trace"}  # drive ditfx.optimize: imported on first use (above the api)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module("ditfx.guidance.calibration"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'ditfx.guidance' has no attribute {name!r}")
-
-
 __all__ = ["TECHNIQUE", "AdaptiveGuidance", "GuidanceRecording", "GuidanceWindow", "LinearAG",
-           "LinearAGCoefficients", "calibrate_guidance", "guidance_trace"]
+           "LinearAGCoefficients"]
