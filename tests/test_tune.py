@@ -304,17 +304,26 @@ def test_cli_tune_writes_config_report_and_plot(tmp_path, capsys):
     assert "--fd and --accuracy" in capsys.readouterr().err
 
 
-@pytest.mark.slow  # a whole study on a diffusers pipeline
+@pytest.mark.slow  # a study on a diffusers pipeline
 @pytest.mark.parametrize("name", ["pixart_alpha"])  # a diffusers text-to-image pipeline, batched guidance
 def test_tune_an_unmodified_diffusers_pipeline_with_the_default_space(name):
-    """The default space (a schedule calibrated here, Adaptive Guidance) on a tiny diffusers pipeline: a config
-    comes back, the user's pipeline is left uncompiled, and the exact point reproduced the reference (else tune
-    raises)."""
+    """The default space (a schedule calibrated here on the pipeline, Adaptive Guidance), searched on every fourth
+    value of its knobs (each evaluation traces a fresh copy of the pipeline): a config comes back, the user's
+    pipeline is left uncompiled, and the exact point reproduced the reference (else tune raises)."""
     import pipelines
 
+    from ditfx.tuning import default_space
+
     pipe, kwargs = pipelines.build(name)
-    config = ditfx.tune(pipe, lambda p, seed: pipelines.run(p, kwargs, seed), QualityBudget(psnr=20),
-                        calibration=[1], held_out=[2], compiler="eager", timing=0, progress=False)
+
+    def run(p, seed):
+        return pipelines.run(p, kwargs, seed)
+
+    space = default_space(pipe, run, 1)
+    assert space.name == "static+guidance" and [k.name for k in space.knobs] == ["delta", "gamma"]
+    coarse = dataclasses.replace(space, knobs=tuple(Knob(k.name, k.values[::4]) for k in space.knobs))
+    config = ditfx.tune(pipe, run, QualityBudget(psnr=20), space=coarse, calibration=[1], held_out=[2],
+                        compiler="eager", timing=0, progress=False)
     assert config.tuning["spaces"] == ["static+guidance"]
     assert config.tuning["evaluations"] >= 2
     chosen = config.tuning["chosen"]
