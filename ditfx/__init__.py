@@ -10,8 +10,7 @@ api functions, the backend, ``export``, ``load``, ``tune``, the calibrations) ar
 """
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ditfx import _moved
 from ditfx._version import __version__ as __version__
@@ -23,6 +22,7 @@ from ditfx.graph.structure import StructureError
 from ditfx.guidance.config import AdaptiveGuidance, GuidanceWindow, LinearAG
 from ditfx.guidance.linear_ag import LinearAGCoefficients
 from ditfx.history.config import HistoryAttention
+from ditfx.lazy import lazy_names
 from ditfx.runtime.stats import Stats
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time these come from __getattr__
@@ -55,19 +55,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'ditfx' has no attribute {name!r}")
-    module_name, attribute = _LAZY[name]
-    module = importlib.import_module(module_name)
-    value = module if attribute is None else getattr(module, attribute)
-    globals()[name] = value  # later accesses skip __getattr__
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
-
+__getattr__, __dir__ = lazy_names(__name__, _LAZY)
 
 __all__ = [
     "AdaptiveGuidance", "CacheCalibration", "CacheSchedule", "Config", "DynamicCache", "GuidanceWindow",

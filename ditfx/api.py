@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -108,6 +108,22 @@ def runtime_of(obj) -> ModelRuntime:
     )
 
 
+def record_generations(model: nn.Module, config: Config, run: Callable[[nn.Module], object], generations: int,
+                       progress: Callable[[int], None] | None = None, what: str = "calibrate") -> ModelRuntime:
+    """``model`` optimized with ``config`` (a recording technique), then ``generations`` generations of
+    ``run(optimized)``, each one marked; the model's runtime, whose records hold what its policies recorded (the
+    calibrations read them). ``what`` names the caller in errors."""
+    if generations < 1:
+        raise ValueError(f"{what} needs at least one generation, got {generations}")
+    compiled = optimize(model, config)
+    for g in range(generations):
+        with generation(compiled):
+            run(compiled)
+        if progress is not None:
+            progress(g + 1)
+    return runtime_of(compiled)
+
+
 _runtime = runtime_of  # its earlier name, which tests (and scripts) use
 
 
@@ -145,5 +161,5 @@ def generation(optimized) -> Iterator[None]:
         lifecycle.exit_generation()
 
 
-__all__ = ["denoiser_of", "generation", "null_class", "optimize", "repeated_blocks", "reset_stats",
-           "runtime_of", "stats"]
+__all__ = ["denoiser_of", "generation", "null_class", "optimize", "record_generations", "repeated_blocks",
+           "reset_stats", "runtime_of", "stats"]

@@ -185,6 +185,15 @@ def read_json_file(path: str | Path, kind: str, fmt: str, remedy: str, redo: str
     return data
 
 
+def write_json_file(path: str | Path, fmt: str, data: dict) -> Path:
+    """Write ``data`` as a ditfx JSON file of format ``fmt`` (the reverse of :func:`read_json_file`), its folder
+    made; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"format": fmt, **data}, indent=1))
+    return path
+
+
 def check_fields(source: str, kind: str, data: dict, cls: type, remedy: str) -> None:
     """``data``'s keys are fields of the dataclass ``cls`` and include every field without a default."""
     import dataclasses

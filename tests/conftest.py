@@ -25,12 +25,6 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # the cores shared by the workers, no
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 
-def pytest_xdist_auto_num_workers(config) -> int:
-    """``-n auto``: one worker more than the cores; a worker waiting on its AOTInductor compile processes or on a
-    fresh interpreter leaves a core to the others."""
-    return (os.cpu_count() or 1) + 1
-
-
 @pytest.fixture
 def fresh_dynamo():
     """Dynamo's caches emptied before and after a test (``pytestmark = pytest.mark.usefixtures(...)``)."""

@@ -14,8 +14,7 @@
 """
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import ditfx.budget.policy  # noqa: F401  (registers the policy of its config)
 from ditfx.budget import config, variants
@@ -23,6 +22,7 @@ from ditfx.budget.adapter import AdapterError, BudgetAdapter
 from ditfx.budget.config import TokenBudget
 from ditfx.budget.schedule import BudgetSchedule
 from ditfx.budget.weak import BudgetConversionError
+from ditfx.lazy import lazy_names
 from ditfx.technique import Technique
 
 if TYPE_CHECKING:
@@ -37,26 +37,12 @@ TECHNIQUE = Technique(
 )
 
 # Imported on first access (PEP 562): training and calibration pull in sympy and drive torch.compile.
-_LAZY = {
-    "coarse_sincos_pos_embed": "resize", "coarse_table": "resize", "pi_resize": "resize",
-    "resize_deembed": "resize", "resize_matrix": "resize",
-    "distill": "training", "plot_loss": "training", "zero_shot": "training",
-    "calibrate": "calibration",
-}
-
-
-def __getattr__(name: str) -> Any:
-    try:
-        module = _LAZY[name]
-    except KeyError:
-        raise AttributeError(f"module 'ditfx.budget' has no attribute {name!r}") from None
-    value = getattr(importlib.import_module(f"ditfx.budget.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_names(__name__, {
+    **{name: ("ditfx.budget.resize", name) for name in ("coarse_sincos_pos_embed", "coarse_table", "pi_resize",
+                                                          "resize_deembed", "resize_matrix")},
+    **{name: ("ditfx.budget.training", name) for name in ("distill", "plot_loss", "zero_shot")},
+    "calibrate": ("ditfx.budget.calibration", "calibrate"),
+})
 
 
 __all__ = ["TECHNIQUE", "AdapterError", "BudgetAdapter", "BudgetConversionError", "BudgetSchedule", "TokenBudget",

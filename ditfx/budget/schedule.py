@@ -13,6 +13,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ditfx.validation import write_json_file
+
 FORMAT = "ditfx.budget-schedule/1"
 
 
@@ -73,10 +75,7 @@ class BudgetSchedule:
         return path
 
     def save(self, path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"format": FORMAT, **asdict(self)}, indent=1))
-        return path
+        return write_json_file(path, FORMAT, asdict(self))
 
     @classmethod
     def load(cls, path) -> BudgetSchedule:

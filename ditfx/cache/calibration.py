@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch.nn as nn
 
-from ditfx.api import generation, optimize, runtime_of
+from ditfx.api import record_generations
 from ditfx.cache.config import CacheCalibration
 from ditfx.cache.policy import CalibrationPolicy
 from ditfx.cache.schedule import CacheSchedule, block_fingerprint
@@ -20,15 +20,8 @@ def calibrate(model: nn.Module, run: Callable[[nn.Module], object], generations:
 
     ``run(optimized_model)`` must perform one full generation (a sampling loop) with the model it is given.
     """
-    if generations < 1:
-        raise ValueError(f"calibrate needs at least one generation, got {generations}")
-    compiled = optimize(model, Config(cache=CacheCalibration(mode), compiler=compiler))
-    runtime = runtime_of(compiled)
-    for g in range(generations):
-        with generation(compiled):
-            run(compiled)
-        if progress is not None:
-            progress(g + 1)
+    runtime = record_generations(model, Config(cache=CacheCalibration(mode), compiler=compiler), run, generations,
+                                 progress)
     runs = [r for r in runtime.records.get(CalibrationPolicy.RECORD, []) if r.rows]
     if not runs:
         off = "; ".join(runtime.unavailable("cache"))

@@ -18,7 +18,6 @@ the same block paths but other widths. Schedules without a fingerprint (older fi
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,6 +32,7 @@ from ditfx.validation import (
     check_list,
     check_strictly_decreasing,
     read_json_file,
+    write_json_file,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -198,10 +198,7 @@ class CacheSchedule:
     # ----------------------------------------------------------------------------------------- files
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"format": FORMAT, **asdict(self)}, indent=1))
-        return path
+        return write_json_file(path, FORMAT, asdict(self))
 
     @classmethod
     def load(cls, path: str | Path) -> CacheSchedule:

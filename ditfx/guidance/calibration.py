@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch.nn as nn
 
 import ditfx.guidance.linear_ag as linear_ag
-from ditfx.api import generation, optimize, runtime_of
+from ditfx.api import record_generations, runtime_of
 from ditfx.config import Config
 from ditfx.guidance.config import GuidanceRecording
 from ditfx.guidance.policy import RECORDING, TRACE
@@ -22,15 +22,8 @@ def calibrate_guidance(model: nn.Module, run: Callable[[nn.Module], object], gen
     ``run(optimized_model)`` performs one generation with classifier-free guidance (batched or two calls per
     step); every generation must use the same step grid, which the coefficients are then valid for.
     """
-    if generations < 1:
-        raise ValueError(f"calibrate_guidance needs at least one generation, got {generations}")
-    compiled = optimize(model, Config(guidance=GuidanceRecording(uncond_first), compiler=compiler))
-    runtime = runtime_of(compiled)
-    for g in range(generations):
-        with generation(compiled):
-            run(compiled)
-        if progress is not None:
-            progress(g + 1)
+    runtime = record_generations(model, Config(guidance=GuidanceRecording(uncond_first), compiler=compiler), run,
+                                 generations, progress, what="calibrate_guidance")
     recorded = [s for s in runtime.records.get(RECORDING, []) if s.cond_history]
     if not recorded:
         off = "; ".join(runtime.unavailable("guidance"))

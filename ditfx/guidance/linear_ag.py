@@ -11,7 +11,6 @@ runtime checks that a generation follows the calibrated grid of normalised times
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from ditfx.validation import (
     check_list,
     check_strictly_decreasing,
     read_json_file,
+    write_json_file,
 )
 
 FORMAT = "ditfx.linear_ag/1"
@@ -109,10 +109,7 @@ class LinearAGCoefficients:
         return len(self.times)
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"format": FORMAT, **asdict(self)}, indent=1))
-        return path
+        return write_json_file(path, FORMAT, asdict(self))
 
     @classmethod
     def load(cls, path: str | Path) -> LinearAGCoefficients:

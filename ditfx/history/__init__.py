@@ -17,8 +17,7 @@ of its own earlier steps.
 """
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import ditfx.history.policy  # noqa: F401  (registers the policy of its config)
 from ditfx.history import variants
@@ -26,6 +25,7 @@ from ditfx.history.config import HistoryAttention
 from ditfx.history.cost import HistoryCost, history_flops
 from ditfx.history.masks import block_causal, block_diagonal, block_mask, dense
 from ditfx.history.student import HistoryStudent
+from ditfx.lazy import lazy_names
 from ditfx.technique import Technique
 
 if TYPE_CHECKING:
@@ -40,22 +40,10 @@ TECHNIQUE = Technique(
 )
 
 # Imported on first access (PEP 562): training drives torch.compile and flex_attention.
-_LAZY = {"Trajectories": "distillation", "distill": "distillation", "record_trajectories": "distillation",
-         "one_shot": "oneshot"}
-
-
-def __getattr__(name: str) -> Any:
-    try:
-        module = _LAZY[name]
-    except KeyError:
-        raise AttributeError(f"module 'ditfx.history' has no attribute {name!r}") from None
-    value = getattr(importlib.import_module(f"ditfx.history.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_names(__name__, {
+    **{name: ("ditfx.history.distillation", name) for name in ("Trajectories", "distill", "record_trajectories")},
+    "one_shot": ("ditfx.history.oneshot", "one_shot"),
+})
 
 
 __all__ = ["TECHNIQUE", "HistoryAttention", "HistoryCost", "HistoryStudent", "Trajectories", "block_causal",

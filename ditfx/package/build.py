@@ -298,5 +298,8 @@ def _clear(path: Path, overwrite: bool) -> None:
 
 
 if __name__ == "__main__":  # a worker of compile_programs: its share of jobs from stdin, one line per artifact
+    import torch._inductor.config
+
+    torch._inductor.config.compile_threads = 1  # the workers are one per core already: no pool of pools
     for index, job in enumerate(json.load(sys.stdin)):
         print(index, _compile_job(*job), flush=True)
