@@ -14,7 +14,7 @@ import torch.fx as fx
 
 from ditfx.config import Config
 from ditfx.graph import meta
-from ditfx.graph.structure import StructureError, find_blocks
+from ditfx.graph.structure import StructureError, find_blocks, input_roles
 from ditfx.model_facts import ModelFacts
 from ditfx.passes.manager import build_plan
 from ditfx.runtime.compiler import RegionCompiler, compile_region, keep_dynamo_compiling
@@ -72,13 +72,38 @@ class DitfxBackend:
         self.runtime.add(graphs_without_ditfx=1)
         if once is not None:
             if once in self._warned:
-                return compile_region(gm, example_inputs, self.config.compiler)
+                return self._noting_timestep(gm, compile_region(gm, example_inputs, self.config.compiler))
             self._warned.add(once)
         techniques = [technique.name for technique, _ in self.config.techniques()]
         off = f": {' and '.join(techniques)} off" if techniques else ""
         warnings.warn(f"ditfx: {why}. This graph is compiled with {self.config.compiler!r} without ditfx "
                       f"passes{off}.", stacklevel=2)
-        return compile_region(gm, example_inputs, self.config.compiler)
+        return self._noting_timestep(gm, compile_region(gm, example_inputs, self.config.compiler))
+
+    def _noting_timestep(self, gm: fx.GraphModule, compiled):
+        """A piece cut off by a graph break that takes the model's timestep (Lumina2's time embedding, before its
+        blocks' graph) tells the lifecycle, so the blocks' graph, which only sees the embedding, knows its step."""
+        try:
+            timestep = input_roles(gm).timestep
+        except Exception:  # noqa: BLE001 - a piece ditfx cannot read just runs
+            return compiled
+        if timestep is None:
+            return compiled
+        pos = [n.name for n in gm.graph.find_nodes(op="placeholder")].index(timestep)
+        lifecycle = self.runtime.lifecycle
+        if getattr(compiled, "_boxed_call", False):
+            def noting_boxed(args):
+                lifecycle.note_timestep(args[pos])
+                return compiled(args)
+
+            noting_boxed._boxed_call = True
+            return noting_boxed
+
+        def noting(*args):
+            lifecycle.note_timestep(args[pos])
+            return compiled(*args)
+
+        return noting
 
 
 def _has_blocks(gm: fx.GraphModule) -> bool:

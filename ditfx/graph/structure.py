@@ -328,7 +328,8 @@ def residual_source(out: fx.Node, inputs: list[fx.Node], members: set[fx.Node]) 
     """Position in ``inputs`` of the stream input that ``out`` adds onto, following residual adds.
 
     Matches ``out = add(..add(x, f(x)).., g(..))`` (operands in either order, through dtype casts and clamps):
-    the nearest region input of the same shape reached through add nodes.
+    the nearest region input of the same shape reached through add nodes, or of a shape that broadcasts to it (a
+    text stream given once for a batch of images: Flux's ``num_images_per_prompt`` with ``prompt_embeds``).
     """
     shape = getattr(meta.tensor_value(out), "shape", None)
     queue, seen = deque([out]), {out}
@@ -343,13 +344,20 @@ def residual_source(out: fx.Node, inputs: list[fx.Node], members: set[fx.Node]) 
         else:
             continue
         for a in operands:
-            if a in inputs and getattr(meta.tensor_value(a), "shape", None) == shape:
+            if a in inputs and _broadcasts_to(getattr(meta.tensor_value(a), "shape", None), shape):
                 return inputs.index(a)
         for a in operands:
             if a in members and a not in seen:
                 seen.add(a)
                 queue.append(a)
     return None
+
+
+def _broadcasts_to(shape, target) -> bool:
+    """``shape`` equals ``target``, or expands to it along size-1 dimensions of the same rank."""
+    if shape is None or target is None or len(shape) != len(target):
+        return False
+    return all(a == b or a == 1 for a, b in zip(shape, target))
 
 
 def _pair_streams(regions: list[Region], roles: InputRoles, gm: fx.GraphModule,

@@ -48,6 +48,13 @@ class HistoryPolicy(Policy):
                                                                      if cfg.heads is not None else ""))}
 
     def begin_call(self, ctx: CallContext) -> None:
+        if self.lower and not ctx.info.stated:
+            # inferred boundaries miss a generation that starts below the previous one's last timestep (img2img),
+            # which would then read the previous generation's keys
+            raise RuntimeError("HistoryAttention reads the keys of the generation's earlier steps, so where a "
+                               "generation starts must be stated, not inferred from the timestep: run the model in "
+                               "a diffusers pipeline, or wrap each generation of a hand-written loop in "
+                               "`with ditfx.generation(model):`")
         if self.lower and ctx.info.step >= self.config.steps:
             raise RuntimeError(f"HistoryAttention(steps={self.config.steps}) holds {self.config.steps} steps of "
                                "history "

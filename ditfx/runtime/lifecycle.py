@@ -9,7 +9,11 @@ Where the caller states it, it is known, not guessed:
   pipeline says so and a call's branch is its context name;
 * a diffusers pipeline's scheduler counts its steps (``scheduler.step_index`` is None until the first
   ``scheduler.step`` of a generation, which ``set_timesteps`` starts): where it has that count, a call's step is
-  the scheduler's, and a generation starts when the count is back at None;
+  the scheduler's, and a generation starts when the count is back at None, or when ``scheduler.timesteps`` is a
+  new tensor (every pipeline call starts with ``set_timesteps``, however the previous call ended: an exception in
+  ``callback_on_step_end`` at step 0 leaves the count where a new call starts it). A scheduler whose count has
+  reached its end drives no call (another pipeline built around the same model runs it, with its own scheduler):
+  its calls are placed as below;
 * ``with ditfx.generation(model):`` marks one generation in a hand-written loop.
 
 The timestep is the fallback: samplers call the denoiser with non-increasing timesteps, so without stated
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -55,11 +60,13 @@ class _ThreadLifecycle:
     branches: list = field(default_factory=list)  # branch names seen at this step
     last_timestep: float | None = None
     last_scheduler_step: int | None = None
+    timesteps: Callable[[], object] | None = None  # the scheduler's timesteps at the last call (a weak reference)
     last_latents: torch.Tensor | None = None
     context: str | None = None  # the pipeline's cache_context name for the call in progress
     ended: bool = True  # the next call starts a generation
     explicit: int = 0  # depth of ditfx.generation() blocks
     rising: int = 0  # generations in a row that ended after one step because the timestep rose
+    noted: float | None = None  # the timestep a graph piece before the blocks' graph saw in this call
 
 
 class Lifecycle:
@@ -101,15 +108,41 @@ class Lifecycle:
     def set_context(self, name: str | None) -> None:
         self._t.context = name
 
+    def note_timestep(self, timestep) -> None:
+        """The model's timestep as a piece of the model that runs before the blocks' graph saw it (a graph break
+        cut the blocks' graph off from the timestep): the next call placed takes it for its own."""
+        if isinstance(timestep, torch.Tensor) and timestep.numel():
+            self._t.noted = float(timestep.reshape(-1)[0])
+        elif isinstance(timestep, (int, float)):
+            self._t.noted = float(timestep)
+
     def _scheduler(self):
         scheduler = self.scheduler_of() if self.scheduler_of is not None else None
         return scheduler if scheduler is not None and hasattr(scheduler, "step_index") else None
 
+    def _driving_scheduler(self, t: _ThreadLifecycle):
+        """The pipeline's scheduler where it drives this call; marks a new pipeline call (``set_timesteps`` ran
+        since the last call) as the start of a generation."""
+        scheduler = self._scheduler()
+        if scheduler is None:
+            return None
+        timesteps = getattr(scheduler, "timesteps", None)
+        if t.timesteps is not None and t.timesteps() is not timesteps:
+            t.ended = True  # a new pipeline call, whatever became of the previous one
+        t.timesteps = _weak(timesteps)
+        index = scheduler.step_index
+        if index is not None and timesteps is not None and index >= len(timesteps):
+            return None  # finished: another pipeline (its own scheduler) drives this model now
+        return scheduler
+
     # ------------------------------------------------------------------------------------- placing
     def observe(self, timestep: float | None, latents: torch.Tensor | None) -> CallInfo:
         t = self._t
+        noted, t.noted = t.noted, None  # a note serves the call it was made in, never a later one
+        if timestep is None:
+            timestep = noted
         name = t.context
-        scheduler = self._scheduler()
+        scheduler = self._driving_scheduler(t)
         index = scheduler.step_index if scheduler is not None else None
         counted = scheduler is not None and not (  # a loop the pipeline's scheduler does not drive
             index == t.last_scheduler_step and not t.ended and timestep is not None
@@ -200,3 +233,11 @@ class Lifecycle:
                 return
             self._warned.add(key)
         warnings.warn(message, stacklevel=4)
+
+
+def _weak(obj) -> Callable[[], object]:
+    """A weak reference to ``obj`` where it takes one (tensors do), else a strong one: compared by identity."""
+    try:
+        return weakref.ref(obj)
+    except TypeError:
+        return lambda: obj
