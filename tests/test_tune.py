@@ -497,6 +497,19 @@ def test_a_configuration_with_nan_outputs_on_the_held_out_inputs_fails_its_check
                for line in lines)
 
 
+def test_a_configuration_whose_measure_is_nan_is_outside_the_budget(tiny, schedule):
+    """Finite outputs, but the metric gives NaN on every configuration's (and a number on the reference's)."""
+    budget = QualityBudget(psnr=None, limits={"score": (0.0, None)},
+                           metric=lambda o, r: {"score": 1.0 if o is r or torch.equal(o, r) else math.nan})
+    coarse = techniques(cache="static", schedule=schedule, guidance=False, deltas=(0.0, 1.6))
+    lines = []
+    with pytest.warns(UserWarning, match=r"closest miss .*\(score nan, not finite\)"):
+        config = ditfx.tune(tiny.model, SeededLoop(tiny), budget, space=coarse, calibration=[11], held_out=[21],
+                            compiler="eager", timing=0, progress=lines.append)
+    assert config.tuning["chosen"] is None and config.tuning["front"] == []
+    assert any("outside (score nan, not finite)" in line for line in lines)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("where", ["everywhere", "one value"])
 def test_a_non_finite_reference_run_is_an_error_before_the_search(tiny, space, bad, where):
@@ -660,6 +673,19 @@ def test_a_resumed_study_with_another_run_repr_is_refused(tiny, study_dir, tmp_p
     run = Named(tiny)
     with pytest.raises(ValueError, match=r"its run differ"):
         _resume(tiny, study_dir, tmp_path, run=run)
+    assert run.seeds == []
+
+
+def test_a_resumed_study_with_another_metric_label_or_cases_is_refused(tiny, study_dir, tmp_path):
+    workdir, space = study_dir
+    run = SeededLoop(tiny)
+    kwargs = dict(space=space, calibration=[11], held_out=[21], compiler="eager", timing=0, progress=False,
+                  workdir=workdir)
+    measured = QualityBudget(psnr=5, limits={"score": (0.0, None)}, metric=lambda o, r: {"score": 1.0})
+    for changed, words in ((dict(budget=measured), "budget's metric"), (dict(label="another"), "model label"),
+                           (dict(held_out=[22]), "held-out cases")):
+        with pytest.raises(ValueError, match=f"its {words} differ"):
+            ditfx.tune(tiny.model, run, **{"budget": QualityBudget(psnr=5), **kwargs, **changed})
     assert run.seeds == []
 
 

@@ -655,8 +655,8 @@ def _missed(r: dict, by: bool = False) -> list[str]:
 
 
 def _broken(r: dict) -> bool:
-    """Outputs or quality measures that are not numbers: no trade-off to show on the front."""
-    return "non_finite" in r["measures"] or any(math.isnan(v) for v in r["quality"].values())
+    """Outputs or measures that are not numbers: no trade-off to show on the front."""
+    return "non_finite" in r["measures"] or any(math.isnan(v) for v in r["measures"].values())
 
 
 def _public(r: dict) -> dict:
