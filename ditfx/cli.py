@@ -174,6 +174,36 @@ def cmd_rebuild(args) -> int:
     return 0
 
 
+def _check_tune_args(args) -> None:
+    """``ditfx tune``'s numbers and paths, checked before the model loads: a mistake costs a message, not a
+    study."""
+    import math
+
+    from ditfx.tuning.study import PLOT_SUFFIXES, check_directory, check_output_file
+
+    for flag, value, least in (("--steps", args.steps, 1), ("--batch", args.batch, 1),
+                               ("--per-class", args.per_class, 1), ("--threads", args.threads, 1),
+                               ("--timing-rounds", args.timing_rounds, 0)):
+        if value is not None and value < least:
+            raise ValueError(f"{flag} must be >= {least}, got {value}")
+    if not (math.isfinite(args.guidance_scale) and args.guidance_scale >= 0):
+        raise ValueError(f"--guidance-scale must be a finite number >= 0, got {args.guidance_scale}")
+    if not 0 <= args.margin < 1:
+        raise ValueError(f"--margin is a fraction of each bound's allowance, in [0, 1), got {args.margin}")
+    written = {}
+    for flag, path, suffixes in (("--out", args.out, (".json",)), ("--json", args.json, (".json",)),
+                                 ("--plot", args.plot, PLOT_SUFFIXES)):
+        if path is not None:
+            where = check_output_file(flag, path, suffixes).resolve()
+            if where in written:
+                raise ValueError(f"{written[where]} and {flag} both name {path}: give each its own file")
+            written[where] = flag
+    if args.workdir is not None:
+        check_directory("--workdir", args.workdir)
+    if args.model != "digits" and (args.fd is not None or args.accuracy is not None):
+        raise ValueError("--fd and --accuracy are measured on the digits model only; for MODEL use --psnr/--ssim")
+
+
 def cmd_tune(args) -> int:
     import dataclasses
 
@@ -181,24 +211,33 @@ def cmd_tune(args) -> int:
 
     from ditfx.cache.calibration import calibrate
     from ditfx.tuning import QualityBudget, plot
-    from ditfx.tuning.study import tune
+    from ditfx.tuning.study import check_settings, tune
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _check_tune_args(args)
     if args.model == "digits":
         from ditfx.models import digits
 
         run = digits.TuningRun(guidance_scale=args.guidance_scale, steps=args.steps, per_class=args.per_class)
-        target = digits.pipeline()
         # the digits model measures FD and accuracy: the standard budget bounds them unless told otherwise
-        budget = QualityBudget(psnr=args.psnr, ssim=args.ssim, fd=0.10 if args.fd is None else args.fd,
-                               accuracy=0.01 if args.accuracy is None else args.accuracy, metric=run.metric)
+        bounds = dict(fd=0.10 if args.fd is None else args.fd,
+                      accuracy=0.01 if args.accuracy is None else args.accuracy, metric=run.metric)
+    else:
+        bounds = {}
+    try:
+        budget = QualityBudget(psnr=args.psnr, ssim=args.ssim, **bounds)
+    except ValueError as e:
+        raise ValueError(f"the budget (--psnr, --ssim, --fd, --accuracy): {e}") from None
+    check_settings(budget, args.calibration_seeds, args.held_out_seeds, args.compiler, args.workdir,
+                   args.timing_rounds, True, args.out, None, args.margin)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.model == "digits":
+        target = digits.pipeline()
         space = digits.tuning_space(run, cache=args.cache if "cache" in args.techniques else None,
                                     guidance="guidance" in args.techniques, budget="budget" in args.techniques)
         label = repr(run)
     else:
-        if args.fd is not None or args.accuracy is not None:
-            raise ValueError("--fd and --accuracy are measured on the digits model only; for MODEL use --psnr/--ssim")
         from ditfx.models import zoo
         from ditfx.tuning import techniques
         from ditfx.tuning.study import Candidates
@@ -212,7 +251,6 @@ def cmd_tune(args) -> int:
             loop = dataclasses.replace(named, inputs={**named.inputs, named.latents: noise})
             return zoo.run_loop(loop, model, steps=args.steps)
 
-        budget = QualityBudget(psnr=args.psnr, ssim=args.ssim)
         if args.cache == "static":
             candidates = Candidates(target)
             schedule = calibrate(candidates.fresh_module(), lambda m: run(m, args.calibration_seeds[0]),
@@ -229,6 +267,7 @@ def cmd_tune(args) -> int:
         plot.pareto(config.tuning, args.plot)
         report["plot"] = args.plot
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
     chosen = config.tuning["chosen"]
     if chosen is None:
@@ -325,9 +364,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--held-out-seeds", type=int, nargs="+", default=[200, 201],
                    help="seeds the chosen configuration is checked on (none shared with the calibration seeds)")
     p.add_argument("--psnr", type=float, default=30.0, help="lowest PSNR (dB) against the reference")
-    p.add_argument("--ssim", type=float, help="lowest SSIM against the reference")
-    p.add_argument("--fd", type=float, help="(digits) largest relative digits-FD change (default 0.10)")
-    p.add_argument("--accuracy", type=float, help="(digits) largest class-accuracy drop (default 0.01: one point)")
+    p.add_argument("--ssim", type=float, help="lowest SSIM against the reference, in (0, 1]")
+    p.add_argument("--fd", type=float,
+                   help="(digits) largest relative digits-FD change, a fraction in [0, 1] (default 0.10: 10 %%)")
+    p.add_argument("--accuracy", type=float,
+                   help="(digits) largest class-accuracy drop, a fraction in [0, 1] (default 0.01: one point)")
     p.add_argument("--cache", choices=("static", "dynamic"), default="static", help="the block cache searched")
     p.add_argument("--techniques", nargs="+", choices=("cache", "guidance", "budget"),
                    default=["cache", "guidance", "budget"],
@@ -338,10 +379,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="wall-clock rounds for the fastest points inside the budget (0: FLOPs decide)")
     p.add_argument("--margin", type=float, default=0.1,
                    help="the share of each bound's allowance a point must leave unused on the held-out seeds")
-    p.add_argument("--workdir", help="keep evaluations here; running again with it resumes")
+    p.add_argument("--workdir", help="keep evaluations here (a directory); running again with it resumes")
     p.add_argument("--out", help="write the tuned config here (.json)")
-    p.add_argument("--json", help="write the report (front, chosen point, held-out check) here")
-    p.add_argument("--plot", help="write the Pareto plot here (.png)")
+    p.add_argument("--json", help="write the report (front, chosen point, held-out check) here (.json)")
+    p.add_argument("--plot", help="write the Pareto plot here (.png, or .pdf, .svg)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.set_defaults(run=cmd_tune)
 

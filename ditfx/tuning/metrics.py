@@ -1,8 +1,6 @@
 """Generic output quality against the reference: PSNR and SSIM of image-like tensors, pairwise, as means."""
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -10,12 +8,12 @@ SSIM_WINDOW, SSIM_SIGMA = 7, 1.5  # a 7x7 Gaussian window fits small latents and
 
 
 def psnr(outputs: torch.Tensor, reference: torch.Tensor) -> float:
-    """Mean over samples of 10 log10(range^2 / MSE), range the reference's max - min; equal samples give inf."""
+    """Mean over samples of 10 log10(range^2 / MSE), range the reference's max - min; equal samples give inf, an
+    infinite error -inf, NaN outputs NaN."""
     a, b = outputs.detach().double().flatten(1), reference.detach().double().flatten(1)
     data_range = float(b.max() - b.min()) or 1.0
     mse = (a - b).pow(2).mean(dim=1)
-    values = [math.inf if m == 0 else 10.0 * math.log10(data_range ** 2 / m) for m in mse.tolist()]
-    return float(sum(values) / len(values))
+    return float((10.0 * torch.log10(data_range ** 2 / mse)).mean())
 
 
 def _gaussian(size: int, sigma: float) -> torch.Tensor:
@@ -44,7 +42,9 @@ def ssim(outputs: torch.Tensor, reference: torch.Tensor) -> float | None:
 
 def measure(outputs: torch.Tensor, reference: torch.Tensor, metric=None) -> dict[str, float]:
     """PSNR and SSIM of ``outputs`` against ``reference``, then what ``metric(outputs, reference)`` returns (its
-    values take precedence: a model's own definition of PSNR or SSIM wins)."""
+    values take precedence: a model's own definition of PSNR or SSIM wins). Outputs with NaN or infinite values
+    are not given to ``metric`` (it may not take them): ``"non_finite"`` counts those values instead, and puts
+    the outputs outside any budget (``QualityBudget.misses``)."""
     if outputs.shape != reference.shape:
         raise ValueError(f"the run returned outputs of shape {tuple(outputs.shape)} where the reference run returned "
                          f"{tuple(reference.shape)}: run must return the same outputs for every configuration")
@@ -52,7 +52,10 @@ def measure(outputs: torch.Tensor, reference: torch.Tensor, metric=None) -> dict
     value = ssim(outputs, reference)
     if value is not None:
         result["ssim"] = value
-    if metric is not None:
+    non_finite = int((~torch.isfinite(outputs)).sum())
+    if non_finite:
+        result["non_finite"] = non_finite
+    elif metric is not None:
         extra = metric(outputs, reference)
         if not isinstance(extra, dict):
             raise TypeError(f"QualityBudget.metric must return a dict of measures, got {type(extra).__name__}")

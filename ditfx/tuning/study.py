@@ -6,16 +6,20 @@ run on the calibration inputs; its outputs are measured against the reference's 
 reference's FLOPs (the exact configuration's, from the cost model) to its own. The fastest points inside the budget
 are then timed (wall clock, interleaved with the reference) and the winner is checked on the held-out inputs,
 which the search never saw; a winner that leaves the budget there gives way to the next. Every evaluation is
-written to ``workdir`` as it finishes, so an interrupted study resumes where it stopped.
+written to ``workdir`` as it finishes, so an interrupted study resumes where it stopped; the study's key (its
+signature: the model's label and a fingerprint of its weights, the run, the metric, the cases and the spaces) and
+the reference outputs, which a resumed study reproduces first, keep another study's results out.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import gc
+import hashlib
 import json
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -32,12 +36,19 @@ from ditfx.tuning.metrics import measure
 from ditfx.tuning.quality import QualityBudget
 from ditfx.tuning.search import pareto_front, search
 from ditfx.tuning.space import Space
+from ditfx.validation import read_json_file
 
-STATE_FORMAT = "ditfx.tune/1"
+STATE_FORMAT = "ditfx.tune/2"
 EXACT_TOLERANCE = 1e-4  # fp32: the exact configuration reproduces the reference run to rounding
 SEARCH_COMPILER = "eager"
 CONFIRM = 3  # the fastest points inside the budget that are timed, then checked first on the held-out inputs
 HELD_OUT_CHECKS = 10  # points inside the budget tried on the held-out inputs before the exact config is returned
+FINGERPRINT_SAMPLES = 64  # values of each weight tensor read into the fingerprint, besides the sum of all its bits
+PLOT_SUFFIXES = (".png", ".pdf", ".svg")
+_INTEGER_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # the fingerprint's bit views
+# the signature's entries, as a message names them
+SIGNATURE_WORDS = {"model": "model label", "weights": "model's weights", "run": "run", "metric": "budget's metric",
+                   "calibration": "calibration cases", "held_out": "held-out cases", "spaces": "spaces"}
 
 
 def case_seed(case) -> Any:
@@ -55,10 +66,51 @@ def check_cases(calibration: Sequence, held_out: Sequence) -> None:
         if isinstance(cases, (str, bytes)) or not isinstance(cases, Sequence) or not cases:
             raise ValueError(f"tune: {name} must be a non-empty list of cases (seeds, or dicts with a 'seed'), "
                              f"got {cases!r}")
+        listed = [repr(c) for c in cases]
+        twice = sorted({c for c in listed if listed.count(c) > 1})
+        if twice:
+            raise ValueError(f"tune: {name} lists the case(s) {', '.join(twice)} more than once: each case is a "
+                             "generation of its own, list each once")
     shared = sorted({repr(case_seed(c)) for c in calibration} & {repr(case_seed(c)) for c in held_out})
     if shared:
         raise ValueError(f"tune: calibration and held_out share seed(s) {', '.join(shared)}: the held-out check "
                          "must use inputs the search never saw; pick other seeds")
+
+
+def check_output_file(name: str, path, suffixes: tuple[str, ...]) -> Path:
+    """``path`` can be written, checked before any work: it ends in one of ``suffixes``, is not a directory, and its
+    folder exists or can be made. ``name`` is the argument, as messages name it."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a file path (a str or a Path), got {type(path).__name__}")
+    path = Path(path)
+    if path.suffix not in suffixes:
+        raise ValueError(f"{name} must be a path ending in {' or '.join(suffixes)}, got {str(path)!r}")
+    if path.is_dir():
+        raise ValueError(f"{name} {path} is a directory: give the path of a {suffixes[0]} file")
+    _check_creatable(name, path.parent)
+    return path
+
+
+def check_directory(name: str, path) -> Path:
+    """``path`` is a directory, or can be made one (checked before any work)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a directory path (a str or a Path), got {type(path).__name__}")
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{name} {path} is a file, not a directory: give a directory (it is made if missing)")
+    _check_creatable(name, path)
+    return path
+
+
+def _check_creatable(name: str, folder: Path) -> None:
+    """``folder`` exists or can be made: its nearest existing ancestor is a directory this process may write in."""
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{name} needs the folder {folder}, but {existing} is a file: give a path under a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{name} needs to write in {existing}, which this process may not: give another path")
 
 
 class Candidates:
@@ -91,7 +143,8 @@ class Candidates:
 
 
 def _run_cases(run: Callable, target, cases: Sequence, marked: bool) -> tuple[torch.Tensor, float]:
-    """``run(target, case)`` for every case, each a generation of its own (``marked``: in ``ditfx.generation``)."""
+    """``run(target, case)`` for every case, each a generation of its own (``marked``: in ``ditfx.generation``);
+    the samples of all cases, concatenated."""
     outputs, start = [], time.perf_counter()
     for case in cases:
         if marked:
@@ -99,11 +152,70 @@ def _run_cases(run: Callable, target, cases: Sequence, marked: bool) -> tuple[to
                 out = run(target, case)
         else:
             out = run(target, case)
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"tune: run(target, case) must return the outputs as a tensor (e.g. a pipeline's "
-                            f"images with output_type='pt'), got {type(out).__name__}")
-        outputs.append(out.detach().float().cpu())
+        outputs.append(_samples(out, case))
+    shapes = {tuple(o.shape) for o in outputs}
+    if len(shapes) > 1:
+        raise ValueError(f"tune: run(target, case) returned samples of the shapes {sorted(shapes)} for the cases "
+                         f"{list(cases)}: every case must give samples of one shape (the same settings, another seed)")
     return torch.cat(outputs), time.perf_counter() - start
+
+
+def _samples(out, case) -> torch.Tensor:
+    """What ``run`` returned for ``case``, checked to be samples, as float32 on the CPU."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"tune: run(target, case) must return the generated samples as a tensor (e.g. a pipeline's "
+                        f"images with output_type='pt'), got {type(out).__name__} for case {case!r}")
+    if out.dim() == 0 or out.numel() == 0:
+        raise ValueError(f"tune: run(target, case) must return the generated samples as a tensor with at least one "
+                         f"dimension and one element, got shape {tuple(out.shape)} for case {case!r}")
+    return out.detach().float().cpu()
+
+
+def check_reference(name: str, cases: Sequence, outputs: torch.Tensor, earlier: Sequence = ()) -> None:
+    """The reference run's outputs on ``cases`` can be measured against: finite, not one constant value, and other
+    samples for every case (also than ``earlier``'s, the (case, samples) pairs of the calibration inputs)."""
+    bad = int((~torch.isfinite(outputs)).sum())
+    if bad:
+        raise ValueError(f"tune: run(target, case) gave {bad} NaN or infinite value(s) of {outputs.numel()} with the "
+                         f"plain model on the {name} inputs (the reference run): every configuration is measured "
+                         "against these outputs, so they must be finite; fix run or the model (its dtype, scheduler "
+                         "or inputs) before tuning")
+    samples = list(zip(cases, outputs.chunk(len(cases))))
+    for case, x in samples:
+        first = x.flatten()[0]
+        if bool((x == first).all()):
+            raise ValueError(f"tune: run(target, case) returned samples of one constant value ({float(first):g}, "
+                             f"shape {tuple(x.shape)}) for case {case!r}: PSNR, SSIM or FD against a constant "
+                             "measure nothing; return the generated samples (e.g. a pipeline's images with "
+                             "output_type='pt')")
+    for i, (case, x) in enumerate(samples):
+        for other, y in (*earlier, *samples[:i]):
+            if torch.equal(x, y):
+                raise ValueError(f"tune: run(target, case) returned the same samples for the cases {other!r} and "
+                                 f"{case!r}: it must draw its noise (and whatever else varies) from the case, e.g. "
+                                 "torch.Generator().manual_seed(case); the held-out check needs inputs the search "
+                                 "never saw")
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """A digest of ``module``'s parameters and buffers: their names, shapes and dtypes, the sum of all bits of each
+    (its values read as integers: integer sums wrap the same in any order, so no device or thread count changes
+    it, and any changed value does) and a few of its values at evenly spaced positions (values moved, not
+    changed). One read of the weights where they live: a second or two for billions of parameters on a GPU."""
+    digest = hashlib.sha256()
+    for name, tensor in (*module.named_parameters(), *module.named_buffers()):
+        flat = tensor.detach().reshape(-1)
+        bits = flat.view(_INTEGER_OF_SIZE.get(flat.element_size(), torch.uint8))
+        picks = torch.linspace(0, bits.numel() - 1, min(FINGERPRINT_SAMPLES, bits.numel()), device=bits.device)
+        total = int(bits.sum(dtype=torch.int64))
+        digest.update(f"{name} {tuple(tensor.shape)} {tensor.dtype} {total}".encode())
+        digest.update(bits[picks.long()].cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _stable_repr(obj) -> str:
+    """``repr(obj)`` without memory addresses (``<function f at 0x7f...>``: another in every process)."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(obj))
 
 
 class Store:
@@ -117,16 +229,38 @@ class Store:
         if self.dir is None:
             return
         path = self.dir / "tune_state.json"
-        if path.is_file():
-            data = json.loads(path.read_text())
-            if data.get("format") != STATE_FORMAT or data.get("signature") != signature:
-                raise ValueError(f"{path} holds another study (its model, run settings, cases or space differ): "
-                                 "use another workdir to start afresh, or delete it")
+        if path.exists():
+            data = read_json_file(path, "ditfx.tune study state", STATE_FORMAT,
+                                  f"use another workdir to start afresh, or delete {self.dir}")
+            stored = data.get("signature", {})
+            differ = [SIGNATURE_WORDS[k] for k in signature if stored.get(k) != signature[k]]
+            if differ:
+                raise ValueError(f"{path} holds another study (its {', '.join(differ)} differ from this one's): use "
+                                 f"another workdir to start afresh, or delete {self.dir}")
             self.points, self.reference = data["points"], data["reference"]
 
     def outputs(self, name: str) -> torch.Tensor | None:
-        path = self.dir / f"reference_{name}.safetensors" if self.dir else None
-        return load_file(str(path))["outputs"] if path is not None and path.is_file() else None
+        """The stored reference outputs on the ``name`` inputs (None: not run yet)."""
+        if name not in self.reference:
+            return None
+        path = self.dir / f"reference_{name}.safetensors"
+        if not path.is_file():
+            raise ValueError(f"{path} is missing, but {self.dir / 'tune_state.json'} lists it: the study's measures "
+                             f"cannot be checked; use another workdir to start afresh, or delete {self.dir}")
+        return load_file(str(path))["outputs"]
+
+    def check_same(self, name: str, stored: torch.Tensor, outputs: torch.Tensor) -> None:
+        """A resumed study's reference run gives the stored outputs again, else its measures are another study's."""
+        if stored.shape != outputs.shape:
+            detail = f"shape {tuple(outputs.shape)}, stored {tuple(stored.shape)}"
+        else:
+            error = float((outputs - stored).abs().max())
+            if error <= EXACT_TOLERANCE:
+                return
+            detail = f"by {error:.3g} (max abs)"
+        raise ValueError(f"tune: the workdir {self.dir} holds a study whose reference run gave other outputs on the "
+                         f"{name} inputs ({detail}): the model or run(target, case) changed since (e.g. its steps, "
+                         f"scheduler or prompts); use another workdir to start afresh, or delete {self.dir}")
 
     def save_outputs(self, name: str, outputs: torch.Tensor) -> None:
         if self.dir is not None:
@@ -150,12 +284,17 @@ class Study:
         self.obj, self.run, self.budget, self.spaces = obj, run, budget, spaces
         self.calibration, self.held_out = list(calibration), list(held_out)
         self.progress = progress
-        signature = {"model": label, "calibration": [repr(c) for c in self.calibration],
-                     "held_out": [repr(c) for c in self.held_out],
-                     "spaces": {s.name: {k.name: [repr(v) for v in k.values] for k in s.knobs} for s in spaces}}
-        self.store = Store(workdir, signature)
+        self.store = Store(workdir, self.signature(label) if workdir is not None else {})
         self.announced: set[str] = set()
         self.space_names: dict[str, Space] = {}
+
+    def signature(self, label: str) -> dict:
+        """What decides the study's results, its key in a workdir. The run's repr where it tells its settings (a
+        plain function's tells little: a resumed study also reproduces the reference outputs first)."""
+        return {"model": label, "weights": weights_fingerprint(self.candidates.module), "run": _stable_repr(self.run),
+                "metric": None if self.budget.metric is None else _stable_repr(self.budget.metric),
+                "calibration": [repr(c) for c in self.calibration], "held_out": [repr(c) for c in self.held_out],
+                "spaces": {s.name: {k.name: [repr(v) for v in k.values] for k in s.knobs} for s in self.spaces}}
 
     # ------------------------------------------------------------------------------------------- progress
     def say(self, text: str) -> None:
@@ -165,28 +304,54 @@ class Study:
             self.progress(text)
 
     # ------------------------------------------------------------------------------------------ reference
-    def reference(self, name: str, cases) -> tuple[torch.Tensor, dict]:
-        """The unaccelerated run's outputs and measures on ``cases`` (once per study, kept in the workdir)."""
-        outputs = self.store.outputs(name)
-        if outputs is None or name not in self.store.reference:
-            self.say(f"reference run on the {name} inputs ({len(cases)} case(s))")
+    def reference(self, name: str, cases, earlier: Sequence = ()) -> tuple[torch.Tensor, dict]:
+        """The unaccelerated run's outputs and measures on ``cases`` (once per study, kept in the workdir; a resumed
+        study runs it again on the calibration inputs, to check it is the same study). ``earlier``: the (case,
+        samples) pairs the outputs must differ from."""
+        stored = self.store.outputs(name)
+        if stored is None or name == "calibration":
+            self.say(f"reference run on the {name} inputs ({len(cases)} case(s))"
+                     + ("" if stored is None else ": does it reproduce the workdir's?"))
             outputs, wall = _run_cases(self.run, self.obj, cases, marked=False)
-            self.store.save_outputs(name, outputs)
-            self.store.reference[name] = {"wall_s": wall}
+            check_reference(name, cases, outputs, earlier)
+            if stored is None:
+                self.store.save_outputs(name, outputs)
+                self.store.reference[name] = {"wall_s": wall}
+            else:
+                self.store.check_same(name, stored, outputs)
+        else:
+            outputs = stored
         record = self.store.reference[name]
         if "measures" not in record:
             record["measures"] = measure(outputs, outputs, self.budget.metric)
             self.store.write()
+        self.check_measured(name, record["measures"])
         return outputs, record
+
+    def check_measured(self, name: str, measures: dict) -> None:
+        """The metric measures what the budget bounds, finitely, on the reference outputs (against themselves)."""
+        for key in self.budget.bounded():
+            value = measures.get(key)
+            if value is None or not math.isfinite(value):
+                raise ValueError(f"tune: the budget bounds {key!r}, but QualityBudget.metric returned {key}={value} "
+                                 f"on the reference run's {name} outputs: return a finite {key!r} from metric, or "
+                                 "leave the bound None")
 
     # ----------------------------------------------------------------------------------------- evaluation
     def evaluate_config(self, config: Config, cases, reference: torch.Tensor) -> dict:
         target = self.candidates.optimized(config)
         outputs, wall = _run_cases(self.run, target, cases, marked=True)
         s = stats(target)
-        if s.graphs_without_ditfx or not s.graphs:
-            raise RuntimeError(f"tune: ditfx did not compile the model for {config!r} ({s.graphs_without_ditfx} of "
-                               f"{s.graphs} graph(s) fell back to plain compilation; see the warnings above)")
+        if not s.graphs:
+            raise ValueError(f"tune: ditfx compiled nothing for {config!r}: run(target, case) never called the "
+                             "optimized target it was given (or torch.compile is off in this process, e.g. "
+                             "TORCHDYNAMO_DISABLE=1); run must generate with target (the plain model or pipeline for "
+                             "the reference run, an optimized copy for each configuration), not a model of its own")
+        if s.graphs_without_ditfx:
+            # the fallbacks warned, but a warning shows once per place: the reasons go in the message
+            why = "; ".join(dict.fromkeys(runtime_of(target).fallbacks))
+            raise RuntimeError(f"tune: ditfx could not apply {config!r}: {s.graphs_without_ditfx} of {s.graphs} "
+                               f"graph(s) ran without its passes ({why})")
         del target
         gc.collect()
         record = {"flops": s.flops, "nfe": s.nfe / max(s.generations, 1), "block_evals": s.block_evals,
@@ -237,8 +402,7 @@ class Study:
                          f"{100 * q['fd_change']:.1f}%")
         if "accuracy" in q:
             parts.append(f"acc {100 * q['accuracy']:.1f}%")
-        missed = ", ".join(k for k, v in r["misses"].items() if v > 1e-9)
-        verdict = "inside" if r["inside"] else f"outside ({missed})"
+        verdict = "inside" if r["inside"] else f"outside ({', '.join(_missed(r))})"
         return f"{len(self.store.points):3d} {r['space']} {values}: {', '.join(p for p in parts if p)}: {verdict}"
 
     # ------------------------------------------------------------------------------------------- the study
@@ -251,7 +415,7 @@ class Study:
             record = self.evaluate_config(space.config((0,) * len(space.knobs)), self.calibration, self.ref_outputs)
             self.store.points["exact"] = dict(record, space="exact", values={}, point=[])
             self.store.write()
-        if record["max_abs_error"] > EXACT_TOLERANCE:
+        if not record["max_abs_error"] <= EXACT_TOLERANCE:  # NaN included
             raise ValueError(f"tune: the exact configuration's outputs differ from the reference run's by "
                              f"{record['max_abs_error']:.3g} (max abs): run(target, case) must give the same "
                              "outputs every time for a case (seed its generator from the case)")
@@ -314,42 +478,32 @@ def tune(pipe_or_model, run: Callable, budget: QualityBudget | None = None,
 
     * ``run(target, case) -> Tensor``: one generation of ``case`` (an int seed, or a dict with a ``"seed"``) with
       ``target`` (the plain model or pipeline for the reference, an optimized copy for every configuration), the
-      outputs as a tensor; it must seed its randomness from the case.
+      samples as a tensor of at least one dimension and one element; it must seed its randomness from the case.
+      The reference run's samples must be finite, not one constant value, and another for every case (else an
+      error before the search); a configuration whose samples hold NaN or inf, or whose measures are NaN, is
+      outside any budget.
     * ``budget``: :class:`QualityBudget` (default: PSNR >= 30 dB against the reference).
     * ``space``: a :class:`~ditfx.tuning.Space` or several (default: :func:`default_space`).
     * ``calibration`` / ``held_out``: the cases the search runs on, and those the winner is checked on; they share
       no seed.
     * ``compiler``: the returned config's (the search itself compiles with ``"eager"``: same outputs, no codegen).
-    * ``workdir``: where evaluations are kept as they finish; a study started again with it resumes.
+    * ``workdir``: where evaluations are kept as they finish; a study started again with it resumes (its budget
+      may change). A workdir whose study had another model label, weights, run, metric, cases or spaces is refused,
+      and so is one whose reference outputs the reference run, run again on resuming, does not reproduce.
     * ``timing``: rounds of wall-clock timing for the fastest points inside the budget (0: FLOPs decide alone).
-    * ``out``: save the returned config there (JSON, ``ditfx.Config.load`` reads it).
+    * ``out``: save the returned config there (a ``.json`` path, ``ditfx.Config.load`` reads it); every argument,
+      ``out`` and ``workdir`` included, is checked before any work.
     * ``margin``: on the held-out inputs a point must stay inside the budget tightened by ``margin``
       (``QualityBudget.tightened``: PSNR 1 dB higher at 0.1, FD within 9 % for 10 %): the fastest points sit at the
       budget's edge on the inputs they were found on, and inputs not seen yet move them by a few percent.
     """
     if not callable(run):
         raise TypeError(f"tune: run must be a callable run(target, case) -> outputs, got {type(run).__name__}")
-    budget = QualityBudget() if budget is None else budget
-    if not isinstance(budget, QualityBudget):
-        raise TypeError(f"tune: budget must be a ditfx.QualityBudget, got {type(budget).__name__}")
-    check_cases(calibration, held_out)
-    try:
-        runtime_of(pipe_or_model)
-    except ValueError:
-        pass
-    else:
-        raise ValueError("tune takes the plain model or pipeline (it compiles copies of it for every configuration); "
-                         "this one is optimized by ditfx already")
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < 1:
-        raise ValueError(f"tune: margin is a fraction of the budget's allowance in [0, 1), got {margin!r}")
-    if isinstance(timing, bool) or not isinstance(timing, int) or timing < 0:
-        raise ValueError(f"tune: timing is a number of rounds >= 0, got {timing!r}")
-    Config(compiler=compiler)  # validates the name before any work
-    spaces = [space] if isinstance(space, Space) else list(space) if space is not None else None
+    budget = check_settings(budget, calibration, held_out, compiler, workdir, timing, progress, out, label, margin)
+    _check_plain(pipe_or_model)
+    spaces = _spaces(space)
     if spaces is None:
         spaces = [default_space(pipe_or_model, run, calibration[0])]
-    if not spaces or not all(isinstance(s, Space) for s in spaces) or len({s.name for s in spaces}) != len(spaces):
-        raise ValueError("tune: space must be a ditfx.tuning.Space or a list of them with distinct names")
 
     study = Study(pipe_or_model, run, budget, spaces, calibration, held_out, workdir, progress,
                   label or type(pipe_or_model).__name__)
@@ -369,7 +523,8 @@ def tune(pipe_or_model, run: Callable, budget: QualityBudget | None = None,
     ranked += inside[CONFIRM:HELD_OUT_CHECKS]
     chosen, tried = None, bool(ranked)
     if ranked:
-        held_ref, held_record = study.reference("held_out", study.held_out)
+        calibrated = list(zip(study.calibration, study.ref_outputs.chunk(len(study.calibration))))
+        held_ref, held_record = study.reference("held_out", study.held_out, earlier=calibrated)
         strict = budget.tightened(margin)
         checked = 0
         while ranked and checked < HELD_OUT_CHECKS:
@@ -384,8 +539,9 @@ def tune(pipe_or_model, run: Callable, budget: QualityBudget | None = None,
             close = strict.misses(stored["held_out_measures"], held_record["measures"])
             r["held_out"] = {"measures": stored["held_out_measures"], "misses": misses,
                              "inside": all(v <= 1e-9 for v in close.values())}
-            verdict = ("inside the budget" if r["held_out"]["inside"] else "outside the budget" if any(
-                v > 1e-9 for v in misses.values()) else f"inside, but not by the margin ({margin:g} of an allowance)")
+            missed = _missed({"misses": misses, "measures": stored["held_out_measures"]})
+            verdict = ("inside the budget" if r["held_out"]["inside"] else f"outside the budget ({', '.join(missed)})"
+                       if missed else f"inside, but not by the margin ({margin:g} of an allowance)")
             study.say(f"held-out check of {r['space']} {r['values']}: {verdict}")
             if r["held_out"]["inside"]:
                 chosen = r
@@ -395,7 +551,7 @@ def tune(pipe_or_model, run: Callable, budget: QualityBudget | None = None,
     records += [dict(study.annotate(r), key=k) for k, r in study.store.points.items()
                 if k != "exact" and k not in seen]
     qualities = [("psnr", 1), ("ssim", 1), ("fd_change", -1), ("accuracy", 1)]
-    front = pareto_front(records, qualities)
+    front = pareto_front([r for r in records if not _broken(r)], qualities)
     tuning = {"format": STATE_FORMAT, "budget": budget.describe(), "margin": margin, "spaces": [s.name for s in spaces],
               "calibration": [repr(c) for c in study.calibration], "held_out": [repr(c) for c in study.held_out],
               "reference": _finite({"flops": study.ref_flops, **study.ref_record}),
@@ -422,7 +578,7 @@ def tune(pipe_or_model, run: Callable, budget: QualityBudget | None = None,
             why = "no configuration of the space runs faster than the reference (nothing was skipped)"
         tuning["message"] = f"{why}: the reference (exact) configuration is returned"
         warnings.warn(f"ditfx.tune: {tuning['message']}" + (
-            f"; the closest miss was {closest['space']} {closest['values']} ({_miss_text(closest)})"
+            f"; the closest miss was {closest['space']} {closest['values']} ({', '.join(_missed(closest, by=True))})"
             if closest else ""),
             stacklevel=2)
     config = dataclasses.replace(config, compiler=compiler, tuning=tuning)
@@ -432,8 +588,75 @@ def tune(pipe_or_model, run: Callable, budget: QualityBudget | None = None,
     return config
 
 
-def _miss_text(r: dict) -> str:
-    return ", ".join(f"{k} over by {100 * v:.0f}% of its allowance" for k, v in r["misses"].items() if v > 1e-9)
+def check_settings(budget, calibration, held_out, compiler, workdir, timing, progress, out, label,
+                   margin) -> QualityBudget:
+    """``tune``'s arguments but the model, the run and the spaces, checked before any work (the CLI checks its own
+    with it before it loads a model); returns the budget (default: PSNR >= 30 dB)."""
+    budget = QualityBudget() if budget is None else budget
+    if not isinstance(budget, QualityBudget):
+        raise TypeError(f"tune: budget must be a ditfx.QualityBudget, got {type(budget).__name__}")
+    check_cases(calibration, held_out)
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < 1:
+        raise ValueError(f"tune: margin is a fraction of the budget's allowance in [0, 1), got {margin!r}")
+    if isinstance(timing, bool) or not isinstance(timing, int) or timing < 0:
+        raise ValueError(f"tune: timing is a number of rounds >= 0, got {timing!r}")
+    Config(compiler=compiler)  # validates the name
+    if not (progress is None or isinstance(progress, bool) or callable(progress)):
+        raise TypeError(f"tune: progress must be True (lines on stderr), False or None (silent), or a callable "
+                        f"taking each line, got {type(progress).__name__}")
+    if label is not None and not isinstance(label, str):
+        raise TypeError(f"tune: label must be a str (the model's name in the study's key), got {type(label).__name__}")
+    if out is not None:
+        check_output_file("tune: out", out, (".json",))
+    if workdir is not None:
+        check_directory("tune: workdir", workdir)
+    return budget
+
+
+def _check_plain(pipe_or_model) -> None:
+    """A model or pipeline that ditfx has not optimized: tune compiles copies of it for every configuration."""
+    try:
+        denoiser_of(pipe_or_model)
+    except TypeError:
+        raise TypeError(f"tune: pipe_or_model must be an nn.Module (a DiT denoiser) or a diffusers pipeline with a "
+                        f"'transformer', got {type(pipe_or_model).__name__}") from None
+    try:
+        runtime_of(pipe_or_model)
+    except ValueError:
+        return
+    raise ValueError("tune takes the plain model or pipeline (it compiles copies of it for every configuration); "
+                     "this one is optimized by ditfx already")
+
+
+def _spaces(space) -> list[Space] | None:
+    """``space`` as a list (None: not given, the default space is built)."""
+    if space is None:
+        return None
+    spaces = [space] if isinstance(space, Space) else list(space) if isinstance(space, (list, tuple)) else []
+    if not spaces or not all(isinstance(s, Space) for s in spaces) or len({s.name for s in spaces}) != len(spaces):
+        raise ValueError(f"tune: space must be a ditfx.tuning.Space or a list of them with distinct names, got "
+                         f"{space!r}")
+    return spaces
+
+
+def _missed(r: dict, by: bool = False) -> list[str]:
+    """The bounds a record misses, each named with why: non-finite outputs or measures, or (``by``) how far."""
+    words = []
+    for k, v in r["misses"].items():
+        if v <= 1e-9:
+            continue
+        if k == "non_finite":
+            words.append(f"{r['measures']['non_finite']} NaN or infinite output value(s)")
+        elif not math.isfinite(v):
+            words.append(f"{k} {r['measures'].get(k)}, not finite")
+        else:
+            words.append(f"{k} over by {100 * v:.0f}% of its allowance" if by else k)
+    return words
+
+
+def _broken(r: dict) -> bool:
+    """Outputs or measures that are not numbers: no trade-off to show on the front."""
+    return "non_finite" in r["measures"] or any(math.isnan(v) for v in r["measures"].values())
 
 
 def _public(r: dict) -> dict:
