@@ -14,14 +14,30 @@ MODEL_HELP = ("a reference DiT config (DiT-S/2, DiT-XL/2, ..., DiT-T/2 for a tin
               "(the shipped, trained digits DiT)")
 
 
+def _refuse_unused(args, rules: list[tuple[str, str, bool, str]]) -> None:
+    """A flag that would do nothing is an error: ``(attribute, flag, what it needs is given, what it needs)``."""
+    for attr, flag, needed_is_given, needs in rules:
+        if getattr(args, attr, None) not in (None, False) and not needed_is_given:
+            raise ValueError(f"{flag} {needs}; as given it would change nothing")
+
+
 def _cache_config(args):
     from ditfx.cache.config import DynamicCache, StaticCache
 
-    if getattr(args, "schedule", None):
-        return StaticCache(delta=args.delta, schedule=args.schedule, per_block=args.per_block,
-                                 forecast=args.forecast or "linear")
-    if getattr(args, "threshold", None) is not None:
-        return DynamicCache(threshold=args.threshold, forecast=args.forecast or "none")
+    schedule, threshold = getattr(args, "schedule", None), getattr(args, "threshold", None)
+    if schedule and threshold is not None:
+        raise ValueError("--schedule (StaticCache) and --threshold (DynamicCache) are two block caches: pass one")
+    _refuse_unused(args, [
+        ("delta", "--delta", bool(schedule), "is the StaticCache delta of --schedule FILE (from ditfx calibrate)"),
+        ("per_block", "--per-block", bool(schedule), "sets StaticCache(per_block=True): it needs --schedule FILE"),
+        ("forecast", "--forecast", bool(schedule) or threshold is not None,
+         "sets how a block cache forecasts: it needs --schedule FILE or --threshold"),
+    ])
+    if schedule:
+        return StaticCache(delta=0.1 if args.delta is None else args.delta, schedule=schedule,
+                           per_block=args.per_block, forecast=args.forecast or "linear")
+    if threshold is not None:
+        return DynamicCache(threshold=threshold, forecast=args.forecast or "none")
     return None
 
 
@@ -29,15 +45,29 @@ def _budget_config(args):
     from ditfx.budget.config import TokenBudget
 
     until, flops, adapter = (getattr(args, k, None) for k in ("budget_until", "budget_flops", "adapter"))
-    if until is None and flops is None:
-        if adapter is not None:
-            raise ValueError("--adapter needs --budget-until or --budget-flops")
+    budget = until is not None or flops is not None
+    _refuse_unused(args, [
+        ("adapter", "--adapter", budget, "is the TokenBudget's adapter: it needs --budget-until or --budget-flops"),
+        ("patch", "--patch", budget, "is the TokenBudget's weak patch size: it needs --budget-until or --budget-flops"),
+    ])
+    if not budget:
         return None
     if adapter == "digits":
         from ditfx.models.digits import budget_adapter
 
         adapter = budget_adapter()
     return TokenBudget(adapter=adapter, weak_until=until, flops=flops, patch_size=args.patch)
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (a batch, a step count)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+    return value
 
 
 def cmd_inspect(args) -> int:
@@ -62,8 +92,14 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
+    budget_only = "applies to the token-budget schedule: it needs --budget"
+    cache_only = "applies to the block-cache schedule: drop it with --budget"
+    _refuse_unused(args, [(k, f"--{k}", args.budget, budget_only) for k in ("adapter", "patch", "flops", "scale")]
+                   + [(k, f"--{k.replace('_', '-')}", not args.budget, cache_only) for k in ("delta", "per_block",
+                                                                                           "mode")])
     if args.budget:
         return cmd_calibrate_budget(args)
+    args.delta = 0.1 if args.delta is None else args.delta
     from tqdm import tqdm
 
     from ditfx.cache.calibration import calibrate
@@ -75,7 +111,7 @@ def cmd_calibrate(args) -> int:
         def one_generation(model):
             zoo.run_loop(named, model, steps=args.steps, progress=lambda k: bar.update(1))
 
-        schedule = calibrate(named.model, one_generation, generations=args.generations, mode=args.mode)
+        schedule = calibrate(named.model, one_generation, generations=args.generations, mode=args.mode or "residual")
     out = schedule.save(args.out)
     png = schedule.heatmap(out.with_suffix(".png"), args.delta, per_block=args.per_block)
     plan = schedule.plan(args.delta, per_block=args.per_block)
@@ -107,7 +143,7 @@ def cmd_calibrate_budget(args) -> int:
 
         def run(pipe):
             labels = torch.randint(10, (args.batch,)).tolist()
-            pipe(labels, guidance_scale=args.scale, num_inference_steps=args.steps,
+            pipe(labels, guidance_scale=1.5 if args.scale is None else args.scale, num_inference_steps=args.steps,
                  generator=torch.Generator().manual_seed(int(torch.randint(2**31 - 1, (1,)))))
         time_scale = 1000.0
     else:
@@ -139,13 +175,22 @@ def cmd_export(args) -> int:
             raise ValueError("--demo exports the digits model with the demo's config: use MODEL digits")
         from ditfx.demo import DemoSettings, demo_config
 
-        settings = DemoSettings(per_class=args.per_class)
+        flags = ("batch", "threshold", "schedule", "delta", "per_block", "forecast", "gamma", "fill")
+        given = [f"--{f.replace('_', '-')}" for f in flags if getattr(args, f) not in (None, False)]
+        if given:
+            raise ValueError(f"--demo exports the demo's config and batch; {', '.join(given)} would change nothing: "
+                             "drop them, or export without --demo")
+        settings = DemoSettings(per_class=8 if args.per_class is None else args.per_class)
         config = demo_config(settings)
         batch = 10 * settings.per_class * (2 if settings.guidance_scale > 1 else 1)
     else:
-        guidance = AdaptiveGuidance(args.gamma, fill=args.fill) if args.gamma is not None else None
+        _refuse_unused(args, [
+            ("fill", "--fill", args.gamma is not None, "is the AdaptiveGuidance fill: it needs --gamma"),
+            ("per_class", "--per-class", False, "sets the demo's batch: it needs --demo"),
+        ])
+        guidance = AdaptiveGuidance(args.gamma, fill=args.fill or "delta") if args.gamma is not None else None
         config = Config(cache=_cache_config(args), guidance=guidance)
-        batch = args.batch
+        batch = 2 if args.batch is None else args.batch
     named = zoo.load(args.model, batch=batch)
     inputs = {**named.inputs, **({"return_dict": False} if named.diffusers else {})}
     path = export(named.model, args.path, example_inputs=inputs, config=config, overwrite=args.overwrite,
@@ -300,11 +345,11 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("inspect", help="show the region map, FLOPs, passes and per-step plan of a model")
     p.add_argument("model", help=MODEL_HELP)
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--steps", type=int, default=20, help="steps of the plan shown")
+    p.add_argument("--batch", type=_positive_int, default=2, help="rows of the call (default 2)")
+    p.add_argument("--steps", type=_positive_int, default=20, help="steps of the plan shown (default 20)")
     p.add_argument("--threshold", type=float, help="show a DynamicCache with this threshold")
     p.add_argument("--schedule", help="show a StaticCache with this schedule JSON (from ditfx calibrate)")
-    p.add_argument("--delta", type=float, default=0.1, help="StaticCache delta (with --schedule)")
+    p.add_argument("--delta", type=float, help="StaticCache delta (with --schedule; default 0.1)")
     p.add_argument("--per-block", action="store_true",
                    help="StaticCache(per_block=True): each block on its own schedule, the paper's rule (with "
                         "--schedule; default: the blocks recompute together)")
@@ -326,19 +371,21 @@ def main(argv: list[str] | None = None) -> int:
                                       "without the model's code or a compiler")
     p.add_argument("model", help=MODEL_HELP)
     p.add_argument("path", help="the package directory to write")
-    p.add_argument("--batch", type=int, default=2, help="rows of the example call (a batched CFG call counts both)")
+    p.add_argument("--batch", type=_positive_int,
+                   help="rows of the example call (a batched CFG call counts both; default 2)")
     p.add_argument("--threshold", type=float, help="DynamicCache with this threshold")
     p.add_argument("--schedule", help="StaticCache with this schedule JSON (from ditfx calibrate)")
-    p.add_argument("--delta", type=float, default=0.1, help="StaticCache delta (with --schedule)")
+    p.add_argument("--delta", type=float, help="StaticCache delta (with --schedule; default 0.1)")
     p.add_argument("--per-block", action="store_true",
                    help="StaticCache(per_block=True), the paper's rule (with --schedule; default: blocks together)")
     p.add_argument("--forecast", choices=("none", "linear"),
                    help="how reused values are forecast (with --schedule: default linear; --threshold: none)")
     p.add_argument("--gamma", type=float, help="AdaptiveGuidance with this gamma (the example batch is a CFG batch)")
-    p.add_argument("--fill", choices=("cond", "delta"), default="delta", help="AdaptiveGuidance fill (with --gamma)")
+    p.add_argument("--fill", choices=("cond", "delta"), help="AdaptiveGuidance fill (with --gamma; default delta)")
     p.add_argument("--demo", action="store_true",
                    help="digits with the demo's config and batch, for `ditfx demo --package PATH`")
-    p.add_argument("--per-class", type=int, default=8, help="(--demo) samples of each digit, as ditfx demo's")
+    p.add_argument("--per-class", type=_positive_int,
+                   help="(--demo) samples of each digit, as ditfx demo's (default 8)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing package at PATH")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(run=cmd_export)
@@ -388,13 +435,13 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("calibrate", help="record per-block change curves and write a static cache schedule")
     p.add_argument("model", help=MODEL_HELP)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--generations", type=int, default=4)
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--delta", type=float, default=0.1, help="delta of the heatmap and the summary")
+    p.add_argument("--steps", type=_positive_int, default=20, help="steps of each generation (default 20)")
+    p.add_argument("--generations", type=_positive_int, default=4, help="generations recorded (default 4)")
+    p.add_argument("--batch", type=_positive_int, default=2, help="rows of each call (default 2)")
+    p.add_argument("--delta", type=float, help="delta of the heatmap and the summary (default 0.1)")
     p.add_argument("--per-block", action="store_true",
                    help="heatmap and summary for per_block=True (each block on its own; default: together)")
-    p.add_argument("--mode", choices=("residual", "output"), default="residual")
+    p.add_argument("--mode", choices=("residual", "output"), help="what the schedule measures (default residual)")
     p.add_argument("--out", default="schedule.json")
     p.add_argument("--budget", action="store_true",
                    help="write a token-budget schedule instead: the weak/native prediction gap per step "
@@ -403,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
                                      "default zero-shot")
     p.add_argument("--patch", type=int, help="(--budget) the zero-shot weak patch size (default twice the native)")
     p.add_argument("--flops", type=float, help="(--budget) choose the weak steps for this fraction of the native FLOPs")
-    p.add_argument("--scale", type=float, default=1.5, help="(--budget) guidance scale of the digits pipeline")
+    p.add_argument("--scale", type=float, help="(--budget) guidance scale of the digits pipeline (default 1.5)")
     p.set_defaults(run=cmd_calibrate)
 
     args = parser.parse_args(argv)

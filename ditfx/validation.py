@@ -23,6 +23,27 @@ class WrongType(TypeError, ValueError):
     configuration by catching ValueError (the CLI) report these the same way."""
 
 
+def same_value(a: Any, b: Any) -> bool:
+    """Equality that also holds for tensors and the dicts and lists that carry them (``==`` on two tensors gives a
+    tensor, which ``bool()`` refuses): same type, shape, dtype and values."""
+    if hasattr(a, "dtype") and hasattr(a, "shape") and hasattr(a, "equal"):
+        return type(a) is type(b) and a.shape == b.shape and a.dtype == b.dtype and bool(a.cpu().equal(b.cpu()))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_value(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b))
+    return bool(a == b)
+
+
+def same_fields(a: Any, b: Any) -> bool:
+    """Dataclass equality by :func:`same_value` on every compared field (for dataclasses that hold tensors)."""
+    import dataclasses
+
+    if type(a) is not type(b):
+        return NotImplemented
+    return all(same_value(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a) if f.compare)
+
+
 def require(ok: bool, message: str) -> None:
     """Raise ``ValueError(message)`` unless ``ok``."""
     if not ok:

@@ -6,10 +6,10 @@ import warnings
 
 import pytest
 import torch
+from pipelines import build, run
 
 import ditfx
 from ditfx.models import zoo
-from pipelines import build, run
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 

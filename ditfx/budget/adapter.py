@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ditfx.report import TechniqueUnavailable
+from ditfx.validation import same_fields
 
 FORMAT = "ditfx.budget-adapter/1"
 
@@ -36,6 +37,8 @@ class BudgetAdapter:
     time_scale: float = 1000.0  # the model's timestep at noise level 1
     model: dict = field(default_factory=dict)  # what it was made for: class, grid, width, blocks
     record: dict = field(default_factory=dict)  # how it was made
+
+    __eq__ = same_fields  # the tensors compare by value
 
     @property
     def zero_shot(self) -> bool:

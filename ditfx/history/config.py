@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ditfx.validation import check_int, set_field
+from ditfx.validation import check_int, same_fields, set_field
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,11 @@ class HistoryAttention:
     steps: int = 4
     # the step-specific output heads: {"weight": (S, out, in), "bias": (S, out)}
     heads: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+    __eq__ = same_fields  # the heads are tensors
+
+    def __hash__(self) -> int:
+        return hash((self.layers, self.steps, self.heads is None))
 
     def __post_init__(self):
         o = "HistoryAttention"

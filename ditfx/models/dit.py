@@ -349,6 +349,12 @@ class DiT(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         """x (N, C, H, W) latents, t (N,) timesteps, y (N,) labels -> (N, out_channels, H, W)."""
+        size, channels = self.config.input_size, self.config.in_channels
+        if x.dim() != 4 or tuple(x.shape[1:]) != (channels, size, size):
+            # the position embedding is fixed at the configured size: say so, not a broadcast error deep inside
+            raise ValueError(f"this DiT takes latents of shape (N, {channels}, {size}, {size}), got "
+                             f"{tuple(x.shape)}: resize the latents, or build the model with input_size="
+                             f"{x.shape[-1] if x.dim() == 4 else '...'}")
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D), where T = H * W / patch_size ** 2
         t = self.t_embedder(t)                   # (N, D)
         y = self.y_embedder(y)                   # (N, D)
