@@ -88,3 +88,28 @@ def test_pipeline_transformer_is_compiled_in_place():
     with torch.no_grad():
         call(pipe.transformer, kw, "dit")
     assert ditfx.stats(pipe).calls == 1
+
+
+def test_the_reference_dit_names_a_wrong_latent_size():
+    from ditfx.models import zoo
+
+    named = zoo.load("DiT-T/2")
+    fast = ditfx.optimize(named.model, ditfx.Config(compiler="eager"))
+    with pytest.raises(ValueError, match=r"\(N, 4, 8, 8\), got \(2, 4, 32, 32\)"):
+        fast(torch.randn(2, 4, 32, 32), torch.full((2,), 500.0), torch.tensor([1, 2]))
+
+
+def test_configs_holding_tensors_compare_by_value_after_a_round_trip(tmp_path):
+    from ditfx.models import digits
+
+    heads = {"weight": torch.randn(4, 3, 5), "bias": torch.randn(4, 3)}
+    configs = [ditfx.Config(history=ditfx.HistoryAttention(2, 4, heads=heads)),
+               ditfx.Config(budget=ditfx.TokenBudget(adapter=digits.budget_adapter(), weak_until=0.5))]
+    for k, config in enumerate(configs):
+        path = tmp_path / f"c{k}.json"
+        config.save(path)
+        back = ditfx.Config.load(path)
+        assert back == config and not back != config
+    other = ditfx.Config(history=ditfx.HistoryAttention(2, 4, heads={**heads, "bias": heads["bias"] + 1}))
+    assert other != configs[0] and configs[0] != configs[1]
+    assert hash(ditfx.HistoryAttention(2, 4, heads=heads)) == hash(ditfx.HistoryAttention(2, 4, heads=heads))

@@ -69,3 +69,46 @@ def test_export_writes_a_package_that_loads_and_refuses_bad_requests(tmp_path, c
     assert "exists and is not empty" in capsys.readouterr().err
     assert cli.main(["export", "DiT-T/2", str(tmp_path / "demo"), "--demo"]) == 2
     assert "--demo exports the digits model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["inspect", "DiT-T/2", "--delta", "0.3"], "--delta"),
+    (["inspect", "DiT-T/2", "--per-block"], "--per-block"),
+    (["inspect", "DiT-T/2", "--threshold", "0.2", "--per-block"], "--per-block"),
+    (["inspect", "DiT-T/2", "--forecast", "linear"], "--forecast"),
+    (["inspect", "DiT-T/2", "--threshold", "0.2", "--schedule", "s.json"], "--threshold"),
+    (["inspect", "DiT-T/2", "--patch", "4"], "--patch"),
+    (["inspect", "DiT-T/2", "--adapter", "digits"], "--adapter"),
+    (["export", "DiT-T/2", "unused", "--delta", "0.3"], "--delta"),
+    (["export", "DiT-T/2", "unused", "--fill", "cond"], "--fill"),
+    (["export", "DiT-T/2", "unused", "--per-class", "2"], "--per-class"),
+    (["export", "digits", "unused", "--demo", "--threshold", "0.2"], "--threshold"),
+    (["export", "digits", "unused", "--demo", "--batch", "4"], "--batch"),
+    (["calibrate", "DiT-T/2", "--flops", "0.5"], "--flops"),
+    (["calibrate", "DiT-T/2", "--scale", "2"], "--scale"),
+    (["calibrate", "DiT-T/2", "--budget", "--delta", "0.3"], "--delta"),
+    (["calibrate", "DiT-T/2", "--budget", "--per-block"], "--per-block"),
+])
+def test_a_flag_that_would_do_nothing_is_an_error(argv, names, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert names in err and "Traceback" not in err
+    assert not (tmp_path / "unused").exists() and not (tmp_path / "schedule.json").exists()
+
+
+@pytest.mark.parametrize("argv", [["inspect", "DiT-T/2", "--steps", "0"], ["inspect", "DiT-T/2", "--batch", "0"],
+                                  ["export", "DiT-T/2", "unused", "--batch", "0"],
+                                  ["calibrate", "DiT-T/2", "--generations", "0"]])
+def test_counts_below_one_are_refused_by_name(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert argv[-2] in err and "not >= 1" in err
+
+
+def test_inspect_names_the_graph_break_of_a_model_it_cannot_capture_whole(capsys):
+    assert cli.main(["inspect", "tiny:lumina2"]) == 2
+    err = capsys.readouterr().err
+    assert "transformer_lumina2.py" in err and "ditfx.optimize" in err and "Traceback" not in err

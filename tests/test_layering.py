@@ -97,6 +97,19 @@ def test_the_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
+def test_no_module_of_the_package_imports_an_old_path():
+    """The old module paths (``ditfx._moved``) are for users' code; the package imports where things are."""
+    from ditfx._moved import MOVED
+
+    used = []
+    for name, (path, _) in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module] if (
+                isinstance(node, ast.ImportFrom) and node.module) else []
+            used += [(name, n) for n in names if n in MOVED]
+    assert used == []
+
+
 def test_no_module_of_the_package_imports_the_facade():
     graph = import_graph()
     assert sorted(name for name, deps in graph.items() if "ditfx" in deps and name != "ditfx") == []

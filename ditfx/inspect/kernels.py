@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from ditfx.passes.fusion import FusionReport
+from ditfx.kernels.lowering.fusion import FusionReport
 
 
 def kernel_section(reports: list) -> dict | None:

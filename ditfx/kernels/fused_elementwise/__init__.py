@@ -1,6 +1,6 @@
 """Fused elementwise expressions (optionally after a LayerNorm) in one generated Triton kernel.
 
-The op the fusion pass (``ditfx.passes.fusion``) lowers pattern variants to when no fixed kernel
+The op the fusion pass (``ditfx.kernels.lowering.fusion``) lowers pattern variants to when no fixed kernel
 (``adaln_modulate``, ``gated_residual``) has their exact form.
 """
 
