@@ -33,6 +33,14 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
+def between(values, k: int) -> float:
+    """A threshold between the k-th and (k+1)-th smallest distinct measured values, never on one: the same values
+    measured again (another CPU, a sample alone) round either side of themselves, and a threshold equal to one
+    decides differently there."""
+    v = sorted({float(x) for x in values if x == x})
+    return (v[k] + v[k + 1]) / 2
+
+
 def _name(family: str) -> str:
     return "DiT-T/2" if family == "reference" else f"tiny:{family}"
 

@@ -7,7 +7,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import ditfx
-from conftest import FAMILIES, run_loop, tiny_model
+from conftest import FAMILIES, between, run_loop, tiny_model
 from ditfx.cache.policy import CachedValues
 from ditfx.cache.schedule import CacheSchedule
 from ditfx.runtime.rows import bucket, buckets
@@ -71,7 +71,7 @@ def test_calibration_and_static_plan_is_what_runs():
     schedule = calibrated(model, kw, steps=8, generations=2)
     assert schedule.blocks == ["blocks.0", "blocks.1", "blocks.2", "blocks.3"] and schedule.steps == 8
     assert all(c[0] == 0 and all(v > 0 for v in c[1:]) for c in schedule.change)
-    delta = sorted(v for c in schedule.change for v in c[1:])[len(schedule.change) * 4]
+    delta = between((v for c in schedule.change for v in c[1:]), len(schedule.change) * 4)
     plan = schedule.plan(delta)
     cache = ditfx.StaticCache(delta, schedule, per_block=True, forecast="none")
     fast = ditfx.optimize(model, ditfx.Config(cache=cache, compiler=EAGER))
@@ -124,7 +124,7 @@ def test_blocks_together_recompute_at_the_same_steps():
         assert counts == sorted(counts, reverse=True) and counts[0] == 5 * schedule.steps
     model, kw = tiny_model("reference")
     schedule = calibrated(model, kw, steps=8)
-    delta = sorted(v for c in schedule.change for v in c[1:])[len(schedule.change) * 4]
+    delta = between((v for c in schedule.change for v in c[1:]), len(schedule.change) * 4)
     plan = schedule.plan(delta, per_block=False)
     fast = ditfx.optimize(model, ditfx.Config(cache=ditfx.StaticCache(delta, schedule, per_block=False),
                                               compiler=EAGER))
@@ -155,7 +155,7 @@ def test_linear_forecast_extrapolates_a_linear_trajectory():
 def test_linear_forecast_moves_only_reused_blocks():
     model, kw = tiny_model("reference")
     schedule = calibrated(model, kw, steps=8)
-    delta = sorted(v for c in schedule.change for v in c[1:])[len(schedule.change) * 4]
+    delta = between((v for c in schedule.change for v in c[1:]), len(schedule.change) * 4)
     runs = {}
     for forecast in ("none", "linear"):
         cache = ditfx.StaticCache(delta, schedule, per_block=True, forecast=forecast)
