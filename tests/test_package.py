@@ -88,6 +88,27 @@ def test_the_loaded_pipeline_equals_the_optimized_one(digits_package):
     assert (sample(loaded) - expected).abs().max() <= 1e-5
 
 
+def test_a_loaded_pipeline_after_a_call_aborted_at_step_0_starts_a_new_generation(digits_package):
+    from ditfx.models import digits
+    from ditfx.models.digits.sampling import class_grid
+
+    class Abort(Exception):
+        pass
+
+    def abort(pipe, i, t, kwargs):
+        raise Abort()
+
+    pipe = ditfx.optimize(digits.DigitsPipeline(ditfx.load(digits_package), digits.make_scheduler()))
+    pipe.set_progress_bar_config(disable=True)
+    with pytest.raises(Abort):
+        pipe(class_grid(1), num_inference_steps=STEPS, guidance_scale=1.5, callback_on_step_end=abort,
+             generator=torch.Generator().manual_seed(5))
+    got = pipe(class_grid(1), num_inference_steps=STEPS, guidance_scale=1.5,
+               generator=torch.Generator().manual_seed(0)).images
+    assert (got - sample(ditfx.load(digits_package))).abs().max() <= 1e-5
+    assert ditfx.stats(pipe).generations == 2
+
+
 def test_a_fresh_process_runs_the_digits_pipeline_from_the_package(digits_package, tmp_path):
     """No Dynamo, no Inductor, no model code: only the package and the runtime (then the pipeline, whose diffusers
     imports Dynamo itself)."""
