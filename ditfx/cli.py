@@ -143,6 +143,9 @@ def cmd_export(args) -> int:
         config = demo_config(settings)
         batch = 10 * settings.per_class * (2 if settings.guidance_scale > 1 else 1)
     else:
+        if args.batch < 1:
+            raise ValueError(f"--batch must be at least 1 (the rows of the example call the package serves), got "
+                             f"{args.batch}")
         guidance = AdaptiveGuidance(args.gamma, fill=args.fill) if args.gamma is not None else None
         config = Config(cache=_cache_config(args), guidance=guidance)
         batch = args.batch
