@@ -151,6 +151,10 @@ def test_targets_that_are_not_packages_are_refused_before_work(package, tmp_path
         build.rebuild(package, tmp_path / "pkg")
     with pytest.raises(ValueError, match="hold one another"):
         build.rebuild(tmp_path / "pkg", tmp_path / "pkg" / "rebuilt", overwrite=True)
+    with pytest.raises(FileExistsError, match="is inside the package .*pkg: give a path outside it"):
+        build.rebuild(package, tmp_path / "pkg" / "plan" / "rebuilt")
+    with pytest.raises(FileExistsError, match="is inside the package"):
+        ditfx.export(model, tmp_path / "pkg" / "exported", example_inputs=kw)
     with pytest.raises(ValueError, match="hold one another"):
         build.rebuild(tmp_path / "pkg", tmp_path, overwrite=True)
     with pytest.raises(ValueError, match="device 'bogus' \\(--device\\)"):

@@ -418,9 +418,13 @@ def _check_apart(package: Path, path: Path) -> None:
 
 def _check_target(path: Path, overwrite: bool) -> None:
     """Refuse to write a package at ``path`` where something other than a package is, or a package unless asked to
-    replace it (nothing is removed here: the old package goes only once the new one is complete)."""
+    replace it, or inside a package (its files would no longer be the ones its manifest lists). Nothing is removed
+    here: the old package goes only once the new one is complete."""
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         raise FileExistsError(f"{path} is a file or a link, not a package directory: give another path")
+    holder = next((p for p in Path(os.path.abspath(path)).parents if (p / manifest_io.MANIFEST).is_file()), None)
+    if holder is not None:
+        raise FileExistsError(f"{path} is inside the package {holder}: give a path outside it")
     if path.exists() and any(path.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{path} exists and is not empty: pass overwrite=True (--overwrite) or another path")
