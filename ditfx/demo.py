@@ -159,6 +159,7 @@ def _package_pipeline(settings: DemoSettings, rows: int):
     from ditfx.models import digits
     from ditfx.package.loaded import load
 
+    _check_digits_package(Path(settings.package))
     transformer = load(settings.package)
     exported = transformer.call_spec.tensors.get("hidden_states", {}).get("shape", [None])[0]
     if exported != rows:
@@ -169,7 +170,31 @@ def _package_pipeline(settings: DemoSettings, rows: int):
     guided = any(isinstance(c, AdaptiveGuidance | GuidanceWindow | LinearAG)
                  for c in transformer.executor.plan.policies)
     pipe = api.optimize(digits.DigitsPipeline(transformer, digits.make_scheduler()))  # binds its scheduler
-    return pipe, guided, transformer.manifest["config"]
+    return pipe, guided, transformer.manifest.get("config", "unknown")
+
+
+def _check_digits_package(path: Path) -> None:
+    """Refuse, before loading it, a package of another model than the shipped digits DiT, the one the demo samples."""
+    from ditfx.models import digits
+    from ditfx.package import manifest as manifest_io
+    from ditfx.package.call import CallSpec
+
+    manifest = manifest_io.read_fields(path)
+    call = CallSpec.read(manifest_io.PackageFile(path / "call.json", manifest["ditfx"]))
+    model = digits.load_transformer()
+    expected = json.loads(json.dumps({k: v for k, v in model.config.items() if not k.startswith("_")}))
+    config = call.config or {}
+    differs = [f"{k} {config.get(k)!r}" for k in expected if config.get(k) != expected[k]]
+    model_class = f"{type(model).__module__}.{type(model).__qualname__}"
+    if manifest["model_class"] != model_class:
+        what = f"its manifest.json names the model {manifest['model_class']}"
+    elif differs:
+        what = (f"its call.json holds a {type(model).__name__} of another config than the digits DiT "
+                f"({', '.join(differs[:4])})")
+    else:
+        return
+    raise ValueError(f"{path} is not the digits demo package: {what}. The demo samples the shipped digits DiT: make "
+                     "its package with `ditfx export digits PATH --demo`")
 
 
 def _student_row(settings: DemoSettings, labels, baseline: torch.Tensor, baseline_s: float) -> dict:

@@ -153,6 +153,12 @@ def test_wrong_inputs_are_refused_before_running(digits_package):
         loaded(**good, prompt="a seven")
     with pytest.raises(TypeError, match="argument class_labels is missing"):
         loaded(hidden_states=good["hidden_states"], timestep=good["timestep"])
+    with pytest.raises(TypeError, match="argument timestep is a ndarray, not a torch.Tensor; .*torch.from_numpy"):
+        loaded(**{**good, "timestep": good["timestep"].numpy()})
+    with pytest.raises(TypeError, match="argument timestep is a float, not a torch.Tensor; .*torch.tensor\\(value"):
+        loaded(**{**good, "timestep": 500.0})
+    with pytest.raises(ValueError, match="argument (hidden_states|timestep|class_labels) has 0 rows \\(shape"):
+        loaded(**{k: v[:0] if isinstance(v, torch.Tensor) else v for k, v in good.items()})
     assert ditfx.stats(loaded).calls == 0
 
 

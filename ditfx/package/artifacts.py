@@ -10,12 +10,14 @@ make the batch dynamic.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ditfx.package.manifest import PackageFile, is_dtype
 from ditfx.plan import Plan, VariantUnavailable
 from ditfx.runtime.rows import buckets
 
@@ -40,6 +42,42 @@ class ArtifactEntry:
     @classmethod
     def from_json(cls, data: dict) -> ArtifactEntry:
         return cls(**{**data, "transforms": tuple(data["transforms"])})
+
+    @classmethod
+    def read(cls, data, file: PackageFile) -> ArtifactEntry:
+        """The entry of a package's ``plan.json``, its shape checked (errors name ``file``)."""
+        fields = [f.name for f in dataclasses.fields(cls)]
+        file.object(data, "an artifact entry", fields)
+        name = data["name"]
+        what = f"artifact {name!r}"
+        file.check(isinstance(name, str) and name.endswith(".pt2") and name == Path(name).name
+                   and not name.startswith("."), f"{what}: its name must be a .pt2 file name")
+        file.check(isinstance(data["signature"], str) and _strings(data["transforms"]),
+                   f"{what}: signature must be a string and transforms a list of strings")
+        rows = data["rows"]
+        file.check(rows == DYNAMIC or (type(rows) is int and rows >= 1), f"{what}: rows must be {DYNAMIC!r} or >= 1")
+        file.check(isinstance(data["inputs"], list) and all(map(_input_spec, data["inputs"])),
+                   f"{what}: inputs must be a list of {{'shape', 'dtype'}} or {{'constant'}} objects")
+        file.check(isinstance(data["outputs"], list), f"{what}: outputs must be a list")
+        file.check(isinstance(data["example"], list) and all(_ints(e) for e in data["example"]),
+                   f"{what}: example must be a list of shapes")
+        return cls.from_json(data)
+
+
+def _strings(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _ints(value) -> bool:
+    return isinstance(value, list) and all(type(v) is int and v >= 0 for v in value)
+
+
+def _input_spec(spec) -> bool:
+    if isinstance(spec, dict) and set(spec) == {"constant"}:
+        return True
+    return (isinstance(spec, dict) and set(spec) == {"shape", "dtype"} and is_dtype(spec["dtype"])
+            and isinstance(spec["shape"], list)
+            and all(isinstance(d, str) or (type(d) is int and d >= 0) for d in spec["shape"]))
 
 
 # ------------------------------------------------------------------------------------------- building

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import importlib
 import json
 import os
+import secrets
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -21,12 +25,15 @@ import torch
 from ditfx.config import Config
 from ditfx.package import manifest as manifest_io
 from ditfx.package.artifacts import DYNAMIC, compile_artifact, export_variant, needed_rows, needed_variants
-from ditfx.package.call import CallSpec
+from ditfx.package.call import CallSpec, walk
 from ditfx.plan import Plan, VariantUnavailable
 
 
 class ExportError(ValueError):
     """A model or config that cannot be exported: what, and what to do."""
+
+
+WORK_SUFFIX = ".ditfx-partial"  # a build's work directory beside the package: .<name>.<random>.ditfx-partial
 
 
 def export(model_or_optimized, path, example_inputs=None, config: Config | None = None,
@@ -52,14 +59,15 @@ def export(model_or_optimized, path, example_inputs=None, config: Config | None 
     if not isinstance(config, Config):
         raise TypeError(f"config must be a ditfx.Config, got {type(config).__name__}")
     args, kwargs = _example(example_inputs)
+    _check_rows(args, kwargs)
     path = Path(path)
-    _clear(path, overwrite)
+    _check_target(path, overwrite)
     config.check_model(module)
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
 
     say("capturing the model and building the plan")
     plan, spec, stored = capture(module, config, args, kwargs)
-    with _writing(path) as work:
+    with _writing(path, overwrite) as work:
         _write(work, plan, spec, stored, say, jobs)
         manifest_io.write(work, {**manifest_io.target(device), "model_class": _qualname(module),
                                  "config": repr(config), "build_seconds": round(time.perf_counter() - start, 1)})
@@ -68,17 +76,61 @@ def export(model_or_optimized, path, example_inputs=None, config: Config | None 
 
 
 @contextlib.contextmanager
-def _writing(path: Path) -> Iterator[Path]:
-    """A fresh ``PATH.partial`` to write the package in, renamed to ``path`` when complete, removed on failure."""
-    work = path.with_name(path.name + ".partial")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+def _writing(path: Path, overwrite: bool) -> Iterator[Path]:
+    """A fresh work directory beside ``path`` to write the package in, marked as ditfx's: it replaces ``path`` only
+    once complete (a failed build leaves the old package as it was) and is removed on failure. Work directories
+    of builds whose process is gone (killed) are removed first; nothing without ditfx's mark is touched."""
+    path = Path(os.path.abspath(path))  # a name and a folder to work beside, for "." or "out/.." too
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*{WORK_SUFFIX}"):
+        if _abandoned(stale):
+            shutil.rmtree(stale, ignore_errors=True)
+    # not tempfile.mkdtemp: its folder is private to this user (0700), and the package would stay so
+    work = path.parent / f".{path.name}.{secrets.token_hex(6)}{WORK_SUFFIX}"
+    work.mkdir()
+    (work / manifest_io.WORK_MARKER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
     try:
         yield work
-        work.rename(path)
+        (work / manifest_io.WORK_MARKER).unlink()
+        _swap(work, path, overwrite)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+
+
+def _abandoned(work: Path) -> bool:
+    """Whether ``work`` is the work directory of a ditfx build on this machine whose process is gone."""
+    try:
+        owner = json.loads((work / manifest_io.WORK_MARKER).read_text())
+    except (OSError, ValueError):  # not ditfx's, or its mark not written yet: left alone
+        return False
+    pid = owner.get("pid") if isinstance(owner, dict) else None
+    if not isinstance(pid, int) or owner.get("host") != socket.gethostname() or work.is_symlink():
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: whether the process exists
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        pass
+    return False
+
+
+def _swap(work: Path, path: Path, overwrite: bool) -> None:
+    """Put the finished ``work`` at ``path``. What is there (checked again: it may have changed during the build)
+    is renamed aside first and removed only once the new package is in place."""
+    if not path.exists():
+        work.rename(path)
+        return
+    _check_target(path, overwrite)
+    aside = work.with_name(work.name.removesuffix(WORK_SUFFIX) + ".ditfx-old")
+    path.rename(aside)
+    try:
+        work.rename(path)
+    except BaseException:
+        aside.rename(path)
+        raise
+    shutil.rmtree(aside)
 
 
 def _example(example_inputs) -> tuple[tuple, dict]:
@@ -90,6 +142,17 @@ def _example(example_inputs) -> tuple[tuple, dict]:
         return (example_inputs,), {}
     raise ExportError("example_inputs must be one call's arguments: a dict of keyword arguments or a tuple of "
                       f"positional ones, got {type(example_inputs).__name__}")
+
+
+def _check_rows(args: tuple, kwargs: dict) -> None:
+    """Refuse example tensors of 0 rows before any work (the captured call would fail deep in the runtime)."""
+    leaves: dict = {}
+    for key, value in [*enumerate(args), *kwargs.items()]:
+        walk(value, (str(key),), leaves, {})
+    empty = [".".join(p) for p, t in leaves.items() if t.dim() and t.shape[0] == 0]
+    if empty:
+        raise ExportError(f"example_inputs {empty} have 0 rows: export needs an example call of at least one row "
+                          "(the batch the package serves)")
 
 
 def _config_of(obj) -> Config | None:
@@ -221,29 +284,68 @@ def compile_programs(source: Path, directory: Path, compiles: list, jobs: int | 
     # fresh interpreters, not multiprocessing: a spawned worker would import the caller's __main__ (a script
     # without a __main__ guard would run again), and a forked one inherits torch's thread pools
     shares = [list(range(k, len(work), jobs)) for k in range(jobs)]
+    workers: list[_Worker] = []
     with ThreadPoolExecutor(jobs) as pool:
-        futures = [pool.submit(_compile_in_subprocess, [work[i] for i in share], [labels[i] for i in share], say)
-                   for share in shares]
-        for future in as_completed(futures):
-            future.result()
+        try:
+            for share in shares:
+                workers.append(_Worker([work[i] for i in share], [labels[i] for i in share]))
+            for future in as_completed([pool.submit(worker.follow, say) for worker in workers]):
+                future.result()
+        finally:  # one failed, or the build was interrupted: the others stop now, not when done
+            for worker in workers:
+                worker.stop()
 
 
-def _compile_in_subprocess(share: list[tuple], labels: list[str], say) -> None:
-    """Compile ``share`` in one worker process, reporting each artifact as it is done."""
-    with tempfile.TemporaryFile("w+") as errors:
-        worker = subprocess.Popen([sys.executable, "-m", "ditfx.package.build"], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, stderr=errors, text=True)
-        worker.stdin.write(json.dumps(share))
-        worker.stdin.close()
-        done = 0
-        for line in worker.stdout:  # "<index in share> <seconds>" per compiled artifact
-            k, seconds = line.split()
-            say(f"  compiled {labels[int(k)]} in {float(seconds):.1f} s")
-            done += 1
-        if worker.wait() != 0:
-            errors.seek(0)
-            failed = Path(share[done][0]).name if done < len(share) else "an artifact"
-            raise RuntimeError(f"compiling {failed} with AOTInductor failed:\n{errors.read()[-4000:]}")
+# A compile worker's program, its parent's pid its argument. Its first lines, before it imports torch (seconds, more
+# on a busy machine), watch the parent: a build killed by a signal (SIGTERM at a job scheduler's time limit) runs no
+# cleanup, and its workers would go on writing into its work directory. Once the parent is gone, the worker ends
+# with its session: itself and the C++ compilers it started.
+_WORKER = """
+import os, signal, sys, threading, time
+
+def watch(parent):
+    while os.getppid() == parent:
+        time.sleep(0.2)
+    os.killpg(0, signal.SIGKILL)
+
+threading.Thread(target=watch, args=(int(sys.argv[1]),), daemon=True).start()
+from ditfx.package.build import compile_share
+compile_share()
+"""
+
+
+class _Worker:
+    """A worker process compiling its share of the artifacts (``_WORKER``). It leads a session of its own, so that
+    stopping it stops the C++ compilers it runs, and ends itself when this process ends."""
+
+    def __init__(self, share: list[tuple], labels: list[str]):
+        self.share, self.labels = share, labels
+        self.errors = tempfile.TemporaryFile("w+")
+        self.process = subprocess.Popen([sys.executable, "-c", _WORKER, str(os.getpid())],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors, text=True,
+                                        start_new_session=True)
+        self.process.stdin.write(json.dumps(share))
+        self.process.stdin.close()
+
+    def follow(self, say) -> None:
+        """Report each artifact as the worker finishes it; raise if it fails."""
+        with self.errors, self.process.stdout:
+            done = 0
+            for line in self.process.stdout:  # "<index in share> <seconds>" per compiled artifact
+                k, seconds = line.split()
+                say(f"  compiled {self.labels[int(k)]} in {float(seconds):.1f} s")
+                done += 1
+            if self.process.wait() != 0:
+                self.errors.seek(0)
+                failed = Path(self.share[done][0]).name if done < len(self.share) else "an artifact"
+                raise RuntimeError(f"compiling {failed} with AOTInductor failed:\n{self.errors.read()[-4000:]}")
+
+    def stop(self) -> None:
+        """Kill the worker and its compilers, unless it is done."""
+        if self.process.poll() is None:  # not yet reaped: its pid, and so its session's, is still its own
+            with contextlib.suppress(ProcessLookupError):  # reaped meanwhile by follow
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
 
 
 def _compile_job(program: str, entry: dict, artifact: str, saved: str, device: str | None) -> float:
@@ -264,40 +366,76 @@ def _compile_job(program: str, entry: dict, artifact: str, saved: str, device: s
 def rebuild(package, path, device=None, progress: Callable[[str], None] | None = None,
             overwrite: bool = False, jobs: int | None = None) -> Path:
     """Compile the package at ``package`` again, from its exported programs, for this machine and ``device``
-    (default: the package's device type), into ``path``: no model code needed; the plan, call interface and
-    weights are copied. For another torch version, device type, GPU architecture or CPU ISA."""
-    from ditfx.package.artifacts import ArtifactEntry
+    (default: the package's device type), into ``path`` (which may be ``package`` itself, with ``overwrite``): no
+    model code needed; the plan, call interface and weights are copied. For another torch version, device type, GPU
+    architecture or CPU ISA. The package is checked as :func:`ditfx.load` checks it (every file's digest, every
+    JSON file's shape) before any work."""
+    from ditfx.package.loaded import plans, read_package
 
     start = time.perf_counter()
     say = progress or (lambda line: None)
     package, path = Path(package), Path(path)
     manifest = manifest_io.read_fields(package)
-    device = torch.device(device if device is not None else manifest["device"])
-    _clear(path, overwrite)
-    with _writing(path) as work:
+    manifest_io.verify_files(package, manifest)  # a rebuild must not sign files edited after export
+    _, plan = read_package(package, manifest)
+    compiles = [(entry, entry.name) for p in plans(plan) for entries in p.artifacts.values() for entry in entries]
+    for entry, _ in compiles:
+        if not (package / "programs" / entry.name).is_file():
+            raise manifest_io.PackageError(f"{package / 'programs' / entry.name} is missing: the package holds no "
+                                           "program to compile that artifact from; export it again")
+    device, target = _rebuild_target(device, manifest)
+    _check_apart(package, path)
+    _check_target(path, overwrite)
+    with _writing(path, overwrite) as work:
         shutil.copytree(package, work, ignore=shutil.ignore_patterns("artifacts", "programs", manifest_io.MANIFEST),
                         dirs_exist_ok=True)
-        compiles = [(entry, entry.name) for plan_json in sorted(work.glob("plan/**/plan.json"))
-                    for entry in map(ArtifactEntry.from_json, json.loads(plan_json.read_text())["artifacts"])]
         compile_programs(package, work, compiles, jobs, say, device if str(device) != manifest["device"] else None)
         fields = {k: v for k, v in manifest.items() if k not in ("format", "ditfx", "torch", "files", "device", "arch")}
         fields["build_seconds"] = round(time.perf_counter() - start, 1)
-        manifest_io.write(work, {**manifest_io.target(device), **fields})
+        manifest_io.write(work, {**target, **fields})
     say(f"wrote {path} in {time.perf_counter() - start:.1f} s")
     return path
 
 
-def _clear(path: Path, overwrite: bool) -> None:
-    """Make room for a package at ``path``: refuse to replace anything but a package, and that only when asked."""
+def _rebuild_target(device, manifest: dict) -> tuple[torch.device, dict]:
+    """The device to rebuild for and what its code depends on here (:func:`manifest.target`), before any work."""
+    name = device if device is not None else manifest["device"]
+    try:
+        device = torch.device(name)
+        return device, manifest_io.target(device)
+    except (RuntimeError, AssertionError, TypeError) as e:  # no such device type, or none of it here
+        raise ValueError(f"cannot rebuild for device {name!r} (--device) on this machine: {e}") from None
+
+
+def _check_apart(package: Path, path: Path) -> None:
+    """Refuse a rebuild into a folder of the package, or over a folder holding it (the package itself is fine: it is
+    read before it is replaced)."""
+    source, target = package.resolve(), path.resolve()
+    if source in target.parents or target in source.parents:
+        raise ValueError(f"the rebuilt package {path} and the package {package} hold one another: give a path "
+                         "outside the package (or the package itself, with --overwrite)")
+
+
+def _check_target(path: Path, overwrite: bool) -> None:
+    """Refuse to write a package at ``path`` where something other than a package is, or a package unless asked to
+    replace it, or inside a package (its files would no longer be the ones its manifest lists). Nothing is removed
+    here: the old package goes only once the new one is complete."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise FileExistsError(f"{path} is a file or a link, not a package directory: give another path")
+    holder = next((p for p in Path(os.path.abspath(path)).parents if (p / manifest_io.MANIFEST).is_file()), None)
+    if holder is not None:
+        raise FileExistsError(f"{path} is inside the package {holder}: give a path outside it")
     if path.exists() and any(path.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{path} exists and is not empty: pass overwrite=True (--overwrite) or another path")
         if not (path / manifest_io.MANIFEST).is_file():
-            raise FileExistsError(f"{path} is not a ditfx package; refusing to overwrite it")
-        shutil.rmtree(path)
+            raise FileExistsError(f"{path} is not a ditfx package ({manifest_io.MANIFEST} missing); refusing to "
+                                  "overwrite it: give another path")
 
 
-if __name__ == "__main__":  # a worker of compile_programs: its share of jobs from stdin, one line per artifact
+def compile_share() -> None:
+    """A worker of :func:`compile_programs` (its program: ``_WORKER``): its share of the jobs from stdin, one line
+    per compiled artifact."""
     import torch._inductor.config
 
     torch._inductor.config.compile_threads = 1  # the workers are one per core already: no pool of pools

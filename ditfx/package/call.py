@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from ditfx.package.manifest import PackageFile, is_dtype
+
 RETURN_DICT = "return_dict"
 
 
@@ -23,18 +25,18 @@ class CallError(TypeError):
     """A call the exported graph cannot serve: the argument, what was expected, what to do."""
 
 
-def _walk(value, path: tuple, leaves: dict, constants: dict) -> None:
+def walk(value, path: tuple, leaves: dict, constants: dict) -> None:
     """Tensors of ``value`` by path into ``leaves``; every other leaf (None, numbers, strings) into ``constants``."""
     if isinstance(value, torch.Tensor):
         leaves[path] = value
     elif isinstance(value, dict):
         constants[path] = {"dict": sorted(map(str, value))}
         for k, v in value.items():
-            _walk(v, (*path, str(k)), leaves, constants)
+            walk(v, (*path, str(k)), leaves, constants)
     elif isinstance(value, (list, tuple)):
         constants[path] = {type(value).__name__: len(value)}
         for k, v in enumerate(value):
-            _walk(v, (*path, str(k)), leaves, constants)
+            walk(v, (*path, str(k)), leaves, constants)
     else:
         constants[path] = _jsonable(value)
 
@@ -75,7 +77,7 @@ class CallSpec:
         defaults = {p.name: _jsonable(p.default) for p in params if p.default is not p.empty}
         spec = cls([p.name for p in params], defaults,
                    any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()), [], {}, {}, {})
-        leaves, constants = spec._flatten(args, kwargs)
+        leaves, constants = spec._flatten(spec.bind(args, kwargs))
         spec.constants = {_key(p): v for p, v in constants.items() if p[:1] != (RETURN_DICT,)}
         spec.tensors = {_key(p): {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
                         for p, t in leaves.items()}
@@ -109,11 +111,10 @@ class CallSpec:
         spec.dtype = str(floating[0].dtype if floating else torch.float32).removeprefix("torch.")
         return spec, stored
 
-    def _flatten(self, args: tuple, kwargs: dict) -> tuple[dict, dict]:
-        bound = self.bind(args, kwargs)
+    def _flatten(self, bound: dict) -> tuple[dict, dict]:
         leaves, constants = {}, {}
         for name, value in bound.items():
-            _walk(value, (name,), leaves, constants)
+            walk(value, (name,), leaves, constants)
         return leaves, constants
 
     def bind(self, args: tuple, kwargs: dict) -> dict:
@@ -135,7 +136,8 @@ class CallSpec:
     # ------------------------------------------------------------------------------------ calling
     def graph_inputs(self, args: tuple, kwargs: dict, weights: dict[str, torch.Tensor]) -> tuple[list, bool]:
         """The graph's inputs for this call (checked), and whether it asks for a dict result."""
-        leaves, constants = self._flatten(args, kwargs)
+        bound = self.bind(args, kwargs)
+        leaves, constants = self._flatten(bound)
         return_dict = constants.pop((RETURN_DICT,), self.defaults.get(RETURN_DICT, False))
         for path in [p for p in constants if p[:1] == (RETURN_DICT,)]:
             constants.pop(path)
@@ -149,11 +151,13 @@ class CallSpec:
                 raise CallError(f"argument {path} was {_show(value)} when this package was exported, got {got}: the "
                                 "exported graph is specialised to it; export again with this value")
         tensors = {_key(p): t for p, t in leaves.items()}
+        passed = {*self.parameters[:len(args)], *kwargs}  # the others are defaults
+        for path in sorted(self.tensors.keys() - tensors.keys()):  # first: a list of tensors there is not a tensor
+            value = _at(bound, path) if path.split(".")[0] in passed else _MISSING
+            raise CallError(_not_a_tensor(path, value, self.tensors[path]))
         for path in tensors.keys() - self.tensors.keys():
             raise CallError(f"argument {path} is a tensor, but was {_show(self.constants.get(path))} when this "
                             "package was exported: the exported graph does not read it; export again with it")
-        for path in self.tensors.keys() - tensors.keys():
-            raise CallError(f"argument {path} is missing; this package was exported with a tensor there")
         inputs = []
         for entry in self.inputs:
             if "argument" in entry:
@@ -184,8 +188,75 @@ class CallSpec:
     def from_json(cls, data: dict) -> CallSpec:
         return cls(**data)
 
+    @classmethod
+    def read(cls, file: PackageFile) -> CallSpec:
+        """The spec of a package's ``call.json``, its shape checked (errors name the file)."""
+        fields = dataclasses.fields(cls)
+        data = file.object(file.read(), "the call spec", [f.name for f in fields if f.default is dataclasses.MISSING],
+                           [f.name for f in fields if f.default is not dataclasses.MISSING])
+        file.check(_strings(data["parameters"]) and isinstance(data["var_keyword"], bool)
+                   and isinstance(data["defaults"], dict) and isinstance(data["constants"], dict),
+                   "parameters must be a list of names, var_keyword true or false, defaults and constants objects")
+        file.check(isinstance(data["inputs"], list) and all(map(_input_entry, data["inputs"])),
+                   "inputs must be a list of {'argument'}, {'weight'} or {'scalar', 'dtype'} objects")
+        tensors = data["tensors"]
+        file.check(isinstance(tensors, dict) and all(_tensor_entry(t) for t in tensors.values()),
+                   "tensors must map each tensor argument to its {'shape', 'dtype'}")
+        output = file.object(data["output"], "output", ("leaves", "kind"), ("class", "fields"))
+        file.check(isinstance(output["leaves"], list) and all(type(k) is int and k >= 0 for k in output["leaves"])
+                   and output["kind"] in ("tensor", "tuple", "list") and isinstance(output.get("class", ""), str)
+                   and _strings(output.get("fields", [])),
+                   "output must hold leaves (indices), kind (tensor, tuple or list), and a class with its fields")
+        file.check(data.get("config") is None or isinstance(data["config"], dict), "config must be an object or null")
+        file.check(is_dtype(data.get("dtype", "float32")), f"dtype {data.get('dtype')!r} is not a torch dtype")
+        return cls.from_json(data)
+
 
 _MISSING = object()
+
+
+def _at(bound: dict, path: str):
+    """The value at the dotted ``path`` of the bound arguments, or _MISSING."""
+    value = bound
+    for part in path.split("."):
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, (list, tuple)) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        else:
+            return _MISSING
+    return value
+
+
+def _not_a_tensor(path: str, value, spec: dict) -> str:
+    """Why a call's value where the package was exported with a tensor is refused, and how to pass a tensor."""
+    exported = f"this package was exported with a {spec['dtype']} tensor of shape {spec['shape']} there"
+    if value is _MISSING:
+        return f"argument {path} is missing; {exported}"
+    if type(value).__name__ == "ndarray":
+        hint = "convert a numpy array with torch.from_numpy(array)"
+    elif isinstance(value, (int, float, list, tuple)) or type(value).__module__ == "numpy":
+        hint = f"convert it with torch.tensor(value, dtype=torch.{spec['dtype']})"
+    else:
+        hint = "pass a torch.Tensor"
+    return f"argument {path} is a {type(value).__name__}, not a torch.Tensor; {exported}: {hint}"
+
+
+def _strings(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _input_entry(entry) -> bool:
+    if not isinstance(entry, dict):
+        return False
+    if set(entry) in ({"argument"}, {"weight"}):
+        return isinstance(next(iter(entry.values())), str)
+    return set(entry) == {"scalar", "dtype"} and isinstance(entry["scalar"], str) and is_dtype(entry["dtype"])
+
+
+def _tensor_entry(entry) -> bool:
+    return (isinstance(entry, dict) and set(entry) == {"shape", "dtype"} and is_dtype(entry["dtype"])
+            and isinstance(entry["shape"], list) and all(type(d) is int and d >= 0 for d in entry["shape"]))
 
 
 def _is_number(value) -> bool:

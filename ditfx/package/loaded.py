@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
@@ -18,7 +17,7 @@ from ditfx.plan import Plan, VariantKey, VariantUnavailable
 class PackagePlan(Plan):
     """A plan whose variants are compiled artifacts: the graph of a key is the artifact that runs it."""
 
-    artifacts: dict[tuple, list[Artifact]]
+    artifacts: dict[tuple, list[Artifact]]  # (signature, transforms) -> its artifacts (entries until loaded)
 
     def graph(self, rm, key: VariantKey):
         found = self._graphs.get(key)
@@ -102,6 +101,9 @@ class LoadedModel(torch.nn.Module):
                                  f"{' (the batch may vary)' if batch and self._any_batch else ''}: export it again "
                                  "with example inputs of this shape")
             if batch:
+                if x.shape[0] == 0:
+                    raise ValueError(f"{self._source(name)} has 0 rows (shape {tuple(x.shape)}): a call needs at least "
+                                     "one row; leave out calls with nothing to compute")
                 if rows is not None and x.shape[0] != rows:
                     raise ValueError(f"{self._source(name)} has {x.shape[0]} rows, other inputs {rows}")
                 rows = x.shape[0]
@@ -171,9 +173,6 @@ def load(path, device=None, verify: bool = True) -> LoadedModel:
     ``device``: where to run (default: the device it was exported for); a package runs only on the device type,
     GPU architecture or CPU ISA and torch version it was built with, and says so. ``verify``: check every file's
     digest against the manifest first."""
-    from safetensors.torch import load_file
-
-    from ditfx.plan_io import plan_from_json, read_plan_json
     from ditfx.runtime.compiler import RegionCompiler
     from ditfx.runtime.executor import Executor
     from ditfx.runtime.state import ModelRuntime
@@ -182,26 +181,99 @@ def load(path, device=None, verify: bool = True) -> LoadedModel:
     device = torch.device(device) if device is not None else None
     manifest = manifest_io.read(path, device, verify=verify)
     device = device or torch.device(manifest["device"])
-    call = CallSpec.from_json(json.loads((path / "call.json").read_text()))
-    weights = {k: t.to(device) for k, t in load_file(str(path / "weights.safetensors")).items()}
-
-    def load_plan(directory: Path) -> PackagePlan:
-        data = read_plan_json(directory)
-        plan = plan_from_json(data, directory, _no_graph, load_plan, plan_class=PackagePlan)
-        plan.mode_inputs = {name: [t.to(device) for t in tensors] for name, tensors in plan.mode_inputs.items()}
-        plan.artifacts = {}
-        for entry in map(ArtifactEntry.from_json, data["artifacts"]):
-            artifact = Artifact(path / "artifacts" / entry.name, entry, device)
-            plan.artifacts.setdefault((entry.signature, entry.transforms), []).append(artifact)
-        return plan
-
-    plan = load_plan(path / "plan")
+    call, plan = read_package(path, manifest)
+    weights = _weights(path, call, device)
+    for p in plans(plan):
+        p.mode_inputs = {name: [t.to(device) for t in tensors] for name, tensors in p.mode_inputs.items()}
+        p.artifacts = {key: [_artifact(path, entry, device) for entry in entries]
+                       for key, entries in p.artifacts.items()}
     runtime = ModelRuntime()
     runtime.compiler = RegionCompiler("eager")  # the artifacts are compiled: run them as they are
     inputs = [weights.get(e["weight"]) if "weight" in e else None for e in call.inputs]
     executor = Executor(plan, runtime, inputs, compile_edges=True)
     runtime.executors.append(executor)
     return LoadedModel(path, manifest, call, executor, runtime, weights, device)
+
+
+def read_package(path: Path, manifest: dict) -> tuple[CallSpec, PackagePlan]:
+    """The call spec and the plan of the package at ``path`` (``manifest``: its manifest, read), every JSON file's
+    shape checked first (a :class:`~ditfx.package.manifest.PackageError` naming the file and the ditfx that wrote
+    it); the plans' ``artifacts`` hold the artifacts' entries, not yet their compiled models."""
+    call = CallSpec.read(manifest_io.PackageFile(path / "call.json", manifest["ditfx"]))
+    return call, _read_plan(path / "plan", manifest["ditfx"])
+
+
+def plans(plan: Plan) -> list[Plan]:
+    """``plan`` and the plans of its modes, at every depth."""
+    return [plan, *(p for mode in plan.modes.values() for p in plans(mode))]
+
+
+# the keys of a package's plan.json (ditfx.plan_io.plan_to_json's, and the artifact table): any other is a newer
+# ditfx's, which this one would ignore and so run the package differently
+PLAN_REQUIRED = ("format", "io", "blocks", "regions", "flops", "transforms", "offers", "policies", "null_class",
+                 "artifacts")
+PLAN_OPTIONAL = ("torch", "unavailable", "tokens", "modes")
+REGION_KEYS = ("name", "kind", "signature", "block", "outputs", "streams", "primary_stream", "latent_stream")
+CONTAINERS = {"io": dict, "blocks": list, "regions": list, "flops": dict, "transforms": dict, "offers": dict,
+              "policies": list, "artifacts": list, "modes": list, "unavailable": dict}
+
+
+def _read_plan(directory: Path, written_by: str) -> PackagePlan:
+    from ditfx.plan_io import plan_from_json
+
+    file = manifest_io.PackageFile(directory / "plan.json", written_by)
+    data = _plan_json(file)
+    entries = [ArtifactEntry.read(e, file) for e in data["artifacts"]]
+    try:
+        plan = plan_from_json(data, directory, _no_graph, lambda d: _read_plan(d, written_by), plan_class=PackagePlan)
+    except manifest_io.PackageError:  # a mode's plan: named already
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:  # a shape the checks above let by
+        raise file.error(f"cannot be read ({type(e).__name__}: {e})") from e
+    plan.artifacts = {}
+    for entry in entries:
+        plan.artifacts.setdefault((entry.signature, entry.transforms), []).append(entry)
+    return plan
+
+
+def _plan_json(file: manifest_io.PackageFile) -> dict:
+    """A package's plan JSON, its keys checked (plan_io reads the values)."""
+    from ditfx.plan_io import READS
+
+    data = file.read()
+    fmt = data.get("format") if isinstance(data, dict) else None
+    file.check(fmt in READS, f"format {fmt!r}; this ditfx reads {' or '.join(READS)}")
+    optional = PLAN_OPTIONAL + (("state",) if fmt == READS[0] else ())  # /1 recorded policy state that is not read
+    file.object(data, "the plan", PLAN_REQUIRED, optional)
+    for key, kind in CONTAINERS.items():
+        file.check(isinstance(data.get(key, kind()), kind),
+                   f"{key} must be a JSON {'object' if kind is dict else 'array'}")
+    for region in data["regions"]:
+        file.object(region, "a region", REGION_KEYS)
+    for transform in data["transforms"].values():
+        file.object(transform, "a transform", ("after_rows",), ("compiled",))
+    for policy in data["policies"]:
+        file.object(policy, "a policy", ("type",), ("fields",))
+    return data
+
+
+def _weights(path: Path, call: CallSpec, device: torch.device) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    weights = {k: t.to(device) for k, t in load_file(str(path / "weights.safetensors")).items()}
+    missing = [e["weight"] for e in call.inputs if "weight" in e and e["weight"] not in weights]
+    if missing:
+        raise manifest_io.PackageError(f"{path / 'weights.safetensors'} lacks {missing[:5]}, which call.json reads: "
+                                       "export the package again")
+    return weights
+
+
+def _artifact(path: Path, entry: ArtifactEntry, device: torch.device) -> Artifact:
+    file = path / "artifacts" / entry.name
+    if not file.is_file():
+        raise manifest_io.PackageError(f"{file} is missing (the plan's artifact table names it): export the package "
+                                       "again")
+    return Artifact(file, entry, device)
 
 
 def _plan_at_rows(plan: PackagePlan, rows: int) -> PackagePlan:
