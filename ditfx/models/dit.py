@@ -350,7 +350,8 @@ class DiT(nn.Module):
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         """x (N, C, H, W) latents, t (N,) timesteps, y (N,) labels -> (N, out_channels, H, W)."""
         size, channels = self.config.input_size, self.config.in_channels
-        if x.dim() != 4 or tuple(x.shape[1:]) != (channels, size, size):
+        static = all(isinstance(d, int) for d in x.shape)  # symbolic sizes (a FLOP formula) are not checked
+        if static and (x.dim() != 4 or tuple(x.shape[1:]) != (channels, size, size)):
             # the position embedding is fixed at the configured size: say so, not a broadcast error deep inside
             raise ValueError(f"this DiT takes latents of shape (N, {channels}, {size}, {size}), got "
                              f"{tuple(x.shape)}: resize the latents, or build the model with input_size="

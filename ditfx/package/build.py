@@ -195,10 +195,13 @@ def capture(module: torch.nn.Module, config: Config, args: tuple, kwargs: dict) 
     # the forward, not the module: a module compiled in place (an optimized pipeline's transformer) would run
     # its own compiled call
     compiled = torch.compile(module.forward, backend=recording, dynamic=False)
+    lifecycle = runtime.lifecycle
     try:
+        lifecycle.enter_generation()  # the capture call is one generation of its own (history attention asks)
         with torch.no_grad():
             user_result = compiled(*args, **kwargs)
     finally:
+        lifecycle.exit_generation()
         torch._dynamo.reset()
     if runtime.fallbacks or len(runtime.executors) != 1 or len(seen) != 1:
         why = "; ".join(runtime.fallbacks) or f"Dynamo captured {len(runtime.executors)} graphs"
