@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import ditfx
-from conftest import cfg_loop, tiny_model
+from conftest import tiny_model
 from ditfx.package.manifest import PackageError
 
 pytestmark = [pytest.mark.usefixtures("fresh_dynamo"), pytest.mark.slow]  # AOTInductor builds
@@ -218,91 +218,3 @@ def test_export_refuses_bad_arguments_before_work(digits_package, tmp_path):
     with pytest.raises(TypeError, match="config must be a ditfx.Config"):
         ditfx.export(model, tmp_path / "p", example_inputs=kw, config={"cache": None})
     assert not (tmp_path / "p").exists()
-
-
-# joint attention over packed tokens and two block structures (Flux); the reference DiT's package is
-# tests/test_cli.py's (exported, loaded and rebuilt there) and tests/test_saved_fixtures.py's, the diffusers DiT's
-# the digits package above (cross-attention-free adaLN blocks). Wan (video latents), SD3 and PixArt are exported
-# by the same code (`python -m pytest tests/test_package.py` with FAMILIES extended checks them, about a minute
-# each): left out to keep the suite's AOTInductor builds down
-FAMILIES = ["flux"]
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_loaded_equals_optimized_with_caching_and_guidance(family, tmp_path):
-    model, kw = tiny_model(family, batch=4)
-    config = ditfx.Config(cache=ditfx.DynamicCache(threshold=1.0), guidance=ditfx.AdaptiveGuidance(0.5),
-                          compiler="eager")
-    ditfx.export(model, tmp_path / family, example_inputs=kw, config=config, jobs=1)
-    torch._dynamo.reset()
-    optimized, loaded = ditfx.optimize(model, config), ditfx.load(tmp_path / family)
-    for batch in (4, 2):  # the exported batch, and one the dynamic-batch artifacts serve without export
-        _, kw = tiny_model(family, batch=batch)
-        ditfx.reset_stats(optimized)
-        ditfx.reset_stats(loaded)
-        expected = cfg_loop(optimized, kw, family, steps=STEPS)
-        got = cfg_loop(loaded, kw, family, steps=STEPS)
-        assert (got - expected).abs().max() <= 1e-5
-        a, b = ditfx.stats(optimized), ditfx.stats(loaded)
-        assert a.block_evals == b.block_evals and b.block_evals_skipped > 0 and b.nfe_skipped > 0  # both acted
-        # the same evaluations, or fewer: a dynamic-batch artifact runs row subsets that in-process re-batching
-        # refuses (Wan at 1 of 2 rows), where the optimized model computes every row (same result, warned)
-        assert b.nfe == a.nfe or (b.nfe < a.nfe and a.nfe_skipped == 0)
-
-
-def test_a_history_student_and_a_token_budget_export(tmp_path):
-    """The variants other techniques need: per-step history reads with step heads (the ARD student), and the
-    coarse mode of a token budget (a plan of its own, with its adapter's tensors)."""
-    from ditfx.models import digits
-    from ditfx.models.digits.sampling import class_grid
-
-    def images(pipe, **kw):
-        pipe.set_progress_bar_config(disable=True)
-        return pipe(class_grid(1), generator=torch.Generator().manual_seed(0), **kw).images
-
-    student = digits.pipeline(student="ard", compiler="eager")
-    expected = images(student)
-    example = {"hidden_states": torch.randn(10, 1, 16, 16), "timestep": torch.ones(10),
-               "class_labels": torch.arange(10), "return_dict": False}
-    ditfx.export(student, tmp_path / "ard", example_inputs=example, jobs=1)  # the optimized pipeline's own config
-    sigmas = digits.load_student("ard").sigmas
-    loaded = ditfx.optimize(digits.DigitsStudentPipeline(ditfx.load(tmp_path / "ard"), digits.make_scheduler(), sigmas))
-    assert (images(loaded) - expected).abs().max() <= 1e-5
-    assert ditfx.stats(loaded).flops == ditfx.stats(student).flops  # the history's reads counted alike
-
-    config = ditfx.Config(budget=ditfx.TokenBudget(adapter=digits.budget_adapter(), flops=0.6), compiler="eager")
-    budget = ditfx.optimize(digits.pipeline(), config)
-    expected = images(budget, num_inference_steps=10, guidance_scale=1.5)
-    example = {**example, "hidden_states": torch.randn(20, 1, 16, 16), "timestep": torch.ones(20),
-               "class_labels": torch.arange(20) % 11}
-    ditfx.export(budget, tmp_path / "budget", example_inputs=example, jobs=1)
-    loaded = ditfx.optimize(digits.DigitsPipeline(ditfx.load(tmp_path / "budget"), digits.make_scheduler()))
-    assert (images(loaded, num_inference_steps=10, guidance_scale=1.5) - expected).abs().max() <= 1e-5
-    assert ditfx.stats(loaded).modes == ditfx.stats(budget).modes and ditfx.stats(loaded).modes["p4"]["calls"] > 0
-    with pytest.raises(ValueError, match="runs the config it was exported with"):
-        ditfx.optimize(loaded, config)
-
-
-def test_a_package_without_a_dynamic_batch_skips_guidance_at_the_reduced_rows(tmp_path, monkeypatch, recwarn):
-    """Where export cannot make the batch dynamic, the package ships one artifact per row count of the runtime's
-    bucket rule: Adaptive Guidance's conditional-only steps then run on the conditional rows alone, as in process,
-    not on every row."""
-    from ditfx.graph import rebatch
-
-    def refuse(*args, **kwargs):
-        raise rebatch.RebatchError("a graph whose batch export cannot make dynamic (this test's stand-in)")
-
-    monkeypatch.setattr(rebatch, "symbolic_batch", refuse)
-    model, kw = tiny_model("reference", batch=2)  # one sample, its two branches
-    config = ditfx.Config(guidance=ditfx.AdaptiveGuidance(gamma=-1.0), compiler="eager")  # cond-only after step 0
-    lines = []
-    ditfx.export(model, tmp_path / "static", example_inputs=kw, config=config, progress=lines.append, jobs=1)
-    plan = json.loads((tmp_path / "static" / "plan" / "plan.json").read_text())
-    assert {a["rows"] for a in plan["artifacts"]} == {1, 2} and any("no dynamic batch" in line for line in lines)
-    optimized, loaded = ditfx.optimize(model, config), ditfx.load(tmp_path / "static")
-    expected = cfg_loop(optimized, kw, "reference", steps=STEPS)
-    got = cfg_loop(loaded, kw, "reference", steps=STEPS)
-    assert (got - expected).abs().max() <= 1e-5
-    assert not [w for w in recwarn if "compute every row" in str(w.message)]  # no fallback to all rows
-    a, b = ditfx.stats(optimized), ditfx.stats(loaded)
-    assert b.nfe == a.nfe == 2 + (STEPS - 1) and b.nfe_skipped == STEPS - 1  # the uncond rows skipped after step 0
