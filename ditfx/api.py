@@ -56,6 +56,7 @@ def optimize(model_or_pipeline, config: Config | None = None):
 
         probe_cpu_in_background()
     runtime = ModelRuntime()
+    runtime.module = weakref.ref(module)  # its context-parallel group, read at every call
     backend = DitfxBackend(config, runtime, ModelFacts.of(module))
     hooked = diffusers_hook.install(module, runtime.lifecycle)
     if is_pipeline:

@@ -197,7 +197,8 @@ class DynamicCachePolicy(_CachePolicy):
             return outs
         result = call.run(PROBE, [*call.args, state.ref])
         outs, cached = split_cached(rm, result[:-2])
-        num, den = result[-2], result[-1]
+        # every rank of a context-parallel group decides from the whole sequence's sums
+        num, den = ctx.group_sum("DynamicCache's change", result[-2], result[-1])
         cfg = self.config
         if cfg.per_sample:
             change = relative_l1_from_sums(num, den)
@@ -339,6 +340,13 @@ class CalibrationRun:
     times: list[float] = field(default_factory=list)
 
 
+@dataclass
+class _Changes:
+    """A calibration call's per-block change sums, turned into changes once the call's blocks have run."""
+
+    sums: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
 def _calibration_run(ctx: CallContext) -> CalibrationRun:
     run = CalibrationRun()
     ctx.record(CalibrationPolicy.RECORD, run)
@@ -351,6 +359,7 @@ class CalibrationPolicy(_CachePolicy):
 
     RECORD = "cache_calibration"
     slots = (StateSlot("run", _calibration_run, scope="branch", per_mode=True),)
+    Scratch = _Changes
     requires = {"timestep": "to record each step's normalised time"}
 
     def __init__(self, config: CacheCalibration, plan):
@@ -374,8 +383,16 @@ class CalibrationPolicy(_CachePolicy):
         current = cached[rm.region.primary_stream].detach().float()
         prev = run.previous.get(index)
         if prev is not None:
-            num = (current - prev).abs().flatten(1).sum(1)
-            den = prev.abs().flatten(1).sum(1)
-            run.rows[-1][index] = float(relative_l1_from_sums(num, den).mean())
+            ctx.scratch(self).sums[index] = ((current - prev).abs().flatten(1).sum(1), prev.abs().flatten(1).sum(1))
         run.previous[index] = current.detach()
         return outs
+
+    def end_call(self, ctx: CallContext, outputs: list) -> list:
+        sums = ctx.scratch(self).sums
+        if sums:  # one sum over the context-parallel group for every block of the call
+            blocks = sorted(sums)
+            totals = ctx.group_sum("the cache calibration's changes", *(s for i in blocks for s in sums[i]))
+            row = ctx.state(self, "run").rows[-1]
+            for k, index in enumerate(blocks):
+                row[index] = float(relative_l1_from_sums(totals[2 * k], totals[2 * k + 1]).mean())
+        return outputs

@@ -50,7 +50,7 @@ class Executor:
         store = runtime.store()
         if info.new_generation or store.generation != info.generation:
             store.start(info.generation)
-        ctx = CallContext(info, list(args), self.plan, store, runtime.records)
+        ctx = CallContext(info, list(args), self.plan, store, runtime.records, runtime.parallel_group())
         mode = self.modes[None]
         key = self._choose_mode(ctx)
         if key is not None:

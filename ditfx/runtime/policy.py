@@ -52,8 +52,9 @@ class StateSlot:
 class CallContext:
     """One call as the policies see it."""
 
-    def __init__(self, info: CallInfo, args: list, plan: Plan, store, records: dict):
+    def __init__(self, info: CallInfo, args: list, plan: Plan, store, records: dict, group=None):
         self.info = info
+        self.group = group  # the context-parallel group (ditfx.runtime.parallel), None on one process
         self.mode: ModeKey | None = None  # None: the captured mode; else the mode a selector chose
         self.args = args
         self.plan = plan
@@ -91,6 +92,12 @@ class CallContext:
         """Add to this call's mode's stats (``ditfx.stats(model).modes``)."""
         for k, v in counts.items():
             self.mode_counts[k] = self.mode_counts.get(k, 0) + v
+
+    def group_sum(self, what: str, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        """``tensors`` (sums over this rank's tokens) summed over the context-parallel group: what a decision that
+        every rank must take alike reads (``what`` names it in a timeout's error). The tensors themselves on one
+        process."""
+        return list(tensors) if self.group is None else self.group.sum(what, list(tensors))
 
     def input(self, role: str):
         pos = self.plan.io.position(role)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 
 from ditfx.runtime.lifecycle import Lifecycle
+from ditfx.runtime.parallel import context_parallel_group
 from ditfx.runtime.rows import RowState
 from ditfx.runtime.stats import Stats, dynamo_counts
 
@@ -54,9 +55,16 @@ class ModelRuntime:
         self.config = None  # the ditfx.Config it runs (set by the backend)
         self.compiler = None  # the RegionCompiler every graph of the model shares (set by the backend)
         self.fallbacks: list[str] = []  # why graphs run without ditfx
+        self.module = None  # () -> the optimized module (a weak reference), where ditfx.optimize knows it
         self._local = threading.local()
         self._lock = threading.Lock()
         self._dynamo_base = dynamo_counts()
+
+    def parallel_group(self):
+        """The module's context-parallel group (diffusers' ``enable_parallelism``), read at every call; None on
+        one process."""
+        module = self.module() if self.module is not None else None
+        return context_parallel_group(module) if module is not None else None
 
     def store(self) -> StateStore:
         store = getattr(self._local, "store", None)
