@@ -197,6 +197,13 @@ def find_blocks(gm: fx.GraphModule) -> dict[fx.Node, str]:
     return {n: p for n, p in owner.items() if groups[n] in keep}
 
 
+def _context_parallel_split(node: fx.Node) -> bool:
+    """A node of diffusers' context-parallel split hook (``EquipartitionSharder.shard``: chunk, then this rank's
+    piece), by the source line Dynamo recorded for it."""
+    frames = [line for line in (node.meta.get("stack_trace") or "").splitlines() if line.strip().startswith("File ")]
+    return bool(frames) and "diffusers/hooks/context_parallel.py" in frames[-1]
+
+
 def _is_stream_dependent(gm: fx.GraphModule, roles: InputRoles) -> set[fx.Node]:
     return meta.dependents(gm.graph, (n for n in gm.graph.find_nodes(op="placeholder") if n.name in roles.tokens))
 
@@ -222,8 +229,10 @@ def analyse(gm: fx.GraphModule, weight_names: set[str] | None = None, min_blocks
     owner = find_blocks(gm)
     paths_in_order = list(dict.fromkeys(owner[n] for n in gm.graph.nodes if n in owner))
     stream = _is_stream_dependent(gm, roles)
-    # hoist conditioning work out of blocks: it does not depend on the token stream
-    hoisted = [n for n in gm.graph.nodes if n in owner and n not in stream]
+    # hoist conditioning work out of blocks: it does not depend on the token stream; and the sequence splits of
+    # diffusers' context parallelism that a block's pre-forward hook makes (Wan, QwenImage split at block 0): the
+    # block then takes and returns shards, like every other block
+    hoisted = [n for n in gm.graph.nodes if n in owner and (n not in stream or _context_parallel_split(n))]
     for n in hoisted:
         del owner[n]
     paths_in_order = [p for p in paths_in_order if p in set(owner.values())]
@@ -271,7 +280,8 @@ def analyse(gm: fx.GraphModule, weight_names: set[str] | None = None, min_blocks
     # so a skipped block skips it too; conditioning read elsewhere stays in the prologue
     for n in reversed(hoisted):
         readers = {segment.get(u) for u in n.users}
-        if len(readers) == 1 and (only := next(iter(readers))) is not None and only[0] == "block":
+        if (len(readers) == 1 and (only := next(iter(readers))) is not None and only[0] == "block"
+                and not _context_parallel_split(n)):
             segment[n] = only
     hoisted = [n for n in hoisted if segment[n][0] != "block"]
 
