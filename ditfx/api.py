@@ -12,6 +12,7 @@ import torch.nn as nn
 from ditfx.config import Config
 from ditfx.model_facts import ModelFacts, null_class, repeated_blocks
 from ditfx.runtime import diffusers_hook
+from ditfx.runtime.parallel import trace_through_split_warnings
 from ditfx.runtime.state import ModelRuntime
 from ditfx.runtime.stats import Stats
 
@@ -57,6 +58,8 @@ def optimize(model_or_pipeline, config: Config | None = None):
         probe_cpu_in_background()
     runtime = ModelRuntime()
     runtime.module = weakref.ref(module)  # its context-parallel group, read at every call
+    if hasattr(module, "enable_parallelism"):  # a diffusers model: its context parallelism may log while traced
+        trace_through_split_warnings()
     backend = DitfxBackend(config, runtime, ModelFacts.of(module))
     hooked = diffusers_hook.install(module, runtime.lifecycle)
     if is_pipeline:

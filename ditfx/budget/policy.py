@@ -54,6 +54,10 @@ class TokenBudgetPolicy(ModeSelector):
     def choose_mode(self, ctx: CallContext) -> ModeKey | None:
         if self.weak is None:
             return None
+        if ctx.group is not None:  # a coarser token grid would merge patches inside each rank's shard
+            raise RuntimeError("TokenBudget does not run under context parallelism yet (each rank holds a shard "
+                               "of the tokens the weak mode would re-tokenise): optimize without budget=..., or "
+                               "without enable_parallelism")
         info = ctx.info
         if self.config.flops is not None and self.config.calibrated is None and not info.steps:
             self._warn("steps", "ditfx: TokenBudget(flops=...) does not know this generation's step count (no "

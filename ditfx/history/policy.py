@@ -48,6 +48,9 @@ class HistoryPolicy(Policy):
                                                                      if cfg.heads is not None else ""))}
 
     def begin_call(self, ctx: CallContext) -> None:
+        if self.lower and ctx.group is not None:
+            raise RuntimeError("HistoryAttention does not run under context parallelism yet (the history keys "
+                               "would be each rank's shard, not the sequence's): run the student on one process")
         if self.lower and not ctx.info.stated:
             # inferred boundaries miss a generation that starts below the previous one's last timestep (img2img),
             # which would then read the previous generation's keys

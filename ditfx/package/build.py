@@ -58,6 +58,11 @@ def export(model_or_optimized, path, example_inputs=None, config: Config | None 
         config = _config_of(model_or_optimized) or Config()
     if not isinstance(config, Config):
         raise TypeError(f"config must be a ditfx.Config, got {type(config).__name__}")
+    from ditfx.runtime.parallel import context_parallel_group
+
+    if context_parallel_group(module) is not None:
+        raise ExportError("cannot export a model with diffusers' context parallelism enabled: its graphs hold this "
+                          "rank's collectives and rank; export the model before enable_parallelism, on one process")
     args, kwargs = _example(example_inputs)
     _check_rows(args, kwargs)
     path = Path(path)

@@ -44,6 +44,16 @@ class ContextParallelGroup:
         return out
 
 
+def trace_through_split_warnings() -> None:
+    """Let Dynamo trace past the warning diffusers' context-parallel split hook logs for an input it does not split
+    (Wan's 1-D timestep: "split will not be applied"), which would otherwise break the graph at every call."""
+    try:
+        from diffusers.hooks import context_parallel
+    except ImportError:
+        return
+    torch._dynamo.config.ignore_logging_functions.add(context_parallel.logger.warning_once)
+
+
 def context_parallel_group(module) -> ContextParallelGroup | None:
     """The model's context-parallel group where diffusers' parallelism splits its sequence over several ranks."""
     config = getattr(getattr(module, "_parallel_config", None), "context_parallel_config", None)
