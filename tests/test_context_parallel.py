@@ -27,3 +27,35 @@ def test_every_rank_decides_what_one_process_decides(family, config, guidance, t
     assert torch.equal(ranks[0]["out"], ranks[1]["out"])
     if config.cache.threshold > 0:
         assert stats["skipped"] > 0
+
+
+class _Mesh:
+    """A two-rank mesh as diffusers' context-parallel config holds it (no process group is used before the
+    refusals)."""
+
+    def size(self):
+        return 2
+
+    def get_group(self):
+        return None
+
+
+def _as_context_parallel(model):
+    from types import SimpleNamespace
+
+    model._parallel_config = SimpleNamespace(context_parallel_config=SimpleNamespace(_flattened_mesh=_Mesh()))
+    return model
+
+
+def test_what_does_not_run_under_context_parallelism_is_refused_by_name(tmp_path):
+    from ditfx.models import zoo
+
+    named = zoo.load("DiT-T/2")
+    model = _as_context_parallel(named.model)
+    with pytest.raises(ValueError, match="context parallelism enabled"):
+        ditfx.export(model, tmp_path / "p", example_inputs=named.inputs)
+    assert not (tmp_path / "p").exists()
+    fast = ditfx.optimize(model, ditfx.Config(compiler="eager", history=ditfx.HistoryAttention(2, steps=4)))
+    with pytest.raises(RuntimeError, match="HistoryAttention does not run under context parallelism"):
+        with ditfx.generation(fast), torch.no_grad():
+            fast(**named.inputs)
