@@ -2,7 +2,7 @@
 the whole sequence's sums, so every rank ends with the single-process result and counts."""
 import pytest
 import torch
-from context_parallel import generate, run_parallel
+from parallel_ranks import generate, run_parallel
 
 import ditfx
 
