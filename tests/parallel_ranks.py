@@ -20,7 +20,8 @@ def even_sequences(named):
     import dataclasses
 
     inputs = dict(named.inputs)
-    for name, dim in (("encoder_hidden_states", 1), ("encoder_hidden_states_mask", 1), ("txt_ids", 0)):
+    for name, dim in (("encoder_hidden_states", 1), ("encoder_hidden_states_mask", 1), ("encoder_attention_mask", 1),
+                      ("txt_ids", 0)):
         value = inputs.get(name)
         if isinstance(value, torch.Tensor) and value.shape[dim] % WORLD:
             inputs[name] = torch.cat([value, value.narrow(dim, 0, 1)], dim)

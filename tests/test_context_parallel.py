@@ -15,7 +15,8 @@ pytestmark = [pytest.mark.usefixtures("fresh_dynamo"), pytest.mark.timeout(600)]
     ("flux", ditfx.Config(cache=ditfx.DynamicCache(threshold=0.3), guidance=ditfx.AdaptiveGuidance(0.9),
                           compiler="eager"), "two"),
     # QwenImage splits its sequence in block 0's pre-forward hook: the split moves to the prologue
-    ("qwenimage", ditfx.Config(cache=ditfx.DynamicCache(threshold=0.3), compiler="eager"), None),
+    ("qwenimage", ditfx.Config(cache=ditfx.DynamicCache(threshold=0.3), guidance=ditfx.AdaptiveGuidance(0.9),
+                               compiler="eager"), "two"),
 ])
 def test_every_rank_decides_what_one_process_decides(family, config, guidance, tmp_path):
     ranks = run_parallel(tmp_path, family, config, guidance)
