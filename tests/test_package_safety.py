@@ -376,7 +376,8 @@ def _wait_for(condition, seconds: float):
 
 
 @pytest.mark.slow  # a fresh process exporting with two compile workers
-@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="finds the workers in /proc")
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(),
+                    reason="the test finds the compile workers through /proc, which this OS does not have")
 def test_compile_workers_end_when_the_export_is_killed(tmp_path):
     script = textwrap.dedent(f"""
         import ditfx

@@ -27,6 +27,7 @@ from ditfx.package import manifest as manifest_io
 from ditfx.package.artifacts import DYNAMIC, compile_artifact, export_variant, needed_rows, needed_variants
 from ditfx.package.call import CallSpec, walk
 from ditfx.plan import Plan, VariantUnavailable
+from ditfx.runtime.parallel import context_parallel_group
 
 
 class ExportError(ValueError):
@@ -58,8 +59,6 @@ def export(model_or_optimized, path, example_inputs=None, config: Config | None 
         config = _config_of(model_or_optimized) or Config()
     if not isinstance(config, Config):
         raise TypeError(f"config must be a ditfx.Config, got {type(config).__name__}")
-    from ditfx.runtime.parallel import context_parallel_group
-
     if context_parallel_group(module) is not None:
         raise ExportError("cannot export a model with diffusers' context parallelism enabled: its graphs hold this "
                           "rank's collectives and rank; export the model before enable_parallelism, on one process")

@@ -127,9 +127,10 @@ class Lifecycle:
         if scheduler is None:
             return None
         timesteps = getattr(scheduler, "timesteps", None)
-        if t.timesteps is not None and t.timesteps() is not timesteps:
-            t.ended = True  # a new pipeline call, whatever became of the previous one
-        t.timesteps = _weak(timesteps)
+        if t.timesteps is None or t.timesteps() is not timesteps:
+            if t.timesteps is not None:
+                t.ended = True  # a new pipeline call, whatever became of the previous one
+            t.timesteps = _weak(timesteps)
         index = scheduler.step_index
         if index is not None and timesteps is not None and index >= len(timesteps):
             return None  # finished: another pipeline (its own scheduler) drives this model now
@@ -148,7 +149,7 @@ class Lifecycle:
             index == t.last_scheduler_step and not t.ended and timestep is not None
             and t.last_timestep is not None and timestep != t.last_timestep)
         if counted:
-            return self._place_by_scheduler(t, index, name, timestep, latents)
+            return self._place_by_scheduler(t, scheduler, index, name, timestep, latents)
         stated = self.pipeline_signals or t.explicit > 0
         new = t.ended
         if (not new and not t.explicit and timestep is not None and t.last_timestep is not None
@@ -185,7 +186,7 @@ class Lifecycle:
         return CallInfo(t.generation, t.step, name if name is not None else t.index, t.index, timestep, new,
                         stated)
 
-    def _place_by_scheduler(self, t: _ThreadLifecycle, index: int | None, name: str | None,
+    def _place_by_scheduler(self, t: _ThreadLifecycle, scheduler, index: int | None, name: str | None,
                             timestep: float | None, latents) -> CallInfo:
         """The scheduler's step count places the call: None before the first step of a generation."""
         new = t.ended or (index is None and t.last_scheduler_step is not None) or (
@@ -200,7 +201,7 @@ class Lifecycle:
             t.index, t.branches = 0, []
         t.branches.append(name)
         t.ended, t.last_timestep, t.last_latents, t.last_scheduler_step = False, timestep, latents, index
-        steps = getattr(self._scheduler(), "timesteps", None)
+        steps = getattr(scheduler, "timesteps", None)
         return CallInfo(t.generation, t.step, name if name is not None else t.index, t.index, timestep, new, True,
                         len(steps) if steps is not None else None)
 
