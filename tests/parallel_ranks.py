@@ -3,6 +3,7 @@ same model in this process, for tests/test_context_parallel.py."""
 from __future__ import annotations
 
 import datetime
+import time
 import warnings
 from pathlib import Path
 
@@ -75,6 +76,10 @@ def run_parallel(tmp_path: Path, family: str, config, guidance: str | None = Non
     out = str(tmp_path / "rank")
     args = (str(tmp_path / "store"), family, config, guidance, out)
     ctx = mp.start_processes(_rank, args=args, nprocs=WORLD, join=False, start_method="spawn")
-    while not ctx.join(timeout=TIMEOUT_S * 3):
-        pass
+    deadline = time.monotonic() + TIMEOUT_S * 5  # gloo's timeout ends a rank stuck in a collective; this, the rest
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in ctx.processes:
+                process.kill()
+            raise TimeoutError(f"the {WORLD} ranks of {family} did not finish within {TIMEOUT_S * 5} s")
     return [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(WORLD)]
